@@ -1,0 +1,42 @@
+"""raftlib: RAFT (Reward rAnked FineTuning, Dong et al. 2023) for causal language models.
+
+    from raftlib import RAFTConfig, run
+    result = run(RAFTConfig.from_yaml("cfg.yaml", overrides=["generation.temperature=0.8"]))
+
+Each stage is importable on its own: `generate_samples`, `build_reward` / `score_samples`,
+`select` / `kl_ranking_key`, `finetune`, and the metrics in `raftlib.metrics`.
+"""
+
+from raftlib.config import ConfigError, RAFTConfig
+from raftlib.data import load_prompts, prompts_for_iteration
+from raftlib.finetune import completion_logprobs, finetune
+from raftlib.generate import generate_samples
+from raftlib.loop import RunResult, resume, run
+from raftlib.records import Prompt, Sample, Scores, Selection
+from raftlib.rewards import REGISTRY, build_reward, register, score_samples
+from raftlib.select import kl_ranking_key, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "ConfigError",
+    "Prompt",
+    "RAFTConfig",
+    "RunResult",
+    "Sample",
+    "Scores",
+    "Selection",
+    "build_reward",
+    "completion_logprobs",
+    "finetune",
+    "generate_samples",
+    "kl_ranking_key",
+    "load_prompts",
+    "prompts_for_iteration",
+    "register",
+    "resume",
+    "run",
+    "score_samples",
+    "select",
+]

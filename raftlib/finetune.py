@@ -1,0 +1,216 @@
+"""Fine-tune on the kept set: completion-only cross-entropy through accelerate, full or LoRA.
+
+No transformers.Trainer: a plain loop over epochs and micro-batches. Each RAFT iteration is a fresh
+SFT stage (new optimizer, new schedule), as in the paper. The data order of an iteration comes from a
+permutation seeded by (seed, iteration, epoch), so re-running a stage after a crash reproduces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raftlib.config import TrainingSection
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt tokens and padding)."""
+
+Example = tuple[list[int], list[int]]
+"""(prompt_token_ids, completion_token_ids): exactly the tokens the model saw and sampled."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def completion_labels(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[int]:
+    """Labels for prompt + completion: prompt positions masked, completion tokens (EOS included) kept."""
+    return [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels. Masks come from lengths, never from the pad id."""
+    width = max(len(p) + len(c) for p, c in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for row, (prompt, completion) in enumerate(examples):
+        sequence = list(prompt) + list(completion)
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        labels[row, : len(sequence)] = torch.tensor(completion_labels(prompt, completion))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log p(label) and a mask of positions with a label.
+
+    logits: (B, T, V) predicting the next token; labels: (B, T). Returns (B, T-1) each.
+    """
+    shifted_labels = labels[:, 1:]  # (B, T-1)
+    mask = shifted_labels != IGNORE_INDEX
+    safe = shifted_labels.clamp(min=0)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, safe[..., None]).squeeze(-1)
+    return logp * mask, mask
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over completion tokens of the batch (token-level mean)."""
+    logp, mask = token_logprobs(logits, labels)
+    return -logp.sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 16
+) -> tuple[list[float], list[int]]:
+    """Sum of log p(completion | prompt) per example, and its token count (teacher forcing)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: list[float] = []
+    counts: list[int] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            logp, mask = token_logprobs(logits, batch["labels"].to(device))
+            sums.extend(logp.sum(-1).cpu().tolist())
+            counts.extend(mask.sum(-1).cpu().tolist())
+    finally:
+        model.train(was_training)
+    return sums, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The fine-tune stage
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneStats:
+    optimizer_steps: int
+    micro_batches: int
+    trained_tokens: int
+    first_epoch_loss: float
+    last_epoch_loss: float
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.trained_tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def epoch_order(count: int, seed: int, iteration: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation seeded by (seed, iteration, epoch)."""
+    rng = np.random.default_rng([seed, iteration, epoch])
+    return rng.permutation(count).tolist()
+
+
+def _schedule(name: str, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return factor
+
+
+def finetune(
+    model,
+    examples: Sequence[Example],
+    section: TrainingSection,
+    *,
+    pad_id: int,
+    seed: int,
+    iteration: int,
+    accelerator=None,
+    progress: bool = True,
+):
+    """SFT on `examples` for `section.epochs` epochs; returns (model, FinetuneStats).
+
+    The returned model is unwrapped (no DDP wrapper); with LoRA only adapter weights train.
+    """
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("nothing to fine-tune on: the kept set is empty")
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=section.gradient_accumulation_steps)
+    torch.manual_seed(seed * 1_000_003 + iteration)  # dropout masks are part of the reproducible stage
+    started = time.perf_counter()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=section.learning_rate, weight_decay=section.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def loader_for(epoch: int):
+        order = epoch_order(len(examples), seed, iteration, epoch)
+        loader = DataLoader(
+            [examples[i] for i in order],
+            batch_size=section.micro_batch_size,
+            shuffle=False,
+            collate_fn=lambda batch: collate(batch, pad_id),
+        )
+        return accelerator.prepare(loader)
+
+    steps_per_epoch = math.ceil(len(loader_for(0)) / section.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * section.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(section.lr_scheduler, total_steps, int(section.warmup_ratio * total_steps))
+    )
+
+    model.train()
+    optimizer_steps = micro_batches = trained_tokens = 0
+    epoch_losses: list[float] = []
+    bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=None if progress else True, leave=False)
+    for epoch in range(section.epochs):
+        losses = []
+        for batch in loader_for(epoch):
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = completion_loss(logits, batch["labels"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if section.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, section.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer_steps += 1
+                    bar.update(1)
+                optimizer.zero_grad(set_to_none=True)
+            micro_batches += 1
+            trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            losses.append(float(loss.detach()))
+        epoch_losses.append(float(np.mean(losses)))
+    bar.close()
+
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # drop the accelerator's references to this stage's optimizer state
+    model.eval()
+    stats = FinetuneStats(
+        optimizer_steps=optimizer_steps,
+        micro_batches=micro_batches,
+        trained_tokens=trained_tokens,
+        first_epoch_loss=epoch_losses[0],
+        last_epoch_loss=epoch_losses[-1],
+        seconds=time.perf_counter() - started,
+    )
+    return model, stats

@@ -1,0 +1,102 @@
+"""Loading and saving the policy: Hugging Face format, safetensors, full or LoRA (peft)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from raftlib.config import ModelSection
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer dir is missing or unusable; the message names it."""
+
+
+def _check_local(path: str, what: str) -> None:
+    # A path that looks local but is absent would otherwise be sent to the hub as a repo id.
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"{what} {path!r}: no such directory")
+
+
+def load_tokenizer(section: ModelSection, path: str | None = None):
+    """The policy's tokenizer. A tokenizer without a pad token pads with EOS.
+
+    Padding with EOS is safe here because every mask and label is built from sequence lengths,
+    never by comparing token ids with the pad id: the EOS that ends a completion stays a training
+    target, so the model learns to stop (LMFlow's RAFT masked EOS away by setting pad = eos).
+    """
+    from transformers import AutoTokenizer
+
+    source = path or section.path
+    _check_local(source, "model.path")
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=section.trust_remote_code, revision=section.revision
+    )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"tokenizer at {source!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(section: ModelSection, device: torch.device | str = "cpu"):
+    """The initial policy pi_0 exactly as `model.path` holds it (also the KL reference)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(section.path, "model.path")
+    model = AutoModelForCausalLM.from_pretrained(
+        section.path,
+        dtype=_DTYPES[section.dtype],
+        trust_remote_code=section.trust_remote_code,
+        revision=section.revision,
+        use_safetensors=None,  # prefer safetensors; a .bin-only dir still loads with weights_only
+    )
+    return model.to(device)
+
+
+def load_policy(section: ModelSection, checkpoint: str | Path | None = None, device: torch.device | str = "cpu"):
+    """The trainable policy: the base model, with a LoRA adapter when `model.lora` is set.
+
+    `checkpoint` is an iteration's saved model (full weights, or an adapter dir for LoRA) to resume from.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if section.lora is None:
+        if checkpoint is None:
+            return load_base_model(section, device)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint), dtype=_DTYPES[section.dtype], trust_remote_code=section.trust_remote_code
+        )
+        return model.to(device)
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_base_model(section, device)
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True).to(device)
+    lora = LoraConfig(
+        r=section.lora.r,
+        lora_alpha=section.lora.alpha,
+        lora_dropout=section.lora.dropout,
+        target_modules=section.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora).to(device)
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Hugging Face format with safetensors: the full model, or only the adapter for LoRA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -1,0 +1,86 @@
+"""Run `python -m raftlib ...` and SIGKILL the process at a chosen point (tests only).
+
+    python tests/kill_harness.py POINT N -- run cfg.yaml
+
+POINT is where the kill lands, N which occurrence of it:
+  generate-batch   right after the Nth generation batch file is written (mid-generation)
+  score-batch      right after the Nth scoring batch file is written (mid-scoring)
+  optimizer-step   right after the Nth optimizer step (mid-fine-tune)
+  checkpoint       inside the Nth checkpoint save, after the weights are half written
+  marker           right after the Nth stage marker is written
+
+A real SIGKILL: no exception handler, atexit or finally block runs, exactly like an OOM kill.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "toy"))
+
+
+def main() -> int:
+    point, count = sys.argv[1], int(sys.argv[2])
+    argv = sys.argv[sys.argv.index("--") + 1 :]
+    calls = {"n": 0}
+
+    def tick():
+        calls["n"] += 1
+        if calls["n"] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    from raftlib import store
+
+    if point in ("generate-batch", "score-batch"):
+        stage = point.split("-")[0]
+        original = store.RunStore.save_batch
+
+        def save_batch(self, iteration, name, index, rows):
+            original(self, iteration, name, index, rows)
+            if name == stage:
+                tick()
+
+        store.RunStore.save_batch = save_batch
+    elif point == "optimizer-step":
+        import torch
+
+        original_step = torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            result = original_step(self, *args, **kwargs)
+            tick()
+            return result
+
+        torch.optim.AdamW.step = step
+    elif point == "checkpoint":
+        from raftlib import loop
+
+        original_save = loop.save_model
+
+        def save_model(model, tokenizer, directory):
+            original_save(model, tokenizer, directory)
+            weights = next(Path(directory).glob("*.safetensors"))
+            with open(weights, "r+b") as handle:  # leave a torn file behind, as a kill mid-write would
+                handle.truncate(weights.stat().st_size // 2)
+            tick()
+
+        loop.save_model = save_model
+    elif point == "marker":
+        original_mark = store.RunStore.mark_done
+
+        def mark_done(self, iteration, stage, info=None):
+            original_mark(self, iteration, stage, info)
+            tick()
+
+        store.RunStore.mark_done = mark_done
+    else:
+        raise SystemExit(f"unknown kill point {point}")
+
+    from raftlib.__main__ import main as raftlib_main
+
+    return raftlib_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The whole loop: learning happens, the run directory holds what it promises, resume after SIGKILL is exact."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import base_config
+from raftlib import RAFTConfig, resume, run
+from raftlib.store import RunDirError, RunStore
+
+TESTS = Path(__file__).parent
+TOY = TESTS.parent / "examples" / "toy"
+ENV = {**os.environ, "PYTHONPATH": f"{TOY}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+LEARNING = {
+    "loop": {"iterations": 4, "prompts_per_iteration": 16},
+    "generation": {"samples_per_prompt": 8, "max_new_tokens": 12, "prompts_per_batch": 8},
+    "training": {"learning_rate": 1.0e-2, "epochs": 2, "micro_batch_size": 8},
+}
+
+
+def test_reward_rises_over_iterations_and_run_dir_is_complete(gpt2_dir, prompts_file, tmp_path):
+    config = RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, tmp_path / "run", **LEARNING))
+    result = run(config)
+    rows = result.metrics
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
+    # the toy reward (share of 'a') rises on the training samples and on held-out prompts
+    assert rows[4]["reward_mean"] > 2 * rows[1]["reward_mean"]
+    assert rows[4]["eval_reward_mean"] > 2 * rows[0]["eval_reward_mean"]
+    assert all(r["kept_reward_mean"] >= r["reward_mean"] for r in rows[1:])
+    assert all(r["kept_count"] == 16 for r in rows[1:])
+
+    documented = set((TESTS.parent / "docs" / "metrics.md").read_text().split("`")[1::2])
+    for row in rows[1:]:
+        missing = {k for k in row if k not in documented and not k.startswith("reward/")}
+        assert not missing, f"metrics without documentation in docs/metrics.md: {missing}"
+
+    run_dir = result.run_dir
+    assert RAFTConfig.from_yaml(run_dir / "config.yaml") == config
+    table = pq.read_table(run_dir / "iter_0002" / "samples.parquet").to_pylist()
+    assert len(table) == 16 * 8 and sum(r["kept"] for r in table) == 16
+    assert {"prompt_id", "prompt", "completion", "prompt_token_count", "completion_token_count", "reward",
+            "reward/letter_a", "kept", "logprob", "temperature", "top_p", "finish_reason", "ranking_key"} <= set(table[0])  # fmt: skip
+    assert len({(r["prompt_id"], r["sample_index"]) for r in table}) == len(table)
+    kept = pq.read_table(run_dir / "iter_0002" / "kept.parquet").to_pylist()
+    assert [r["completion"] for r in kept] == [r["completion"] for r in table if r["kept"]]
+
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    checkpoint = load_file(run_dir / "iter_0004" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in checkpoint.items())
+    assert (run_dir / "final" / "model.safetensors").is_file() and not list(run_dir.glob("final/*.bin"))
+
+
+def test_lora_llama_with_chat_template_kl_and_global_selection(llama_dir, prompts_file, tmp_path):
+    config = RAFTConfig.from_dict(
+        base_config(
+            llama_dir, prompts_file, tmp_path / "run",
+            model={"path": str(llama_dir), "lora": {"r": 4, "alpha": 8}},
+            selection={"strategy": "global", "kl_coef": 0.05},
+            data={"prompts": str(prompts_file), "eval_prompts": 8, "reference_column": "reference"},
+        )
+    )  # fmt: skip
+    result = run(config)
+    rows = result.metrics
+    table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
+    assert all(r["ref_logprob"] is not None for r in table)
+    kept_keys = sorted((r["ranking_key"] for r in table if r["kept"]), reverse=True)
+    assert kept_keys == sorted((r["ranking_key"] for r in table), reverse=True)[: len(kept_keys)]
+    assert table[0]["prompt_token_ids"][:1] != []  # chat template applied: prompt starts with the user tag
+    assert "sample_kl" in rows[1] and rows[1]["eval_reference_ppl"] > 1.0
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), result.final_dir)
+    assert adapter.peft_config["default"].r == 4
+
+
+def test_same_config_resumes_and_other_config_is_refused(gpt2_dir, prompts_file, tmp_path):
+    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run", loop={"iterations": 1, "prompts_per_iteration": 4})
+    first = run(RAFTConfig.from_dict(raw))
+    again = run(RAFTConfig.from_dict(raw))  # a re-executed notebook picks the finished run up
+    assert again.metrics == first.metrics
+    with pytest.raises(RunDirError, match=r"different config \(generation.temperature: 1.0 -> 0.5\)"):
+        run(RAFTConfig.from_dict(raw, ["generation.temperature=0.5"]))
+    store = RunStore(tmp_path / "run").lock()
+    with pytest.raises(RunDirError, match="in use by pid"):
+        RunStore(tmp_path / "run").lock()
+    store.unlock()
+
+
+def test_none_rewards_are_counted_and_never_kept(gpt2_dir, prompts_file, tmp_path):
+    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run", reward={"fn": "toy_rewards:none_for_empty"},
+                      generation={"samples_per_prompt": 4, "max_new_tokens": 3, "prompts_per_batch": 4},
+                      loop={"iterations": 1, "prompts_per_iteration": 8})  # fmt: skip
+    result = run(RAFTConfig.from_dict(raw))
+    table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
+    invalid = [r for r in table if r["reward"] is None]
+    assert not any(r["kept"] for r in invalid)
+    assert result.metrics[1]["invalid_reward_count"] == len(invalid)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL at many points, then resume: same kept sets, same weights, nothing lost or duplicated
+# ----------------------------------------------------------------------------------------------
+
+RESUME = {
+    "loop": {"iterations": 2, "prompts_per_iteration": 12},
+    "generation": {"samples_per_prompt": 4, "max_new_tokens": 10, "prompts_per_batch": 3},
+    "reward": {"fn": "toy_rewards:letter_a", "batch_size": 12},
+    "training": {"learning_rate": 5.0e-3, "epochs": 2, "micro_batch_size": 4},
+}
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def snapshot(run_dir: Path) -> dict:
+    """What must not differ between an interrupted-and-resumed run and an uninterrupted one."""
+    state = {"kept": {}, "samples": {}}
+    for iteration in (1, 2):
+        directory = run_dir / f"iter_{iteration:04d}"
+        samples = pq.read_table(directory / "samples.parquet").to_pylist()
+        keys = [(r["prompt_id"], r["sample_index"]) for r in samples]
+        assert len(keys) == len(set(keys)) == 12 * 4, "a sample was lost or duplicated"
+        state["samples"][iteration] = [
+            (r["prompt_id"], r["sample_index"], r["completion_token_ids"], r["reward"]) for r in samples
+        ]
+        state["kept"][iteration] = [(r["prompt_id"], r["sample_index"], r["completion"]) for r in samples if r["kept"]]
+    state["weights"] = load_file(run_dir / "final" / "model.safetensors")
+    state["iterations"] = [
+        json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    state["eval"] = [
+        json.loads(line)["eval_reward_mean"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    return state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(gpt2_dir, prompts_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    run(RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, root / "run", **RESUME)))
+    return snapshot(root / "run")
+
+
+@pytest.mark.parametrize(
+    ("point", "occurrence"),
+    [
+        ("generate-batch", 2),  # iteration 1, mid-generation (2 of 4 batches on disk)
+        ("generate-batch", 6),  # iteration 2, mid-generation
+        ("score-batch", 2),  # iteration 1, mid-scoring
+        ("optimizer-step", 3),  # iteration 1, mid-fine-tune (3 of 6 optimizer steps)
+        ("optimizer-step", 8),  # iteration 2, mid-fine-tune
+        ("checkpoint", 1),  # iteration 1, torn checkpoint write
+        ("marker", 2),  # right after iteration 1's "generate" marker (markers: eval 0, generate 1, select 1, ...)
+        ("marker", 4),  # right after iteration 1's "finetune" marker, before its eval
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(point, occurrence, uninterrupted, gpt2_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+    killed = subprocess.run(
+        [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", "run", str(config)],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -9, f"the run was not killed at {point} #{occurrence}:\n{killed.stderr[-3000:]}"
+    assert not (run_dir / "final").exists()
+    if point == "generate-batch" and occurrence == 2:
+        # the CLI resume path, in a fresh process
+        resumed = subprocess.run(
+            [sys.executable, "-m", "raftlib", "resume", str(run_dir)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    else:
+        resume(run_dir)
+    state = snapshot(run_dir)
+    assert state["kept"] == uninterrupted["kept"]
+    assert state["samples"] == uninterrupted["samples"]
+    assert state["iterations"] == uninterrupted["iterations"] == [0, 1, 2]
+    assert state["eval"] == uninterrupted["eval"]
+    for name, tensor in uninterrupted["weights"].items():
+        torch.testing.assert_close(state["weights"][name], tensor, rtol=0, atol=1e-6)
+    assert not list(run_dir.rglob("*.tmp-*")), "temporary files left behind"
