@@ -176,3 +176,24 @@ def plot_sweeps(tables: dict[str, pd.DataFrame]):
         bottom.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def kept_overlap(run_dir: Path, reference_dir: Path | None) -> float:
+    """Mean over iterations of the Jaccard overlap of two runs' kept (prompt, completion) sets.
+
+    1.0 means the two runs kept exactly the same samples: e.g. a KL coefficient too small to flip
+    any best-of-K ranking, so the run is the beta = 0 run.
+    """
+    import pyarrow.parquet as pq
+
+    if reference_dir is None:
+        return float("nan")
+    overlaps = []
+    for path in sorted(Path(run_dir).glob("iter_*/kept.parquet")):
+        other = Path(reference_dir) / path.parent.name / "kept.parquet"
+        if not other.is_file():
+            continue
+        a = {(r["prompt_id"], r["completion"]) for r in pq.read_table(path).to_pylist()}
+        b = {(r["prompt_id"], r["completion"]) for r in pq.read_table(other).to_pylist()}
+        overlaps.append(len(a & b) / max(1, len(a | b)))
+    return float(np.mean(overlaps)) if overlaps else float("nan")

@@ -421,6 +421,7 @@ def run_grpo(
         save_strategy="no",
         seed=seed,
         disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL turns it on by default; RAFT's fine-tune does not use it either
     )
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()

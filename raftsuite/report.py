@@ -85,7 +85,18 @@ def sample_viewer(
             f"<h4>Iteration {iteration}: kept (green) against rejected (red), best reward first</h4>"
             f"<table class='raft-samples'>{''.join(body)}</table>"
         )
-    return "<div>" + "".join(parts) + "</div>"
+    return f"<div>{_VIEWER_STYLE}{''.join(parts)}</div>"
+
+
+# Inline, so the viewer looks the same in Jupyter and in the exported report (where JupyterLab's
+# table style would right-align the text).
+_VIEWER_STYLE = """<style>
+table.raft-samples td, table.raft-samples th { vertical-align: top; text-align: left !important; padding: 4px 8px; max-width: 28em; }
+table.raft-samples td.kept { background: #e6f4ea; }
+table.raft-samples td.rejected { background: #fbeaea; }
+table.raft-samples .reward { font-family: monospace; color: #555; font-size: 90%; }
+table.raft-samples .text { white-space: pre-wrap; font-family: monospace; }
+</style>"""
 
 
 def _key(value: float | None) -> float:

@@ -1,5 +1,6 @@
 """The notebooks: committed clean, profiles valid, every notebook runs under papermill, reports open offline."""
 
+import ast
 import json
 import os
 import re
@@ -31,6 +32,9 @@ def test_committed_without_outputs_and_one_parameters_cell(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs: strip them"
     tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            ast.parse(cell.source)  # a syntax error should fail here, not 7 minutes into a run
     assert set(runner.INJECTED) <= set(runner.notebook_parameters(path.stem))
 
 
