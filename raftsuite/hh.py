@@ -309,10 +309,13 @@ def evaluate(
     samples_per_prompt: int = 2,
     best_of: int = 1,
     seed: int = 0,
+    gold: bool = True,
 ) -> dict[str, float]:
     """Proxy and gold reward, reference perplexity, MSTTR-100, distinct-1/2, length on held-out prompts.
 
     `best_of` > 1 is best-of-K at inference: draw K, keep the one the proxy reward ranks first.
+    `gold=False` (the paper profile: real HH-RLHF has no hidden gold preference) leaves the gold and
+    sentiment columns NaN rather than reporting a lexicon score that means nothing there.
     """
     generation = GenerationSection(
         samples_per_prompt=samples_per_prompt * best_of,
@@ -330,11 +333,12 @@ def evaluate(
         samples = [samples[i] for i in chosen]
         proxy = [proxy[i] for i in chosen]
     completions = [s.completion for s in samples]
-    gold = gold_reward([s.prompt for s in samples], completions)
+    gold_values = gold_reward([s.prompt for s in samples], completions) if gold else [math.nan]
+    sentiment = [_vader().polarity_scores(c)["compound"] for c in completions] if gold else [math.nan]
     row = {
         "proxy_reward": float(np.mean(proxy)),
-        "gold_reward": float(np.mean(gold)),
-        "sentiment": float(np.mean([_vader().polarity_scores(c)["compound"] for c in completions])),
+        "gold_reward": float(np.mean(gold_values)),
+        "sentiment": float(np.mean(sentiment)),
         "perplexity": reference_perplexity(model, tokenizer, prompts),
         "msttr_100": M.msttr(completions),
         "distinct_1": M.distinct_n(completions, 1),

@@ -119,10 +119,13 @@ def parse_cli_parameters(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_notebook(
-    name: str, profile: str, extra: dict[str, Any] | None = None, results: Path = RESULTS, runs: Path = ROOT / "runs"
+    name: str, profile: str, extra: dict[str, Any] | None = None, results: Path | None = None, runs: Path | None = None
 ) -> Outcome:
     """Execute one notebook with a profile's parameters; always render the report, even of a failure."""
     import papermill
+
+    results = results or RESULTS
+    runs = runs or ROOT / "runs"
 
     if name not in notebook_names():
         raise ParameterError(f"no notebook notebooks/{name}.ipynb (notebooks: {', '.join(notebook_names())})")
@@ -156,8 +159,10 @@ def run_notebook(
             log_output=False,
         )
     except papermill.PapermillExecutionError as exc:
-        # papermill numbers cells from 0 and counts markdown cells too; say it the way a reader finds it
-        error = f"cell {exc.cell_index + 1} (execution count {exc.exec_count}) raised {exc.ename}: {exc.evalue}"
+        # Name the cell the way a reader of the executed copy finds it: its In [n] and its first line
+        # (papermill's cell index counts cells it injects, so it matches neither the source nor the copy).
+        first_line = next((line for line in exc.source.splitlines() if line.strip()), "")
+        error = f"cell In [{exc.exec_count}] `{first_line.strip()[:80]}` raised {exc.ename}: {exc.evalue}"
     seconds = time.perf_counter() - started
     report = out_dir / "report.html"
     caption = f"profile {profile} · {time.strftime('%Y-%m-%d %H:%M')} · {seconds / 60:.1f} min"
@@ -183,8 +188,9 @@ def render_report(executed: Path, report: Path, caption: str = "") -> None:
     report.write_text(body, encoding="utf-8")
 
 
-def write_index(results: Path = RESULTS) -> Path:
+def write_index(results: Path | None = None) -> Path:
     """results/index.html: every report of every profile with its headline numbers and status."""
+    results = results or RESULTS
     rows = []
     for status_path in sorted(results.glob("*/*/status.json")):
         directory = status_path.parent
