@@ -45,7 +45,7 @@ def examples_of(samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
 def external_samples(policy, tokenizer, prompts: list[Prompt], external: dict[int, list[str]], config) -> list[Sample]:
     """Candidates from a file (a teacher's, say) for this iteration's prompts, with their policy logprob."""
     k = config.generation.samples_per_prompt
-    chosen = [p for p in dict.fromkeys(prompts) if p.prompt_id in external]
+    chosen = list({p.prompt_id: p for p in prompts if p.prompt_id in external}.values())  # each prompt once
     prompt_ids = encode_prompts(
         tokenizer,
         chosen,

@@ -110,6 +110,21 @@ def test_none_rewards_are_counted_and_never_kept(gpt2_dir, prompts_file, tmp_pat
     assert result.metrics[1]["invalid_reward_count"] == len(invalid)
 
 
+def test_external_samples_join_the_pool_and_can_be_kept(gpt2_dir, prompts_file, tmp_path):
+    """The paper's off-policy distillation (Table 8): a teacher's completions compete with the policy's."""
+    teacher = tmp_path / "teacher.jsonl"
+    teacher.write_text("".join(json.dumps({"prompt_id": i, "completion": " aaaa aaaa aaaa"}) + "\n" for i in range(40)))
+    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run", selection={"external_samples": str(teacher)},
+                      loop={"iterations": 1, "prompts_per_iteration": 8})  # fmt: skip
+    result = run(RAFTConfig.from_dict(raw))
+    table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
+    external = [r for r in table if r["source"] == "external"]
+    assert len(external) == 8 and all(r["sample_index"] == 4 for r in external)  # K = 4, so index K
+    # an all-'a' teacher beats a random model on the letter-a reward: it is kept for every prompt
+    assert result.metrics[1]["kept_external_count"] == 8 == result.metrics[1]["kept_count"]
+    assert all(r["logprob"] < 0 for r in external)  # scored under the policy, for the KL key
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGKILL at many points, then resume: same kept sets, same weights, nothing lost or duplicated
 # ----------------------------------------------------------------------------------------------
