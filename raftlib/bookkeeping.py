@@ -63,25 +63,6 @@ def external_samples(policy, tokenizer, prompts: list[Prompt], external: dict[in
     return [replace(s, logprob=lp) for s, lp in zip(samples, logprobs, strict=True)]
 
 
-def reference_perplexity(policy, tokenizer, prompts: list[Prompt], config: RAFTConfig) -> float:
-    column = config.data.reference_column
-    usable = [p for p in prompts if isinstance(p.columns.get(column), str) and p.columns[column]]
-    if not usable:
-        return float("nan")
-    prompt_ids = encode_prompts(
-        tokenizer,
-        usable,
-        chat_template=config.generation.chat_template,
-        max_prompt_tokens=config.data.max_prompt_tokens,
-    )
-    examples = [
-        (ids, tokenizer(p.columns[column], add_special_tokens=False)["input_ids"])
-        for p, ids in zip(usable, prompt_ids, strict=True)
-    ]
-    sums, counts = completion_logprobs(policy, examples, tokenizer.pad_token_id)
-    return M.perplexity(-sum(sums), sum(counts))
-
-
 def scores_to_rows(scores: Scores) -> list[dict[str, Any]]:
     return [
         {"reward": r} | {f"reward/{n}": v[i] for n, v in scores.components.items()} for i, r in enumerate(scores.reward)

@@ -93,6 +93,37 @@ def completion_logprobs(
     return sums, counts
 
 
+def reference_perplexity(
+    model,
+    tokenizer,
+    prompts,
+    column: str,
+    *,
+    chat_template: str = "auto",
+    max_prompt_tokens: int | None = None,
+    append_eos: bool = False,
+) -> float:
+    """Perplexity of reference responses (`prompt.columns[column]`) given their prompts; NaN if none.
+
+    `append_eos` also scores the EOS that ends a complete response (the HH-RLHF notebook's choice);
+    the loop's `eval_reference_ppl` scores the response text alone.
+    """
+    from raftlib.generate import encode_prompts
+    from raftlib.metrics import perplexity
+
+    usable = [p for p in prompts if isinstance(p.columns.get(column), str) and p.columns[column]]
+    if not usable:
+        return math.nan
+    prompt_ids = encode_prompts(tokenizer, usable, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens)
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    examples = [
+        (ids, tokenizer(p.columns[column], add_special_tokens=False)["input_ids"] + eos)
+        for p, ids in zip(usable, prompt_ids, strict=True)
+    ]
+    sums, counts = completion_logprobs(model, examples, tokenizer.pad_token_id)
+    return perplexity(-sum(sums), sum(counts))
+
+
 # ----------------------------------------------------------------------------------------------
 # The fine-tune stage
 # ----------------------------------------------------------------------------------------------

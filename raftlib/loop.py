@@ -26,7 +26,6 @@ from raftlib.bookkeeping import (
     external_samples,
     quiet_transformers,
     reference_model,
-    reference_perplexity,
     sample_rows,
     scores_from_rows,
     scores_to_rows,
@@ -37,7 +36,7 @@ from raftlib.bookkeeping import (
 )
 from raftlib.config import ConfigError, RAFTConfig
 from raftlib.data import columns_by_prompt, load_external_samples, load_prompts, prompts_for_iteration
-from raftlib.finetune import completion_logprobs, finetune
+from raftlib.finetune import completion_logprobs, finetune, reference_perplexity
 from raftlib.generate import generate_samples
 from raftlib.models import load_policy, load_tokenizer, save_model
 from raftlib.records import Sample
@@ -284,7 +283,14 @@ def _evaluate(iteration, policy, tokenizer, prompts, reward, config, store, prog
             ref_logprobs, _ = completion_logprobs(reference, examples_of(samples), tokenizer.pad_token_id)
     metrics["eval_kl"] = M.kl_estimate([s.logprob for s in samples], ref_logprobs)
     if config.data.reference_column:
-        metrics["eval_reference_ppl"] = reference_perplexity(policy, tokenizer, prompts, config)
+        metrics["eval_reference_ppl"] = reference_perplexity(
+            policy,
+            tokenizer,
+            prompts,
+            config.data.reference_column,
+            chat_template=config.generation.chat_template,
+            max_prompt_tokens=config.data.max_prompt_tokens,
+        )
     metrics["time_eval_s"] = time.perf_counter() - started
     rows = [
         s.to_row() | {"reward": r, "ref_logprob": lp}

@@ -34,8 +34,8 @@ import torch
 from raftlib import metrics as M
 from raftlib.config import DataSection, GenerationSection, ModelSection, TrainingSection
 from raftlib.data import load_prompts
-from raftlib.finetune import completion_logprobs, finetune
-from raftlib.generate import encode_prompts, generate_samples
+from raftlib.finetune import finetune, reference_perplexity
+from raftlib.generate import generate_samples
 from raftlib.models import load_tokenizer, save_model
 from raftlib.records import Prompt, Sample
 
@@ -339,25 +339,16 @@ def evaluate(
         "proxy_reward": float(np.mean(proxy)),
         "gold_reward": float(np.mean(gold_values)),
         "sentiment": float(np.mean(sentiment)),
-        "perplexity": reference_perplexity(model, tokenizer, prompts),
+        # perplexity of the held-out preferred continuations (the paper: ppl against HH chosen responses)
+        "perplexity": reference_perplexity(
+            model, tokenizer, prompts, "reference", chat_template="never", append_eos=True
+        ),
         "msttr_100": M.msttr(completions),
         "distinct_1": M.distinct_n(completions, 1),
         "distinct_2": M.distinct_n(completions, 2),
         "length_words": float(np.mean([len(M.words(c)) for c in completions])),
     }
     return row
-
-
-def reference_perplexity(model, tokenizer, prompts: Sequence[Prompt]) -> float:
-    """Perplexity of the held-out preferred continuations (the paper: ppl against HH chosen responses)."""
-    usable = [p for p in prompts if p.columns.get("reference")]
-    prompt_ids = encode_prompts(tokenizer, usable, chat_template="never")
-    examples = [
-        (ids, tokenizer(p.columns["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-        for p, ids in zip(usable, prompt_ids, strict=True)
-    ]
-    sums, counts = completion_logprobs(model, examples, tokenizer.pad_token_id)
-    return M.perplexity(-sum(sums), sum(counts))
 
 
 def gold_over_iterations(run_dir: str | Path) -> list[dict[str, float]]:
