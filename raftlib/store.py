@@ -19,6 +19,7 @@ cleaned at the next open.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -46,6 +47,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(RunDirError):
+    """The disk (or quota) filled during a write; the file was not written under its real name."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, exc: OSError) -> DiskFullError:
+    return DiskFullError(
+        f"no space left on device while writing {path} ({exc.strerror}); nothing was written under that "
+        "name and everything finished before it is intact: free some space, then resume the run"
+    )
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, fsync it, then rename onto `path` in one atomic step."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +71,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise _disk_full(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -209,10 +227,16 @@ class RunStore:
         """Save a model directory atomically: write into a temporary dir, then rename it into place."""
         tmp = target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb+") as handle:
-                os.fsync(handle.fileno())
+        try:
+            save(tmp)
+            for file in tmp.iterdir():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise _disk_full(target, exc) from exc
+            raise
         if target.exists():
             # Re-saving (a resumed stage): move the old copy aside first; rename onto a non-empty dir fails.
             old = target.with_name(f"{target.name}{TMP_MARK}old")

@@ -105,7 +105,7 @@ def build_gpt2_reward_model(directory: Path, *, seed: int = 0, num_labels: int =
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=num_labels,
-        pad_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     GPT2ForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     return directory

@@ -43,3 +43,108 @@ def base_config(model_dir: Path, prompts: Path, output_dir: Path, **sections) ->
         else:
             config[name] = values
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection: the run every interrupted run is compared with
+# ----------------------------------------------------------------------------------------------
+
+RESUME = {
+    "loop": {"iterations": 2, "prompts_per_iteration": 12},
+    "generation": {"samples_per_prompt": 4, "max_new_tokens": 10, "prompts_per_batch": 3},
+    "reward": {"fn": "toy_rewards:letter_a", "batch_size": 12},
+    "training": {"learning_rate": 5.0e-3, "epochs": 2, "micro_batch_size": 4},
+}
+"""2 iterations x 12 prompts x K=4: 4 generation and 4 scoring batches and 6 optimizer steps per iteration."""
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def snapshot(run_dir: Path) -> dict:
+    """What must not differ between an interrupted-and-resumed run and an uninterrupted one."""
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    state = {"kept": {}, "samples": {}}
+    for iteration in (1, 2):
+        directory = run_dir / f"iter_{iteration:04d}"
+        samples = pq.read_table(directory / "samples.parquet").to_pylist()
+        keys = [(r["prompt_id"], r["sample_index"]) for r in samples]
+        assert len(keys) == len(set(keys)) == 12 * 4, "a sample was lost or duplicated"
+        state["samples"][iteration] = [
+            (r["prompt_id"], r["sample_index"], r["completion_token_ids"], r["reward"]) for r in samples
+        ]
+        state["kept"][iteration] = [(r["prompt_id"], r["sample_index"], r["completion"]) for r in samples if r["kept"]]
+    state["weights"] = load_file(run_dir / "final" / "model.safetensors")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    state["iterations"] = [row["iteration"] for row in rows]
+    state["eval"] = [row["eval_reward_mean"] for row in rows]
+    return state
+
+
+def assert_same_run(state: dict, reference: dict) -> None:
+    import torch
+
+    assert state["kept"] == reference["kept"]
+    assert state["samples"] == reference["samples"]
+    assert state["iterations"] == reference["iterations"] == [0, 1, 2]
+    assert state["eval"] == reference["eval"]
+    for name, tensor in reference["weights"].items():
+        torch.testing.assert_close(state["weights"][name], tensor, rtol=0, atol=1e-6)
+
+
+def read_run_dir(run_dir: Path) -> int:
+    """Read every file of a run directory under its real name, as a reader (a notebook, a dashboard) would.
+
+    Temporaries are skipped (a reader never takes them for the real thing). A file that disappears
+    between listing and reading (a pruned checkpoint) is fine; one that exists and does not parse is
+    not. Returns the number of files read.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+    import yaml
+    from safetensors import safe_open
+
+    from raftlib.store import TMP_MARK
+
+    count = 0
+    for path in sorted(run_dir.rglob("*")):
+        if TMP_MARK in str(path.relative_to(run_dir)) or not path.is_file():
+            continue
+        try:
+            if path.suffix == ".parquet":
+                pq.read_table(path)
+            elif path.name.endswith(".done.json"):
+                json.loads(path.read_text())
+            elif path.name == "metrics.jsonl":
+                for line in path.read_text().splitlines():
+                    json.loads(line)
+            elif path.name == "config.yaml":
+                yaml.safe_load(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as weights:
+                    for key in weights.keys():
+                        weights.get_tensor(key)
+            else:
+                continue
+        except FileNotFoundError:
+            continue
+        count += 1
+    return count
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(gpt2_dir, prompts_file, tmp_path_factory):
+    from raftlib import RAFTConfig, run
+
+    root = tmp_path_factory.mktemp("reference")
+    run(RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, root / "run", **RESUME)))
+    return snapshot(root / "run")

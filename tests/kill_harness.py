@@ -8,6 +8,9 @@ POINT is where the kill lands, N which occurrence of it:
   optimizer-step   right after the Nth optimizer step (mid-fine-tune)
   checkpoint       inside the Nth checkpoint save, after the weights are half written
   marker           right after the Nth stage marker is written
+  before-marker    right before the Nth stage marker is written (the stage's output is on disk, unmarked)
+  parquet-write    inside the Nth Parquet write, with half of the file in its temporary name
+  metrics-write    inside the Nth rewrite of metrics.jsonl, with half of it in its temporary name
 
 A real SIGKILL: no exception handler, atexit or finally block runs, exactly like an OOM kill.
 """
@@ -74,6 +77,32 @@ def main() -> int:
             tick()
 
         store.RunStore.mark_done = mark_done
+    elif point == "before-marker":
+        original_mark = store.RunStore.mark_done
+
+        def mark_done(self, iteration, stage, info=None):
+            tick()
+            original_mark(self, iteration, stage, info)
+
+        store.RunStore.mark_done = mark_done
+    elif point in ("parquet-write", "metrics-write"):
+        original_atomic = store.atomic_write
+        wanted = ".parquet" if point == "parquet-write" else "metrics.jsonl"
+
+        def atomic_write(path, write):
+            if not str(path).endswith(wanted):
+                return original_atomic(path, write)
+
+            def torn(tmp):
+                write(tmp)
+                if calls["n"] + 1 == count:
+                    with open(tmp, "r+b") as handle:  # half the bytes reached the disk when the kill landed
+                        handle.truncate(tmp.stat().st_size // 2)
+                tick()
+
+            return original_atomic(path, torn)
+
+        store.atomic_write = atomic_write
     else:
         raise SystemExit(f"unknown kill point {point}")
 

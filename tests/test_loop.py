@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import base_config
+from conftest import RESUME, assert_same_run, base_config, read_run_dir, snapshot, write_config
 from raftlib import RAFTConfig, resume, run
 from raftlib.store import RunDirError, RunStore
 
@@ -129,70 +128,38 @@ def test_external_samples_join_the_pool_and_can_be_kept(gpt2_dir, prompts_file, 
 # SIGKILL at many points, then resume: same kept sets, same weights, nothing lost or duplicated
 # ----------------------------------------------------------------------------------------------
 
-RESUME = {
-    "loop": {"iterations": 2, "prompts_per_iteration": 12},
-    "generation": {"samples_per_prompt": 4, "max_new_tokens": 10, "prompts_per_batch": 3},
-    "reward": {"fn": "toy_rewards:letter_a", "batch_size": 12},
-    "training": {"learning_rate": 5.0e-3, "epochs": 2, "micro_batch_size": 4},
-}
+KILL_POINTS = [
+    ("generate-batch", 2),  # iteration 1, mid-generation (2 of 4 batches on disk)
+    ("generate-batch", 6),  # iteration 2, mid-generation
+    ("score-batch", 2),  # iteration 1, mid-scoring
+    ("optimizer-step", 3),  # iteration 1, mid-fine-tune (3 of 6 optimizer steps)
+    ("optimizer-step", 8),  # iteration 2, mid-fine-tune
+    ("checkpoint", 1),  # iteration 1, torn checkpoint write
+    ("marker", 2),  # right after iteration 1's "generate" marker (markers: eval 0, generate 1, select 1, ...)
+    ("marker", 4),  # right after iteration 1's "finetune" marker, before its eval
+    ("before-marker", 3),  # samples.parquet and kept.parquet written, "select" marker not yet
+    ("before-marker", 5),  # iteration 1's metrics row written, its "eval" marker not yet
+    ("parquet-write", 3),  # a torn generation batch (Parquet writes: eval 0, gen 1-4, score 1-4, samples, ...)
+    ("parquet-write", 10),  # a torn samples.parquet
+    ("metrics-write", 2),  # a torn metrics.jsonl rewrite (iteration 1's row)
+]
 
 
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def snapshot(run_dir: Path) -> dict:
-    """What must not differ between an interrupted-and-resumed run and an uninterrupted one."""
-    state = {"kept": {}, "samples": {}}
-    for iteration in (1, 2):
-        directory = run_dir / f"iter_{iteration:04d}"
-        samples = pq.read_table(directory / "samples.parquet").to_pylist()
-        keys = [(r["prompt_id"], r["sample_index"]) for r in samples]
-        assert len(keys) == len(set(keys)) == 12 * 4, "a sample was lost or duplicated"
-        state["samples"][iteration] = [
-            (r["prompt_id"], r["sample_index"], r["completion_token_ids"], r["reward"]) for r in samples
-        ]
-        state["kept"][iteration] = [(r["prompt_id"], r["sample_index"], r["completion"]) for r in samples if r["kept"]]
-    state["weights"] = load_file(run_dir / "final" / "model.safetensors")
-    state["iterations"] = [
-        json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    state["eval"] = [
-        json.loads(line)["eval_reward_mean"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    return state
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(gpt2_dir, prompts_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    run(RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, root / "run", **RESUME)))
-    return snapshot(root / "run")
-
-
-@pytest.mark.parametrize(
-    ("point", "occurrence"),
-    [
-        ("generate-batch", 2),  # iteration 1, mid-generation (2 of 4 batches on disk)
-        ("generate-batch", 6),  # iteration 2, mid-generation
-        ("score-batch", 2),  # iteration 1, mid-scoring
-        ("optimizer-step", 3),  # iteration 1, mid-fine-tune (3 of 6 optimizer steps)
-        ("optimizer-step", 8),  # iteration 2, mid-fine-tune
-        ("checkpoint", 1),  # iteration 1, torn checkpoint write
-        ("marker", 2),  # right after iteration 1's "generate" marker (markers: eval 0, generate 1, select 1, ...)
-        ("marker", 4),  # right after iteration 1's "finetune" marker, before its eval
-    ],
-)
-def test_sigkill_then_resume_equals_uninterrupted(point, occurrence, uninterrupted, gpt2_dir, prompts_file, tmp_path):
-    run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+def kill(point: str, occurrence: int, argv: list[str]) -> None:
     killed = subprocess.run(
-        [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", "run", str(config)],
+        [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", *argv],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert killed.returncode == -9, f"the run was not killed at {point} #{occurrence}:\n{killed.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize(("point", "occurrence"), KILL_POINTS)
+def test_sigkill_then_resume_equals_uninterrupted(point, occurrence, uninterrupted, gpt2_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+    kill(point, occurrence, ["run", str(config)])
     assert not (run_dir / "final").exists()
+    assert read_run_dir(run_dir) > 0  # what the killed run left is readable under every real name
     if point == "generate-batch" and occurrence == 2:
         # the CLI resume path, in a fresh process
         resumed = subprocess.run(
@@ -205,11 +172,48 @@ def test_sigkill_then_resume_equals_uninterrupted(point, occurrence, uninterrupt
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     else:
         resume(run_dir)
-    state = snapshot(run_dir)
-    assert state["kept"] == uninterrupted["kept"]
-    assert state["samples"] == uninterrupted["samples"]
-    assert state["iterations"] == uninterrupted["iterations"] == [0, 1, 2]
-    assert state["eval"] == uninterrupted["eval"]
-    for name, tensor in uninterrupted["weights"].items():
-        torch.testing.assert_close(state["weights"][name], tensor, rtol=0, atol=1e-6)
+    assert_same_run(snapshot(run_dir), uninterrupted)
     assert not list(run_dir.rglob("*.tmp-*")), "temporary files left behind"
+
+
+def test_killed_twice_then_resumed_equals_uninterrupted(uninterrupted, gpt2_dir, prompts_file, tmp_path):
+    """A resume that is itself killed (mid-fine-tune) loses nothing either."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+    kill("score-batch", 3, ["run", str(config)])
+    kill("optimizer-step", 2, ["resume", str(run_dir)])
+    assert read_run_dir(run_dir) > 0
+    resume(run_dir)
+    assert_same_run(snapshot(run_dir), uninterrupted)
+
+
+def test_run_dir_is_readable_at_every_moment(uninterrupted, gpt2_dir, prompts_file, tmp_path):
+    """Poll-read the whole run directory, every file under its real name, while a run writes it."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "raftlib", "run", str(config)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reads = 0
+    while writer.poll() is None:
+        reads += read_run_dir(run_dir) if run_dir.exists() else 0
+    assert writer.returncode == 0, writer.stderr.read()[-3000:]
+    assert reads > 50  # the poller really read files while the run wrote them
+    assert_same_run(snapshot(run_dir), uninterrupted)
+
+
+def test_a_second_process_writing_a_run_dir_in_use_is_refused(gpt2_dir, prompts_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
+    holder = RunStore(run_dir).lock()  # this process is "the run in progress"
+    try:
+        for argv in (["run", str(config)], ["resume", str(run_dir)]):
+            if argv[0] == "resume":
+                RunStore(run_dir).write_config(RAFTConfig.from_yaml(config).to_yaml())
+            second = subprocess.run([sys.executable, "-m", "raftlib", *argv], env=ENV, capture_output=True, text=True)
+            assert second.returncode == 2
+            assert f"is in use by pid {os.getpid()}" in second.stderr and "use another output_dir" in second.stderr
+    finally:
+        holder.unlock()
+    assert not (run_dir / "iter_0001").exists()  # the refused processes wrote nothing

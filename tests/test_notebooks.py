@@ -241,3 +241,37 @@ def test_a_completion_with_a_script_tag_stays_inert_text(tmp_path):
     assert facts["pwned"] is None, "model output ran as script"
     assert "<script>window.__raft_pwned = 1</script>" in facts["text"] and "Say <b>hi</b>" in facts["text"]
     assert errors == []
+
+
+def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
+    """SIGKILL papermill and its kernel mid-RAFT; executing the notebook again resumes the run in place."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    raft = runs / "smoke" / "hh_rlhf" / "raft"
+    script = (
+        "from pathlib import Path; from raftsuite import runner; "
+        f"runner.run_notebook('hh_rlhf', 'smoke', {{'run_grpo_baseline': False}}, "
+        f"results=Path({str(results)!r}), runs=Path({str(runs)!r}))"
+    )
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (raft / "iter_0001" / "finetune.done.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first execution ended before the kill"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # papermill and the kernel, as an OOM kill or a closed laptop would
+    first.wait()
+    assert not (raft / "final").exists()
+    batch = raft / "iter_0001" / "generate" / "batch_00000.parquet"
+    before = batch.stat()
+
+    outcome = runner.run_notebook("hh_rlhf", "smoke", {"run_grpo_baseline": False}, results=results, runs=runs)
+    assert outcome.ok, outcome.error
+    after = batch.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "iteration 1 was redone"
+    assert (raft / "final" / "model.safetensors").is_file()
+    executed = (results / "smoke" / "hh_rlhf" / "hh_rlhf.ipynb").read_text()
+    assert "already holds this run: resuming it" in executed
