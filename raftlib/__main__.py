@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    from raftlib.config import ConfigError, RAFTConfig
+    from raftlib.config import ConfigError, load_config
     from raftlib.data import DataError
     from raftlib.generate import GenerationError
     from raftlib.loop import resume, run
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, DataError, GenerationError, ModelLoadError, RewardError, RunDirError)
     try:
         if args.command == "run":
-            result = run(RAFTConfig.from_yaml(args.config, overrides=args.overrides))
+            result = run(load_config(args.config, overrides=args.overrides))
         else:
             result = resume(args.run_dir)
     except user_errors as exc:

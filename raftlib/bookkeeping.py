@@ -1,66 +1,18 @@
-"""The loop's bookkeeping: Parquet rows, metrics rows, log lines, the reference model, logging setup.
+"""The loop's bookkeeping: Parquet rows, metrics rows, log lines, logging setup.
 
 Kept out of loop.py so the loop reads top to bottom; nothing here decides what RAFT does.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from raftlib import metrics as M
-from raftlib.config import RAFTConfig
-from raftlib.finetune import completion_logprobs
-from raftlib.generate import encode_prompts
-from raftlib.models import is_peft_model, load_base_model
-from raftlib.records import Prompt, Sample, Scores, Selection
+from raftlib.records import Scores, Selection
 
 logger = logging.getLogger("raftlib")
-
-
-@contextmanager
-def reference_model(policy, config: RAFTConfig):
-    """pi_0: the LoRA policy with its adapter disabled, or the base weights loaded for the moment."""
-    if is_peft_model(policy):
-        with policy.disable_adapter():
-            yield policy
-        return
-    reference = load_base_model(config.model, next(policy.parameters()).device)
-    try:
-        yield reference
-    finally:
-        del reference
-        gc.collect()
-
-
-def examples_of(samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
-    return [(s.prompt_token_ids, s.completion_token_ids) for s in samples]
-
-
-def external_samples(policy, tokenizer, prompts: list[Prompt], external: dict[int, list[str]], config) -> list[Sample]:
-    """Candidates from a file (a teacher's, say) for this iteration's prompts, with their policy logprob."""
-    k = config.generation.samples_per_prompt
-    chosen = list({p.prompt_id: p for p in prompts if p.prompt_id in external}.values())  # each prompt once
-    prompt_ids = encode_prompts(
-        tokenizer,
-        chosen,
-        chat_template=config.generation.chat_template,
-        max_prompt_tokens=config.data.max_prompt_tokens,
-    )
-    samples = []
-    for prompt, ids in zip(chosen, prompt_ids, strict=True):
-        for j, text in enumerate(external[prompt.prompt_id]):
-            completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            samples.append(
-                Sample(prompt.prompt_id, k + j, prompt.text, text, ids, completion_ids, 0.0, "eos", "external")
-            )
-    logprobs, _ = completion_logprobs(policy, examples_of(samples), tokenizer.pad_token_id)
-    return [replace(s, logprob=lp) for s, lp in zip(samples, logprobs, strict=True)]
 
 
 def scores_to_rows(scores: Scores) -> list[dict[str, Any]]:
@@ -73,9 +25,8 @@ def scores_from_rows(rows: list[dict[str, Any]], names: list[str]) -> Scores:
     return Scores(reward=[r["reward"] for r in rows], components={n: [r[f"reward/{n}"] for r in rows] for n in names})
 
 
-def sample_rows(iteration, samples, scores: Scores, selection: Selection, ref_logprobs, config) -> list[dict]:
-    g = config.generation
-    settings = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "max_new_tokens": g.max_new_tokens}
+def sample_rows(iteration, samples, scores: Scores, selection: Selection, ref_logprobs, settings: dict) -> list[dict]:
+    """samples.parquet: every sample with its reward, components, ranking key, kept flag and sampling settings."""
     rows = []
     for i, sample in enumerate(samples):
         row = sample.to_row() | {"iteration": iteration, "reward": scores.reward[i]}
@@ -86,10 +37,10 @@ def sample_rows(iteration, samples, scores: Scores, selection: Selection, ref_lo
     return rows
 
 
-def selection_metrics(samples, scores: Scores, selection: Selection, ref_logprobs, reward) -> dict[str, Any]:
+def selection_metrics(samples, scores: Scores, selection: Selection, ref_logprobs, sample_metrics) -> dict[str, Any]:
+    """The select stage's metrics; `sample_metrics(samples, "sample")` adds the modality's own (diversity...)."""
     kept_rewards = [r for r, k in zip(scores.reward, selection.kept, strict=True) if k]
     policy_only = [(s, r) for s, r in zip(samples, scores.reward, strict=True) if s.source == "policy"]
-    completions = [s.completion for s, _ in policy_only]
     metrics: dict[str, Any] = M.reward_stats([r for _, r in policy_only], "reward")
     metrics |= M.reward_stats(kept_rewards, "kept_reward")
     metrics["best_of_k_reward_mean"] = M.best_of_k_mean(
@@ -97,9 +48,7 @@ def selection_metrics(samples, scores: Scores, selection: Selection, ref_logprob
     )
     for name, values in scores.components.items():
         metrics[f"reward/{name}_mean"] = M.reward_stats(values, "c")["c_mean"]
-    metrics |= M.text_metrics(completions, "sample")
-    metrics["sample_length_tokens"] = M.completion_length_mean([s.completion_token_count for s, _ in policy_only])
-    metrics["sample_eos_fraction"] = float(np.mean([s.finish_reason == "eos" for s, _ in policy_only]))
+    metrics |= sample_metrics([s for s, _ in policy_only], "sample")
     metrics["kept_count"] = selection.kept_count
     metrics["invalid_reward_count"] = selection.invalid_count
     metrics["prompts_without_valid_sample"] = selection.prompts_without_valid_sample
@@ -119,15 +68,23 @@ def track(accelerator, row: dict[str, Any]) -> None:
 
 
 def summary_line(row: dict[str, Any], total: int) -> str:
+    """One log line per iteration; the modality's own measures (KL, distinct-2 or image diversity) when present."""
+
     def fmt(key: str) -> str:
         value = row.get(key)
         return "n/a" if value is None else f"{value:.3f}"
 
-    return (
-        f"iter {row['iteration']}/{total} | reward {fmt('reward_mean')} | kept {fmt('kept_reward_mean')} | "
-        f"best-of-K {fmt('best_of_k_reward_mean')} | eval {fmt('eval_reward_mean')} | kl {fmt('eval_kl')} | "
-        f"distinct-2 {fmt('eval_distinct_2')} | {row['time_iteration_s']:.1f}s"
-    )
+    parts = [
+        f"iter {row['iteration']}/{total}",
+        f"reward {fmt('reward_mean')}",
+        f"kept {fmt('kept_reward_mean')}",
+        f"best-of-K {fmt('best_of_k_reward_mean')}",
+        f"eval {fmt('eval_reward_mean')}",
+    ]
+    for key, label in (("eval_kl", "kl"), ("eval_distinct_2", "distinct-2"), ("eval_diversity", "diversity")):
+        if key in row:
+            parts.append(f"{label} {fmt(key)}")
+    return " | ".join([*parts, f"{row['time_iteration_s']:.1f}s"])
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -149,10 +106,19 @@ def quiet_transformers():
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:  # diffusers is only needed for diffusion runs
+        diffusers_logging = None
+    diffusers_was = diffusers_logging is not None and diffusers_logging.is_progress_bar_enabled()
+    if diffusers_logging is not None:
+        diffusers_logging.disable_progress_bar()
+    try:
         yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+        if diffusers_was:
+            diffusers_logging.enable_progress_bar()
 
 
 def setup_logging(level: str) -> None:

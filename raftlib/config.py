@@ -179,12 +179,16 @@ class SelectionSection:
     """local: how many of the K samples to keep per prompt."""
     threshold: float | None = None
     """threshold: keep every sample whose ranking key is >= this value."""
+    max_kept: int | None = None
+    """After the strategy, keep at most this many, best key first (the SD notebook: top 8 of 10 winners)."""
     external_samples: str | None = None
     """A .jsonl/.parquet of extra (prompt_id, completion) candidates, e.g. a teacher's, added to the pool."""
 
     def validate(self, key: str) -> None:
         _require(self.kl_coef >= 0.0, f"{key}.kl_coef", self.kl_coef, "must be >= 0")
         _require(self.keep_per_prompt >= 1, f"{key}.keep_per_prompt", self.keep_per_prompt, "must be >= 1")
+        if self.max_kept is not None:
+            _require(self.max_kept >= 1, f"{key}.max_kept", self.max_kept, "must be >= 1 (or null for no cap)")
         if self.strategy == "threshold":
             _require(
                 self.threshold is not None, f"{key}.threshold", self.threshold, "is required when strategy is threshold"
@@ -266,8 +270,112 @@ class LoggingSection:
         """Every value is already type-checked; nothing range-bound here."""
 
 
+class ConfigFile:
+    """Shared by the top-level configs (RAFTConfig, DiffusionConfig): derived sizes, YAML, dicts, overrides.
+
+    Both have generation.samples_per_prompt, selection, training and loop sections.
+    """
+
+    # -- derived quantities ---------------------------------------------------------------------
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.loop.prompts_per_iteration * self.generation.samples_per_prompt
+
+    @property
+    def kept_per_iteration(self) -> int | None:
+        """Upper bound on kept samples per iteration (None for threshold selection: data-dependent)."""
+        if self.selection.strategy == "local":
+            kept = self.loop.prompts_per_iteration * min(
+                self.selection.keep_per_prompt, self.generation.samples_per_prompt
+            )
+        elif self.selection.strategy == "global":
+            kept = self.loop.prompts_per_iteration
+        else:
+            return self.selection.max_kept
+        return kept if self.selection.max_kept is None else min(kept, self.selection.max_kept)
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int | None:
+        kept = self.kept_per_iteration
+        if kept is None:
+            return None
+        micro_batches = math.ceil(kept / self.training.micro_batch_size)
+        return self.training.epochs * math.ceil(micro_batches / self.training.gradient_accumulation_steps)
+
+    def derived(self) -> dict[str, int | None]:
+        """Sizes implied by the config, logged at the start of every run."""
+        return {
+            "samples_per_iteration": self.samples_per_iteration,
+            "kept_per_iteration": self.kept_per_iteration,
+            "optimizer_steps_per_iteration": self.optimizer_steps_per_iteration,
+        }
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        _require(bool(self.output_dir), "output_dir", self.output_dir, "is empty")
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, source: str = "<dict>"):
+        """Build from a plain dict, apply dotted overrides, type-check and validate."""
+        return _build_config(cls, raw, list(overrides), source=source, lines={})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+        """Read a YAML config; errors name the file, line and key."""
+        raw, node = _read_yaml(Path(path))
+        return _build_config(cls, raw, list(overrides), source=str(path), lines=_key_lines(node))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, overrides: list[str] | tuple[str, ...]):
+        """A copy with dotted overrides applied (validated)."""
+        return _build_config(type(self), self.to_dict(), list(overrides), source="<config>", lines={})
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, node
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """A config file of either kind: `modality: image` makes it a DiffusionConfig, else a RAFTConfig."""
+    raw, _ = _read_yaml(Path(path))
+    if raw.get("modality") == "image":
+        from raftlib.diffusion.config import DiffusionConfig
+
+        return DiffusionConfig.from_yaml(path, overrides)
+    return RAFTConfig.from_yaml(path, overrides)
+
+
 @dataclass(frozen=True)
-class RAFTConfig:
+class RAFTConfig(ConfigFile):
     model: ModelSection = field(default_factory=ModelSection)
     """The policy to align."""
     data: DataSection = field(default_factory=DataSection)
@@ -288,89 +396,6 @@ class RAFTConfig:
     """Seeds prompt order, sampling and fine-tuning: same seed, same kept sets."""
     output_dir: str = "runs/raft"
     """The run directory."""
-
-    # -- derived quantities ---------------------------------------------------------------------
-
-    @property
-    def samples_per_iteration(self) -> int:
-        return self.loop.prompts_per_iteration * self.generation.samples_per_prompt
-
-    @property
-    def kept_per_iteration(self) -> int | None:
-        """Upper bound on kept samples per iteration (None for threshold selection: data-dependent)."""
-        if self.selection.strategy == "local":
-            return self.loop.prompts_per_iteration * min(
-                self.selection.keep_per_prompt, self.generation.samples_per_prompt
-            )
-        if self.selection.strategy == "global":
-            return self.loop.prompts_per_iteration
-        return None
-
-    @property
-    def optimizer_steps_per_iteration(self) -> int | None:
-        kept = self.kept_per_iteration
-        if kept is None:
-            return None
-        micro_batches = math.ceil(kept / self.training.micro_batch_size)
-        return self.training.epochs * math.ceil(micro_batches / self.training.gradient_accumulation_steps)
-
-    def derived(self) -> dict[str, int | None]:
-        """Sizes implied by the config, logged at the start of every run."""
-        return {
-            "samples_per_iteration": self.samples_per_iteration,
-            "kept_per_iteration": self.kept_per_iteration,
-            "optimizer_steps_per_iteration": self.optimizer_steps_per_iteration,
-        }
-
-    # -- construction ---------------------------------------------------------------------------
-
-    def validate(self) -> RAFTConfig:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value.validate(f.name)
-        _require(bool(self.output_dir), "output_dir", self.output_dir, "is empty")
-        return self
-
-    @classmethod
-    def from_dict(
-        cls, raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *, source: str = "<dict>"
-    ) -> RAFTConfig:
-        """Build from a plain dict, apply dotted overrides, type-check and validate."""
-        return _build_config(raw, list(overrides), source=source, lines={})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RAFTConfig:
-        """Read a YAML config; errors name the file, line and key."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            raw = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-        return _build_config(raw, list(overrides), source=str(path), lines=_key_lines(node))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def replace(self, overrides: list[str] | tuple[str, ...]) -> RAFTConfig:
-        """A copy with dotted overrides applied (validated)."""
-        return _build_config(self.to_dict(), list(overrides), source="<config>", lines={})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,9 +423,9 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, override: str) -> None:
+def _apply_override(top: type, raw: dict[str, Any], parts: list[str], value: Any, override: str) -> None:
     node = raw
-    cls: Any = RAFTConfig
+    cls: Any = top
     for depth, part in enumerate(parts):
         known = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else None
         dotted = ".".join(parts[: depth + 1])
@@ -420,17 +445,17 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, override:
         node = child
 
 
-def _build_config(raw: dict[str, Any], overrides: list[str], *, source: str, lines: dict[str, int]) -> RAFTConfig:
+def _build_config(top: type, raw: dict[str, Any], overrides: list[str], *, source: str, lines: dict[str, int]):
     import copy
 
     raw = copy.deepcopy(raw)
     overridden: dict[str, str] = {}
     for override in overrides:
         parts, value = parse_override(override)
-        _apply_override(raw, parts, value, override)
+        _apply_override(top, raw, parts, value, override)
         overridden[".".join(parts)] = override
     try:
-        config = _build(RAFTConfig, raw, prefix="", lines=lines, source=source)
+        config = _build(top, raw, prefix="", lines=lines, source=source)
         return config.validate()
     except ConfigError as exc:
         raise ConfigError(_locate(str(exc), source, lines, overridden)) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +134,7 @@ class FinetuneStats:
     optimizer_steps: int
     micro_batches: int
     trained_tokens: int
+    """Units trained on: completion tokens for a language model, images for a diffusion model."""
     first_epoch_loss: float
     last_epoch_loss: float
     seconds: float
@@ -178,14 +179,42 @@ def finetune(
 
     The returned model is unwrapped (no DDP wrapper); with LoRA only adapter weights train.
     """
+
+    def loss_of(model, batch) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return completion_loss(logits, batch["labels"]), int((batch["labels"] != IGNORE_INDEX).sum())
+
+    return train_stage(
+        model, list(examples), lambda batch: collate(batch, pad_id), loss_of, section,
+        seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+    )  # fmt: skip
+
+
+def train_stage(
+    model,
+    items: list,
+    collate_fn: Callable[[list], dict],
+    loss_of: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
+    section: TrainingSection,
+    *,
+    seed: int,
+    iteration: int,
+    accelerator=None,
+    progress: bool = True,
+):
+    """One RAFT fine-tune stage for any model: a fresh AdamW and schedule, seeded epoch orders.
+
+    `loss_of(model, batch)` returns the micro-batch loss and how many units (tokens, images) it trained
+    on. Shared by the language-model and the diffusion paths. Returns (unwrapped model, FinetuneStats).
+    """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    if not examples:
+    if not items:
         raise ValueError("nothing to fine-tune on: the kept set is empty")
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=section.gradient_accumulation_steps)
-    torch.manual_seed(seed * 1_000_003 + iteration)  # dropout masks are part of the reproducible stage
+    torch.manual_seed(seed * 1_000_003 + iteration)  # dropout masks and noise are part of the reproducible stage
     started = time.perf_counter()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -193,12 +222,9 @@ def finetune(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def loader_for(epoch: int):
-        order = epoch_order(len(examples), seed, iteration, epoch)
+        order = epoch_order(len(items), seed, iteration, epoch)
         loader = DataLoader(
-            [examples[i] for i in order],
-            batch_size=section.micro_batch_size,
-            shuffle=False,
-            collate_fn=lambda batch: collate(batch, pad_id),
+            [items[i] for i in order], batch_size=section.micro_batch_size, shuffle=False, collate_fn=collate_fn
         )
         return accelerator.prepare(loader)
 
@@ -209,15 +235,14 @@ def finetune(
     )
 
     model.train()
-    optimizer_steps = micro_batches = trained_tokens = 0
+    optimizer_steps = micro_batches = trained_units = 0
     epoch_losses: list[float] = []
     bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=None if progress else True, leave=False)
     for epoch in range(section.epochs):
         losses = []
         for batch in loader_for(epoch):
             with accelerator.accumulate(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = completion_loss(logits, batch["labels"])
+                loss, units = loss_of(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if section.max_grad_norm > 0:
@@ -228,7 +253,7 @@ def finetune(
                     bar.update(1)
                 optimizer.zero_grad(set_to_none=True)
             micro_batches += 1
-            trained_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            trained_units += units
             losses.append(float(loss.detach()))
         epoch_losses.append(float(np.mean(losses)))
     bar.close()
@@ -239,7 +264,7 @@ def finetune(
     stats = FinetuneStats(
         optimizer_steps=optimizer_steps,
         micro_batches=micro_batches,
-        trained_tokens=trained_tokens,
+        trained_tokens=trained_units,
         first_epoch_loss=epoch_losses[0],
         last_epoch_loss=epoch_losses[-1],
         seconds=time.perf_counter() - started,

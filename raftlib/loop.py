@@ -3,6 +3,10 @@
     for t in 1..T:  prompts --generate K each--> samples --score--> rewards --select--> kept --fine-tune--> model_t
                     then evaluate model_t on held-out prompts
 
+What is generated, scored and trained comes from a *modality*: `raftlib.text.TextModality` for a causal
+language model (RAFTConfig), `raftlib.diffusion.modality.ImageModality` for a diffusion model
+(DiffusionConfig). Prompts, selection, the run store, resume and the metrics rows are the same for both.
+
 Every stage persists its output and then writes a marker, so `resume(run_dir)` skips finished stages,
 reuses finished generation and scoring batches, and reruns an unfinished fine-tune from the previous
 checkpoint. All randomness is seeded from (seed, iteration, batch): a resumed run keeps exactly the
@@ -15,17 +19,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raftlib import metrics as M
 from raftlib.bookkeeping import (
     config_diff,
-    examples_of,
-    external_samples,
     quiet_transformers,
-    reference_model,
     sample_rows,
     scores_from_rows,
     scores_to_rows,
@@ -34,15 +35,14 @@ from raftlib.bookkeeping import (
     summary_line,
     track,
 )
-from raftlib.config import ConfigError, RAFTConfig
-from raftlib.data import columns_by_prompt, load_external_samples, load_prompts, prompts_for_iteration
-from raftlib.finetune import completion_logprobs, finetune, reference_perplexity
-from raftlib.generate import generate_samples
-from raftlib.models import load_policy, load_tokenizer, save_model
-from raftlib.records import Sample
+from raftlib.config import ConfigError, RAFTConfig, load_config
+from raftlib.data import columns_by_prompt, load_prompts, prompts_for_iteration
 from raftlib.rewards import WeightedReward, build_reward, score_samples
 from raftlib.select import kl_ranking_key, select
 from raftlib.store import RunDirError, RunStore
+
+if TYPE_CHECKING:
+    from raftlib.diffusion.config import DiffusionConfig
 
 logger = logging.getLogger("raftlib")
 
@@ -60,13 +60,16 @@ class RunResult:
     final_dir: Path
 
 
-def run(config: RAFTConfig, *, reward: WeightedReward | None = None) -> RunResult:
-    """Run RAFT as configured. A run directory holding this same config is resumed, not restarted."""
+def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None = None) -> RunResult:
+    """Run RAFT as configured (a RAFTConfig aligns a language model, a DiffusionConfig an image model).
+
+    A run directory holding this same config is resumed, not restarted.
+    """
     setup_logging(config.logging.level)
     store = RunStore(config.output_dir).lock()
     try:
         if store.has_run():
-            saved = RAFTConfig.from_yaml(store.config_path)
+            saved = load_config(store.config_path)
             if saved != config:
                 changed = config_diff(saved.to_dict(), config.to_dict())
                 raise RunDirError(
@@ -87,7 +90,7 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
     store = RunStore(run_dir)
     if not store.has_run():
         raise RunDirError(f"{run_dir} has no config.yaml: it is not a raftlib run directory")
-    config = RAFTConfig.from_yaml(store.config_path)
+    config = load_config(store.config_path)
     setup_logging(config.logging.level)
     store.lock()
     try:
@@ -97,7 +100,17 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
         store.unlock()
 
 
-def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None) -> RunResult:
+def _modality(config, device):
+    if isinstance(config, RAFTConfig):
+        from raftlib.text import TextModality
+
+        return TextModality(config, device)
+    from raftlib.diffusion.modality import ImageModality
+
+    return ImageModality(config, device)
+
+
+def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResult:
     from accelerate import Accelerator
 
     accelerator = Accelerator(
@@ -112,22 +125,21 @@ def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None)
         )
     if config.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
-    device = accelerator.device
     progress = config.logging.progress_bars
     logger.info("derived sizes: %s", config.derived())
 
-    tokenizer = load_tokenizer(config.model)
+    # What is generated and trained (text or images) is the modality's business; the loop is the same.
+    modality = _modality(config, accelerator.device)
     splits = load_prompts(config.data, config.seed)
     reward = reward or build_reward(config.reward)
-    external = load_external_samples(config.selection.external_samples) if config.selection.external_samples else {}
 
     # The model entering the first unfinished iteration: the newest finished fine-tune, or the base.
     trained = [t for t in range(1, config.loop.iterations + 1) if store.done(t, "finetune")]
     last_trained = max(trained, default=0)
-    policy = load_policy(config.model, store.checkpoint_dir(last_trained) if last_trained else None, device)
+    policy = modality.load_policy(store.checkpoint_dir(last_trained) if last_trained else None)
 
     if not store.done(0, "eval"):
-        row0 = {"iteration": 0} | _evaluate(0, policy, tokenizer, splits.eval, reward, config, store, progress)
+        row0 = {"iteration": 0} | _evaluate(0, policy, modality, splits.eval, reward, config, store, progress)
         store.write_metrics(row0)
         track(accelerator, row0)
         store.mark_done(0, "eval", {"metrics": row0})
@@ -141,18 +153,18 @@ def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None)
             # 1. the b prompts of this iteration
             prompts = prompts_for_iteration(splits.train, iteration, config.loop.prompts_per_iteration, config.seed)
             # 2. K samples per prompt (finished batches come back from the run directory)
-            samples, row_generate = _generate(iteration, policy, tokenizer, prompts, external, config, store, progress)
+            samples, row_generate = _generate(iteration, policy, modality, prompts, config, store, progress)
             # 3. rewards (finished batches come back from the run directory)
-            scores, row_score = _score(iteration, samples, prompts, reward, config, store, progress)
+            scores, row_score = _score(iteration, samples, prompts, modality, reward, config, store, progress)
             # 4. keep the best: local best-of-K, global top 1/K, or threshold; KL only changes the key
-            kept, row_select = _select(iteration, policy, tokenizer, samples, scores, reward, config, store)
+            kept, row_select = _select(iteration, policy, modality, samples, scores, reward, config, store)
             # 5. fine-tune on what was kept, from the model that generated it
-            policy, row_finetune = _finetune(iteration, policy, tokenizer, kept, config, store, accelerator, progress)
+            policy, row_finetune = _finetune(iteration, policy, modality, kept, store, accelerator, progress)
             row |= row_generate | row_score | row_select | row_finetune
         else:
             row |= store.done(iteration, "finetune")["metrics"]
         # 6. evaluate the new model on held-out prompts
-        row |= _evaluate(iteration, policy, tokenizer, splits.eval, reward, config, store, progress)
+        row |= _evaluate(iteration, policy, modality, splits.eval, reward, config, store, progress)
         row["time_iteration_s"] = time.perf_counter() - started
         store.write_metrics(row)  # before the marker: a kill in between reruns the eval, never loses the row
         track(accelerator, row)
@@ -161,7 +173,7 @@ def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None)
             store.prune_checkpoints(config.loop.keep_checkpoints, protect=[iteration])
         logger.info(summary_line(row, config.loop.iterations))
 
-    store.save_model_dir(store.final_dir, lambda d: save_model(policy, tokenizer, d))
+    store.save_model_dir(store.final_dir, lambda d: modality.save(policy, d))
     accelerator.end_training()
     return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
 
@@ -171,82 +183,73 @@ def _execute(config: RAFTConfig, store: RunStore, reward: WeightedReward | None)
 # ----------------------------------------------------------------------------------------------
 
 
-def _generate(iteration, policy, tokenizer, prompts, external, config, store, progress):
+def _generate(iteration, policy, modality, prompts, config, store, progress):
     if (marker := store.done(iteration, "generate")) is not None:
         parts = store.load_batches(iteration, "generate")
         rows = [r for b in sorted(parts) for r in parts[b]]
-        return [Sample.from_row(r) for r in rows], marker["metrics"]
+        return [modality.record.from_row(r) for r in rows], marker["metrics"]
     started = time.perf_counter()
     parts = store.load_batches(iteration, "generate")
-    completed = {b: [Sample.from_row(r) for r in rows] for b, rows in parts.items() if b != EXTERNAL_BATCH}
-    samples = generate_samples(
-        policy, tokenizer, prompts, config.generation,
-        seed=config.seed, stream=iteration, max_prompt_tokens=config.data.max_prompt_tokens,
-        completed=completed, progress=progress, description=f"generate {iteration}",
+    completed = {b: [modality.record.from_row(r) for r in rows] for b, rows in parts.items() if b != EXTERNAL_BATCH}
+    samples = modality.generate(
+        policy, prompts, stream=iteration, completed=completed, progress=progress, description=f"generate {iteration}",
         on_batch=lambda b, batch: store.save_batch(iteration, "generate", b, [s.to_row() for s in batch]),
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    reused = sum(s.completion_token_count for batch in completed.values() for s in batch)
-    new_tokens = sum(s.completion_token_count for s in samples) - reused
-    if external:
-        extra = external_samples(policy, tokenizer, prompts, external, config)
+    new_units = modality.generated_units(samples) - sum(modality.generated_units(b) for b in completed.values())
+    if extra := modality.extra_candidates(policy, prompts):
         store.save_batch(iteration, "generate", EXTERNAL_BATCH, [s.to_row() for s in extra])
         samples = samples + extra
-    metrics = {"time_generate_s": seconds, "generate_tokens_per_s": new_tokens / seconds if seconds else None}
+    metrics = {"time_generate_s": seconds, "generate_tokens_per_s": new_units / seconds if seconds else None}
     if completed:
         metrics["generate_resumed_batches"] = len(completed)
     store.mark_done(iteration, "generate", {"metrics": metrics})
     return samples, metrics
 
 
-def _score(iteration, samples, prompts, reward, config, store, progress):
+def _score(iteration, samples, prompts, modality, reward, config, store, progress):
     started = time.perf_counter()
     completed = {b: scores_from_rows(rows, reward.names) for b, rows in store.load_batches(iteration, "score").items()}
     scores = score_samples(
-        reward, samples, columns_by_prompt(prompts),
+        reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
         batch_size=config.reward.batch_size, completed=completed, progress=progress,
         on_batch=lambda b, s: store.save_batch(iteration, "score", b, scores_to_rows(s)),
     )  # fmt: skip
     return scores, {"time_score_s": time.perf_counter() - started}
 
 
-def _select(iteration, policy, tokenizer, samples, scores, reward, config, store):
+def _select(iteration, policy, modality, samples, scores, reward, config, store):
     if store.done(iteration, "select") is not None:
         rows = store.read_table(iteration, "samples")
-        kept = [Sample.from_row(r) for r in rows if r["kept"]]
+        kept = [modality.record.from_row(r) for r in rows if r["kept"]]
         return kept, store.done(iteration, "select")["metrics"]
     started = time.perf_counter()
     section = config.selection
-    ref_logprobs = None
-    if section.kl_coef > 0:
-        with reference_model(policy, config) as reference:
-            ref_logprobs, _ = completion_logprobs(reference, examples_of(samples), tokenizer.pad_token_id)
-    key = kl_ranking_key(scores.reward, [s.logprob for s in samples], ref_logprobs, section.kl_coef)
+    ref_logprobs = modality.reference_logprobs(policy, samples) if section.kl_coef > 0 else None
+    logprobs = [s.logprob for s in samples] if ref_logprobs is not None else None
+    key = kl_ranking_key(scores.reward, logprobs, ref_logprobs, section.kl_coef)
     selection = select(
         section.strategy, key, np.array([s.prompt_id for s in samples]), np.array([s.sample_index for s in samples]),
         samples_per_prompt=config.generation.samples_per_prompt, keep_per_prompt=section.keep_per_prompt,
-        threshold=section.threshold,
+        threshold=section.threshold, max_kept=section.max_kept,
     )  # fmt: skip
     kept = [s for s, keep in zip(samples, selection.kept, strict=True) if keep]
     if not kept:
         raise RuntimeError(
             f"iteration {iteration}: no sample could be kept ({selection.invalid_count} invalid rewards)"
         )
-    rows = sample_rows(iteration, samples, scores, selection, ref_logprobs, config)
+    rows = sample_rows(iteration, samples, scores, selection, ref_logprobs, modality.sample_settings())
     store.write_table(iteration, "samples", rows)
     store.write_table(iteration, "kept", [r for r in rows if r["kept"]])
-    metrics = selection_metrics(samples, scores, selection, ref_logprobs, reward)
+    metrics = selection_metrics(samples, scores, selection, ref_logprobs, modality.sample_metrics)
     metrics["time_select_s"] = time.perf_counter() - started
     store.mark_done(iteration, "select", {"metrics": metrics})
     return kept, metrics
 
 
-def _finetune(iteration, policy, tokenizer, kept, config, store, accelerator, progress):
-    policy, stats = finetune(
-        policy, examples_of(kept), config.training, pad_id=tokenizer.pad_token_id, seed=config.seed,
-        iteration=iteration, accelerator=accelerator, progress=progress,
-    )  # fmt: skip
-    store.save_model_dir(store.checkpoint_dir(iteration), lambda d: save_model(policy, tokenizer, d))
+def _finetune(iteration, policy, modality, kept, store, accelerator, progress):
+    policy, stats = modality.finetune(policy, kept, iteration=iteration, accelerator=accelerator, progress=progress)
+    store.save_model_dir(store.checkpoint_dir(iteration), lambda d: modality.save(policy, d))
     metrics = {
         "train_loss_first_epoch": stats.first_epoch_loss,
         "train_loss_last_epoch": stats.last_epoch_loss,
@@ -263,40 +266,26 @@ def _finetune(iteration, policy, tokenizer, kept, config, store, accelerator, pr
     return policy, metrics
 
 
-def _evaluate(iteration, policy, tokenizer, prompts, reward, config, store, progress) -> dict[str, Any]:
-    """Held-out reward, KL to the initial model, reference perplexity and diversity of `policy`."""
+def _evaluate(iteration, policy, modality, prompts, reward, config, store, progress) -> dict[str, Any]:
+    """Held-out reward and the modality's own measures (KL, perplexity, diversity, distance) of `policy`."""
     if not prompts:
         return {}
     started = time.perf_counter()
-    samples = generate_samples(
-        policy, tokenizer, prompts, config.generation,
-        seed=config.seed, stream=EVAL_STREAM, samples_per_prompt=config.loop.eval_samples_per_prompt,
-        max_prompt_tokens=config.data.max_prompt_tokens, progress=progress, description=f"eval {iteration}",
+    samples = modality.generate(
+        policy, prompts, stream=EVAL_STREAM, samples_per_prompt=config.loop.eval_samples_per_prompt,
+        progress=progress, description=f"eval {iteration}",
     )  # fmt: skip
     scores = score_samples(
-        reward, samples, columns_by_prompt(prompts), batch_size=config.reward.batch_size, progress=False
-    )
+        reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
+        batch_size=config.reward.batch_size, progress=False,
+    )  # fmt: skip
     metrics: dict[str, Any] = M.reward_stats(scores.reward, "eval_reward")
-    metrics |= M.text_metrics([s.completion for s in samples], "eval")
-    metrics["eval_length_tokens"] = M.completion_length_mean([s.completion_token_count for s in samples])
-    ref_logprobs = [s.logprob for s in samples]
-    if iteration > 0:
-        with reference_model(policy, config) as reference:
-            ref_logprobs, _ = completion_logprobs(reference, examples_of(samples), tokenizer.pad_token_id)
-    metrics["eval_kl"] = M.kl_estimate([s.logprob for s in samples], ref_logprobs)
-    if config.data.reference_column:
-        metrics["eval_reference_ppl"] = reference_perplexity(
-            policy,
-            tokenizer,
-            prompts,
-            config.data.reference_column,
-            chat_template=config.generation.chat_template,
-            max_prompt_tokens=config.data.max_prompt_tokens,
-        )
+    metrics |= modality.sample_metrics(samples, "eval")
+    extra_metrics, extra_columns = modality.eval_metrics(policy, samples, prompts, iteration)
+    metrics |= extra_metrics
     metrics["time_eval_s"] = time.perf_counter() - started
     rows = [
-        s.to_row() | {"reward": r, "ref_logprob": lp}
-        for s, r, lp in zip(samples, scores.reward, ref_logprobs, strict=True)
+        s.to_row() | {"reward": r} | extra for s, r, extra in zip(samples, scores.reward, extra_columns, strict=True)
     ]
     store.write_table(iteration, "eval_samples", rows)
     return metrics

@@ -61,10 +61,14 @@ def load_base_model(section: ModelSection, device: torch.device | str = "cpu"):
     return model.to(device)
 
 
-def load_policy(section: ModelSection, checkpoint: str | Path | None = None, device: torch.device | str = "cpu"):
+def load_policy(
+    section: ModelSection, checkpoint: str | Path | None = None, device: torch.device | str = "cpu", seed: int = 0
+):
     """The trainable policy: the base model, with a LoRA adapter when `model.lora` is set.
 
     `checkpoint` is an iteration's saved model (full weights, or an adapter dir for LoRA) to resume from.
+    A fresh adapter's random init is seeded by `seed`, so a run killed before its first checkpoint
+    resumes from the same adapter.
     """
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +92,9 @@ def load_policy(section: ModelSection, checkpoint: str | Path | None = None, dev
         target_modules=section.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(base, lora).to(device)
 
 
 def save_model(model, tokenizer, directory: Path) -> None:

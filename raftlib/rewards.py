@@ -275,6 +275,8 @@ def import_object(path: str) -> Any:
 
 
 def resolve_component(component: RewardComponentSection) -> RewardFn:
+    if component.fn not in REGISTRY and ":" not in component.fn:
+        import raftlib.diffusion.rewards  # noqa: F401  (registers the image rewards on first use)
     if component.fn in REGISTRY:
         try:
             return REGISTRY[component.fn](**component.args)
@@ -308,13 +310,15 @@ class WeightedReward:
             if hasattr(fn, "teardown"):
                 fn.teardown()
 
-    def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> Scores:
+    def score(self, *inputs: list[Any], **columns: list[Any]) -> Scores:
+        """Score aligned lists: (prompts, completions) for text, (images, prompts) for images."""
+        count = len(inputs[0])
         values: dict[str, list[float | None]] = {}
         for name, _, fn in self.components:
-            output = call_reward(name, fn, prompts, completions, columns, self.timeout_s)
-            values[name] = check_reward_output(name, output, len(completions))
+            output = call_reward(name, fn, inputs, columns, self.timeout_s)
+            values[name] = check_reward_output(name, output, count)
         total: list[float | None] = []
-        for i in range(len(completions)):
+        for i in range(count):
             parts = [(weight, values[name][i]) for name, weight, _ in self.components]
             if any(v is None for _, v in parts):
                 total.append(None)
@@ -330,8 +334,7 @@ class RewardTimeout(RewardError):
 def call_reward(
     name: str,
     fn: RewardFn,
-    prompts: list[str],
-    completions: list[str],
+    inputs: tuple[list[Any], ...],
     columns: dict[str, list[Any]],
     timeout_s: float | None = None,
 ) -> Any:
@@ -343,7 +346,7 @@ def call_reward(
     """
     if timeout_s is None:
         try:
-            return fn(prompts, completions, **columns)
+            return fn(*inputs, **columns)
         except RewardError:
             raise
         except Exception as exc:
@@ -355,7 +358,7 @@ def call_reward(
 
     def target() -> None:
         try:
-            box["value"] = fn(prompts, completions, **columns)
+            box["value"] = fn(*inputs, **columns)
         except BaseException as exc:  # handed to the caller's thread below
             box["error"] = exc
 
@@ -365,7 +368,7 @@ def call_reward(
     if worker.is_alive():
         raise RewardTimeout(
             f"reward {name!r} did not return within reward.timeout_s = {timeout_s:g} s "
-            f"({len(completions)} completions); the call was abandoned"
+            f"({len(inputs[0])} samples); the call was abandoned"
         )
     if "error" in box:
         error = box["error"]
@@ -427,12 +430,17 @@ def score_samples(
     samples: Sequence[Sample],
     columns_by_prompt: dict[int, dict[str, Any]],
     *,
+    inputs: Callable[[Sequence[Any]], tuple[list[Any], ...]] | None = None,
     batch_size: int = 64,
     completed: dict[int, Scores] | None = None,
     on_batch=None,
     progress: bool = True,
 ) -> Scores:
-    """Score samples in batches; batches in `completed` are reused, `on_batch(b, scores)` persists new ones."""
+    """Score samples in batches; batches in `completed` are reused, `on_batch(b, scores)` persists new ones.
+
+    `inputs(batch)` gives the reward's positional arguments; the default is (prompts, completions).
+    """
+    inputs = inputs or (lambda batch: ([s.prompt for s in batch], [s.completion for s in batch]))
     from tqdm.auto import tqdm
 
     completed = completed or {}
@@ -455,7 +463,7 @@ def score_samples(
                     name: [columns_by_prompt.get(s.prompt_id, {}).get(name) for s in batch] for name in column_names
                 }
                 try:
-                    scores = reward.score([s.prompt for s in batch], [s.completion for s in batch], **columns)
+                    scores = reward.score(*inputs(batch), **columns)
                 except RewardError as exc:
                     saved = index if on_batch is not None else sum(1 for i in completed if i < index)
                     raise type(exc)(

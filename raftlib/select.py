@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -96,17 +97,34 @@ def select(
     samples_per_prompt: int,
     keep_per_prompt: int = 1,
     threshold: float | None = None,
+    max_kept: int | None = None,
 ) -> Selection:
-    """Dispatch on `selection.strategy`."""
+    """Dispatch on `selection.strategy`; then keep at most `max_kept` of the chosen, best key first."""
     if strategy == "local":
-        return select_local(key, prompt_ids, sample_indices, keep_per_prompt)
-    if strategy == "global":
-        return select_global(key, prompt_ids, sample_indices, 1.0 / samples_per_prompt)
-    if strategy == "threshold":
+        selection = select_local(key, prompt_ids, sample_indices, keep_per_prompt)
+    elif strategy == "global":
+        selection = select_global(key, prompt_ids, sample_indices, 1.0 / samples_per_prompt)
+    elif strategy == "threshold":
         if threshold is None:
             raise ValueError("threshold selection needs a threshold")
-        return select_threshold(key, prompt_ids, threshold)
-    raise ValueError(f"unknown selection strategy {strategy!r}")
+        selection = select_threshold(key, prompt_ids, threshold)
+    else:
+        raise ValueError(f"unknown selection strategy {strategy!r}")
+    if max_kept is not None:
+        selection = cap_kept(selection, prompt_ids, sample_indices, max_kept)
+    return selection
+
+
+def cap_kept(selection: Selection, prompt_ids: np.ndarray, sample_indices: np.ndarray, max_kept: int) -> Selection:
+    """Keep only the `max_kept` best of an already kept set (the SD notebook: best of K, then the top 8 of 10)."""
+    kept = np.asarray(selection.kept)
+    if kept.sum() <= max_kept:
+        return selection
+    key = np.where(kept, selection.ranking_key, -np.inf)
+    order = _order(key, np.asarray(prompt_ids), np.asarray(sample_indices))
+    capped = np.zeros_like(kept)
+    capped[order[:max_kept]] = True
+    return replace(selection, kept=capped)
 
 
 def _check(key, prompt_ids, sample_indices):

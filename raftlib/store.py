@@ -229,9 +229,10 @@ class RunStore:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             save(tmp)
-            for file in tmp.iterdir():
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
+            for file in tmp.rglob("*"):  # a diffusers pipeline dir has subfolders
+                if file.is_file():
+                    with open(file, "rb+") as handle:
+                        os.fsync(handle.fileno())
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):

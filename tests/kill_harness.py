@@ -57,9 +57,9 @@ def main() -> int:
 
         torch.optim.AdamW.step = step
     elif point == "checkpoint":
-        from raftlib import loop
+        from raftlib import text
 
-        original_save = loop.save_model
+        original_save = text.save_model
 
         def save_model(model, tokenizer, directory):
             original_save(model, tokenizer, directory)
@@ -68,7 +68,7 @@ def main() -> int:
                 handle.truncate(weights.stat().st_size // 2)
             tick()
 
-        loop.save_model = save_model
+        text.save_model = save_model
     elif point == "marker":
         original_mark = store.RunStore.mark_done
 

@@ -217,3 +217,17 @@ def test_a_second_process_writing_a_run_dir_in_use_is_refused(gpt2_dir, prompts_
     finally:
         holder.unlock()
     assert not (run_dir / "iter_0001").exists()  # the refused processes wrote nothing
+
+
+def test_lora_run_killed_in_its_first_fine_tune_resumes_from_the_same_adapter(gpt2_dir, prompts_file, tmp_path):
+    """Before the first checkpoint there is no saved adapter: resume must re-create the same random init."""
+    lora = {"path": str(gpt2_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]}}
+    raw = base_config(gpt2_dir, prompts_file, tmp_path / "reference", model=lora, **RESUME)
+    run(RAFTConfig.from_dict(raw))
+    raw["output_dir"] = str(tmp_path / "killed")
+    kill("optimizer-step", 3, ["run", str(write_config(tmp_path / "cfg.yaml", raw))])
+    resume(tmp_path / "killed")
+    reference = load_file(tmp_path / "reference" / "final" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "final" / "adapter_model.safetensors")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from raftlib import metrics as M
@@ -50,3 +51,15 @@ def test_text_metrics_keys():
     assert values["eval_distinct_1"] == pytest.approx(3 / 120)
     assert values["eval_msttr_100"] == pytest.approx(3 / 100)
     assert values["eval_length_words"] == 3.0
+
+
+def test_image_diversity_by_hand():
+    from raftlib.diffusion.metrics import pairwise_distance_mean, within_prompt_diversity
+
+    black, white = np.zeros((2, 2, 1), np.uint8), np.full((2, 2, 1), 255, np.uint8)
+    grey = np.full((2, 2, 1), 51, np.uint8)  # 0.2 in [0, 1]
+    assert pairwise_distance_mean([black, white]) == pytest.approx(1.0)
+    assert pairwise_distance_mean([black, white, grey]) == pytest.approx((1.0 + 0.2 + 0.8) / 3)
+    # grouped by prompt text: two collapsed prompts -> 0, one single image -> ignored
+    assert within_prompt_diversity([black, black, white, white, grey], ["a", "a", "b", "b", "c"]) == 0.0
+    assert math.isnan(within_prompt_diversity([black], ["a"]))

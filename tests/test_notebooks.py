@@ -21,7 +21,7 @@ LOCAL_PREFIXES = ("notebooks/", "runs/", "results/", "assets/", "raftsuite.", ".
 
 
 def test_there_are_notebooks():
-    assert {p.stem for p in NOTEBOOKS} >= {"hh_rlhf", "ablations"}
+    assert {p.stem for p in NOTEBOOKS} >= {"hh_rlhf", "ablations", "sd_resolution", "sd_alignment"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -77,13 +77,13 @@ def smoke_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     outcomes = {
         name: runner.run_notebook(name, "smoke", results=root / "results", runs=root / "runs")
-        for name in ("hh_rlhf", "ablations")
+        for name in ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment")
     }
     runner.write_index(root / "results")
     return root / "results", outcomes
 
 
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment"])
 def test_notebook_runs_under_papermill(smoke_results, name):
     results, outcomes = smoke_results
     assert outcomes[name].ok, outcomes[name].error
@@ -193,7 +193,7 @@ def open_page(path: Path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment"])
 def test_report_opens_offline_without_errors(smoke_results, name):
     results, _ = smoke_results
     facts, errors, requests = open_page(results / "smoke" / name / "report.html")
@@ -275,3 +275,29 @@ def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
     assert (raft / "final" / "model.safetensors").is_file()
     executed = (results / "smoke" / "hh_rlhf" / "hh_rlhf.ipynb").read_text()
     assert "already holds this run: resuming it" in executed
+
+
+@pytest.mark.parametrize("name", ["sd_resolution", "sd_alignment"])
+def test_paper_profile_runs_on_local_stable_diffusion_dirs(name, tmp_path):
+    """The paper profile's code path (SD pipeline, LoRA, DPM-Solver, CLIP/aesthetic reward, top-8 cap,
+    constant lr) with tiny local components standing in for the hub ids; sizes shrunk to fit a CPU."""
+    import torch
+    from safetensors.torch import save_file
+
+    from raftlib.diffusion import testing as T
+
+    sd = T.build_stable_diffusion(tmp_path / "sd")
+    clip = T.build_clip(tmp_path / "clip")
+    save_file(torch.nn.Linear(32, 1).state_dict(), tmp_path / "head.safetensors")
+    local = {"model": str(sd), "clip_model": str(clip), "height": 32, "width": 32, "iterations": 1,
+             "samples_per_prompt": 2, "num_inference_steps": 3, "epochs": 2, "eval_samples_per_prompt": 2}  # fmt: skip
+    if name == "sd_resolution":
+        local["aesthetic_head"] = str(tmp_path / "head.safetensors")
+    paper = runner.load_profile("paper")[name]
+    assert set(local) <= set(paper) | {"eval_samples_per_prompt"}  # only sizes and locations differ
+    outcome = runner.run_notebook(name, "paper", local, results=tmp_path / "results", runs=tmp_path / "runs")
+    assert outcome.ok, outcome.error
+    run_dir = tmp_path / "runs" / "paper" / name / "raft"
+    assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()  # LoRA rank 4, as the paper
+    kept = pq.read_table(run_dir / "iter_0001" / "kept.parquet").num_rows
+    assert kept == 8  # best of K for 10 prompts, then the top 8 (max_kept)

@@ -102,7 +102,7 @@ def test_disk_full_is_a_clear_error_and_resume_loses_nothing(
     """ENOSPC after half a file reached the disk: the error names the file, no torn file under a real name."""
     import pyarrow.parquet as real_pq
 
-    from raftlib import loop
+    from raftlib import text
 
     calls = {"n": 0}
 
@@ -123,13 +123,13 @@ def test_disk_full_is_a_clear_error_and_resume_loses_nothing(
         monkeypatch.setattr(real_pq, "write_table", write_table)
         expected = r"no space left on device while writing .*iter_0001/score/batch_00000\.parquet"
     else:
-        original_save = loop.save_model
+        original_save = text.save_model
 
         def save_model(model, tokenizer, directory):
             original_save(model, tokenizer, directory)
             fill_disk(next(Path(directory).glob("*.safetensors")))
 
-        monkeypatch.setattr(loop, "save_model", save_model)
+        monkeypatch.setattr(text, "save_model", save_model)
         expected = r"no space left on device while writing .*iter_0001/checkpoint"
     config = RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, tmp_path / "run", **RESUME))
     with pytest.raises(DiskFullError, match=expected) as info:

@@ -96,3 +96,14 @@ def test_dispatch_global_uses_one_over_k():
     key = np.arange(12, dtype=float)
     result = select("global", key, np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3), samples_per_prompt=4)
     assert np.flatnonzero(result.kept).tolist() == [9, 10, 11]
+
+
+def test_max_kept_caps_the_winners_best_key_first():
+    # best of 2 per prompt for 3 prompts, then only the top 2 of the 3 winners (the SD notebook's "top 8 of 10")
+    key = np.array([0.1, 0.9, 0.5, 0.4, 0.7, 0.7])
+    prompt_ids = np.array([0, 0, 1, 1, 2, 2])
+    sample_indices = np.array([0, 1, 0, 1, 0, 1])
+    capped = select("local", key, prompt_ids, sample_indices, samples_per_prompt=2, max_kept=2)
+    assert capped.kept.tolist() == [False, True, False, False, True, False]  # 0.9 and the tie-broken 0.7
+    uncapped = select("local", key, prompt_ids, sample_indices, samples_per_prompt=2, max_kept=5)
+    assert uncapped.kept.sum() == 3

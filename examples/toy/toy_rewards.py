@@ -20,3 +20,10 @@ def scaled(factor: float = 1.0):
         return [factor * v for v in letter_a(prompts, completions)]
 
     return reward
+
+
+def brightness(images, prompts: list[str], **columns) -> list[float | None]:
+    """Image reward: mean pixel intensity in [0, 1] (a random diffusion model can learn it)."""
+    import numpy as np
+
+    return [float(np.asarray(image, dtype=np.float64).mean() / 255.0) for image in images]

@@ -1,0 +1,116 @@
+"""Typed config of a diffusion RAFT run: the shared sections plus a pipeline and an image-generation section.
+
+Defaults follow the paper's Stable Diffusion experiments (§5, LMFlow's RAFT-diffusion notebook): K = 10
+images per prompt, LoRA, 50 sampling steps, guidance 7.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from raftlib.config import (
+    ConfigFile,
+    DataSection,
+    LoggingSection,
+    LoopSection,
+    LoraSection,
+    RewardSection,
+    SelectionSection,
+    TrainingSection,
+    _require,
+)
+
+PipelineKind = Literal["auto", "stable_diffusion", "sdxl", "class_conditional"]
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    path: str = ""
+    """Local diffusers pipeline dir or hub id (required). A dir with unet/ and scheduler/ only is class-conditional."""
+    kind: PipelineKind = "auto"
+    """auto reads model_index.json: StableDiffusion*/SDXL pipelines, or a label-conditioned UNet."""
+    lora: LoraSection | None = None
+    """LoRA on the UNet's attention projections; absent means full fine-tuning of the UNet."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype of the frozen parts (VAE, text encoders); the trained UNet weights stay float32."""
+    revision: str | None = None
+    """Hub revision (ignored for local dirs)."""
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.path), f"{key}.path", self.path, "is required (a local pipeline dir or hub id)")
+
+
+@dataclass(frozen=True)
+class ImageGenerationSection:
+    samples_per_prompt: int = 10
+    """K: images drawn per prompt (paper: 10)."""
+    num_inference_steps: int = 50
+    """Denoising steps per image."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance; 1.0 disables it (a class-conditional model needs a null class for > 1)."""
+    scheduler: Literal["default", "ddim", "ddpm", "euler", "dpm"] = "default"
+    """Sampler: the pipeline's own, or one of these built from its config."""
+    eta: float = 0.0
+    """DDIM eta (0 = deterministic given the initial noise)."""
+    height: int | None = None
+    """Output height in pixels; None = the model's native size. The paper adapts SD 1.5 to 256."""
+    width: int | None = None
+    """Output width in pixels; None = the model's native size."""
+    prompts_per_batch: int = 4
+    """Prompts per generation batch; each batch denoises prompts_per_batch * K images."""
+    class_column: str = "label"
+    """Class-conditional models: the data column holding each prompt's class id."""
+
+    def validate(self, key: str) -> None:
+        _require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
+        _require(self.num_inference_steps >= 1, f"{key}.num_inference_steps", self.num_inference_steps, "must be >= 1")
+        _require(self.guidance_scale >= 0.0, f"{key}.guidance_scale", self.guidance_scale, "must be >= 0")
+        _require(self.eta >= 0.0, f"{key}.eta", self.eta, "must be >= 0")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(value >= 8 and value % 8 == 0, f"{key}.{name}", value, "must be a multiple of 8, >= 8")
+        _require(self.prompts_per_batch >= 1, f"{key}.prompts_per_batch", self.prompts_per_batch, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(ConfigFile):
+    modality: Literal["image"] = "image"
+    """Marks the file as a diffusion run (`python -m raftlib run` reads it)."""
+    model: PipelineSection = field(default_factory=PipelineSection)
+    """The diffusion pipeline to align."""
+    data: DataSection = field(default_factory=DataSection)
+    """Where the prompts come from (extra columns reach the reward)."""
+    generation: ImageGenerationSection = field(default_factory=ImageGenerationSection)
+    """How the K images per prompt are drawn."""
+    reward: RewardSection = field(default_factory=RewardSection)
+    """How images are scored: callables (images, prompts, **columns) -> list[float | None]."""
+    selection: SelectionSection = field(default_factory=SelectionSection)
+    """Which images are kept (kl_coef must be 0: there is no sequence log-probability here)."""
+    training: TrainingSection = field(default_factory=lambda: TrainingSection(learning_rate=1e-4, micro_batch_size=4))
+    """The denoising fine-tune on the kept images."""
+    loop: LoopSection = field(default_factory=lambda: LoopSection(prompts_per_iteration=10))
+    """Iterations and their sizes."""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """Metrics and progress output."""
+    seed: int = 0
+    """Seeds prompt order, every image's noise and the fine-tune."""
+    output_dir: str = "runs/raft-diffusion"
+    """The run directory."""
+
+    def validate(self):
+        super().validate()
+        _require(
+            self.selection.kl_coef == 0.0,
+            "selection.kl_coef",
+            self.selection.kl_coef,
+            "must be 0 for diffusion runs (no per-image log-probability is computed)",
+        )
+        _require(
+            self.selection.external_samples is None,
+            "selection.external_samples",
+            self.selection.external_samples,
+            "is a language-model feature",
+        )
+        return self

@@ -1,0 +1,81 @@
+"""The image side of the loop: what `raftlib.loop` calls to generate, fine-tune and evaluate a diffusion model.
+
+The counterpart of `raftlib.text.TextModality`; the loop, selection, run store and metrics rows are shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import raftlib.diffusion.rewards  # noqa: F401  (registers the image rewards)
+from raftlib.diffusion.config import DiffusionConfig
+from raftlib.diffusion.metrics import within_prompt_diversity
+from raftlib.diffusion.pipelines import ImageSample, LoadedPipeline, generate_images
+from raftlib.diffusion.train import finetune_images, load_policy, save_policy
+from raftlib.records import Prompt
+
+
+class ImageModality:
+    """A diffusion model: K images per prompt with recorded seeds, denoising-loss fine-tune, diversity."""
+
+    record = ImageSample
+
+    def __init__(self, config: DiffusionConfig, device) -> None:
+        self.config = config
+        self.device = device
+
+    def load_policy(self, checkpoint: Path | None) -> LoadedPipeline:
+        return load_policy(self.config.model, checkpoint, self.device, seed=self.config.seed)
+
+    def save(self, policy: LoadedPipeline, directory: Path) -> None:
+        save_policy(policy, self.config.model.lora, directory)
+
+    def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
+                 progress=True, description="generate") -> list[ImageSample]:  # fmt: skip
+        return generate_images(
+            policy, prompts, self.config.generation, seed=self.config.seed, stream=stream,
+            samples_per_prompt=samples_per_prompt, completed=completed, on_batch=on_batch, progress=progress,
+            description=description,
+        )  # fmt: skip
+
+    @staticmethod
+    def reward_inputs(samples: list[ImageSample]) -> tuple[list, list[str]]:
+        """The reward callable's positional arguments: (PIL images, prompts)."""
+        return [s.pil for s in samples], [s.prompt for s in samples]
+
+    @staticmethod
+    def generated_units(samples: list[ImageSample]) -> int:
+        return len(samples)
+
+    def extra_candidates(self, policy, prompts: list[Prompt]) -> list[ImageSample]:
+        return []
+
+    def reference_logprobs(self, policy, samples):
+        raise NotImplementedError("KL-regularised ranking is defined for language models (selection.kl_coef = 0)")
+
+    def finetune(self, policy, kept, *, iteration, accelerator, progress):
+        return finetune_images(
+            policy, kept, self.config.training, seed=self.config.seed, iteration=iteration,
+            accelerator=accelerator, progress=progress,
+        )  # fmt: skip
+
+    def sample_settings(self) -> dict[str, Any]:
+        g = self.config.generation
+        return {
+            "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale, "scheduler": g.scheduler,
+            "eta": g.eta,
+        }  # fmt: skip
+
+    @staticmethod
+    def sample_metrics(samples: list[ImageSample], prefix: str) -> dict[str, Any]:
+        images = [s.image for s in samples]
+        return {
+            f"{prefix}_diversity": within_prompt_diversity(images, [s.prompt for s in samples]),
+            f"{prefix}_mean_intensity": float(np.mean([i.mean() / 255.0 for i in images])) if images else float("nan"),
+        }
+
+    def eval_metrics(self, policy, samples, prompts, iteration) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return {}, [{} for _ in samples]

@@ -1,0 +1,263 @@
+"""Image rewards, under the text rewards' contract with images first:
+
+    def my_reward(images: list[PIL.Image], prompts: list[str], **columns) -> list[float | None]
+
+Registered in `raftlib.rewards.REGISTRY` (config `reward.fn`) when this module is imported, which a
+diffusion run does:
+
+- `clip_score`: 100 * max(cos(image, prompt), 0) under a local (or hub) CLIPModel, as torchmetrics' CLIPScore;
+- `aesthetic`: the LAION aesthetic predictor, a linear or MLP head on normalised CLIP ViT-L/14 image
+  embeddings, with the head's weights from a local .safetensors or .pth (read with weights_only);
+- `jpeg_compressibility`: minus the JPEG size in kB (DDPO's compressibility reward);
+- `classifier_probability`: an image classifier's probability of the class in a data column (not the
+  top-class probability, which pure noise can score well on).
+
+Model-backed rewards load in `setup()` and free in `teardown()`, so the policy and the scorer are not
+resident together longer than a scoring pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raftlib.rewards import RewardError, import_object, register
+
+
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _rgb(images: list) -> list:
+    return [image.convert("RGB") for image in images]
+
+
+class _ClipBacked:
+    """Loads a CLIPModel + CLIPProcessor in setup(), frees them in teardown()."""
+
+    def __init__(self, clip: str, batch_size: int = 32, device: str | None = None) -> None:
+        self.clip, self.batch_size, self.device = clip, batch_size, _device(device)
+        self.model = self.processor = None
+
+    def setup(self) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        from raftlib.models import _check_local
+
+        _check_local(self.clip, "CLIP model")
+        self.model = CLIPModel.from_pretrained(self.clip, use_safetensors=True).to(self.device).eval()
+        self.processor = CLIPProcessor.from_pretrained(self.clip)
+
+    def teardown(self) -> None:
+        self.model = self.processor = None
+        gc.collect()
+
+    def _loaded(self) -> bool:
+        if self.model is None:  # called outside the scoring stage (a notebook cell): load for this call
+            self.setup()
+            return False
+        return True
+
+    @torch.no_grad()
+    def image_embeddings(self, images: list) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.processor(images=_rgb(images[start : start + self.batch_size]), return_tensors="pt")
+            features = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+            features = getattr(features, "pooler_output", features)
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.processor(
+                text=texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True
+            )
+            features = self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+            )
+            features = getattr(features, "pooler_output", features)
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1))
+        return torch.cat(chunks)
+
+
+class ClipScore(_ClipBacked):
+    def __call__(self, images: list, prompts: list[str], **columns: Any) -> list[float | None]:
+        loaded = self._loaded()
+        try:
+            cosine = (self.image_embeddings(images) * self.text_embeddings(list(prompts))).sum(-1)
+            return (100.0 * cosine.clamp(min=0)).cpu().tolist()
+        finally:
+            if not loaded:
+                self.teardown()
+
+
+@register("clip_score")
+def clip_score(clip: str, batch_size: int = 32, device: str | None = None) -> ClipScore:
+    """args: {clip: local CLIP dir or hub id (paper: openai/clip-vit-large-patch14), batch_size, device}."""
+    return ClipScore(clip, batch_size, device)
+
+
+def load_aesthetic_head(path: str | Path) -> torch.nn.Module:
+    """A linear (`weight`, `bias`) or MLP (`layers.N.weight`) head, as LAION's predictors are published.
+
+    LAION's MLP has no activations between its Linear layers (only dropout, inert at eval), so the
+    Linear layers in key order are the whole function.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RewardError(f"aesthetic head {str(path)!r}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a pickle never runs code here
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if set(state) == {"weight", "bias"}:
+        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        head.load_state_dict(state)
+        return head.eval()
+    indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
+    if not indices:
+        raise RewardError(
+            f"aesthetic head {path}: expected keys weight/bias or layers.N.weight, got {sorted(state)[:6]}"
+        )
+    layers = []
+    for index in indices:
+        weight = state[f"layers.{index}.weight"]
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        layer.load_state_dict({"weight": weight, "bias": state[f"layers.{index}.bias"]})
+        layers.append(layer)
+    return torch.nn.Sequential(*layers).eval()
+
+
+class Aesthetic(_ClipBacked):
+    def __init__(self, clip: str, head: str, batch_size: int = 32, device: str | None = None) -> None:
+        super().__init__(clip, batch_size, device)
+        self.head_path = head
+        self.head = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.head = load_aesthetic_head(self.head_path).to(self.device)
+        expected = self.head[0].in_features if isinstance(self.head, torch.nn.Sequential) else self.head.in_features
+        if expected != self.model.config.projection_dim:
+            raise RewardError(
+                f"aesthetic head {self.head_path} expects {expected}-dim CLIP embeddings; {self.clip} gives "
+                f"{self.model.config.projection_dim} (LAION's heads need CLIP ViT-L/14)"
+            )
+
+    def teardown(self) -> None:
+        self.head = None
+        super().teardown()
+
+    @torch.no_grad()
+    def __call__(self, images: list, prompts: list[str], **columns: Any) -> list[float | None]:
+        loaded = self._loaded()
+        try:
+            return self.head(self.image_embeddings(images)).squeeze(-1).cpu().tolist()
+        finally:
+            if not loaded:
+                self.teardown()
+
+
+@register("aesthetic")
+def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = None) -> Aesthetic:
+    """args: {clip: CLIP ViT-L/14 dir or hub id, head: the predictor's .safetensors/.pth, batch_size, device}."""
+    return Aesthetic(clip, head, batch_size, device)
+
+
+@register("jpeg_compressibility")
+def jpeg_compressibility(quality: int = 95) -> Callable[..., list[float | None]]:
+    """-(JPEG size in kB) at `quality`: simpler, smoother images score higher (DDPO's compressibility)."""
+
+    def compressibility(images: list, prompts: list[str], **columns: Any) -> list[float | None]:
+        sizes = []
+        for image in _rgb(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            sizes.append(-len(buffer.getvalue()) / 1000.0)
+        return sizes
+
+    return compressibility
+
+
+class ClassifierProbability:
+    """p(class = columns[label_column][i] | image_i) under an image classifier."""
+
+    def __init__(self, path: str | None, classifier: str | None, classifier_args: dict, label_column: str,
+                 device: str | None) -> None:  # fmt: skip
+        if (path is None) == (classifier is None):
+            raise RewardError("classifier_probability: give exactly one of `path` (an HF image classifier dir) "
+                              "or `classifier` (a module:function returning images -> class probabilities)")  # fmt: skip
+        self.path, self.classifier, self.classifier_args = path, classifier, classifier_args
+        self.label_column, self.device = label_column, _device(device)
+        self.predict: Callable[[list], np.ndarray] | None = None
+
+    def setup(self) -> None:
+        if self.classifier is not None:
+            self.predict = import_object(self.classifier)(**self.classifier_args)
+            return
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        from raftlib.models import _check_local
+
+        _check_local(self.path, "image classifier")
+        model = AutoModelForImageClassification.from_pretrained(self.path, use_safetensors=True).to(self.device).eval()
+        processor = AutoImageProcessor.from_pretrained(self.path)
+
+        @torch.no_grad()
+        def predict(images: list) -> np.ndarray:
+            inputs = processor(images=_rgb(images), return_tensors="pt").to(self.device)
+            return model(**inputs).logits.float().softmax(-1).cpu().numpy()
+
+        self.predict = predict
+
+    def teardown(self) -> None:
+        self.predict = None
+        gc.collect()
+
+    def __call__(self, images: list, prompts: list[str], **columns: Any) -> list[float | None]:
+        if self.label_column not in columns:
+            raise RewardError(
+                f"classifier_probability: the data has no column {self.label_column!r} "
+                f"(columns: {', '.join(sorted(columns)) or 'none'}); set reward.args.label_column"
+            )
+        owned = self.predict is None
+        if owned:
+            self.setup()
+        try:
+            probabilities = np.asarray(self.predict(list(images)))
+        finally:
+            if owned:
+                self.teardown()
+        rewards: list[float | None] = []
+        for row, label in zip(probabilities, columns[self.label_column], strict=True):
+            try:
+                index = int(label)
+            except (TypeError, ValueError):
+                rewards.append(None)  # no usable label: cannot score, never kept
+                continue
+            rewards.append(float(row[index]) if 0 <= index < len(row) else None)
+        return rewards
+
+
+@register("classifier_probability")
+def classifier_probability(
+    path: str | None = None,
+    classifier: str | None = None,
+    classifier_args: dict | None = None,
+    label_column: str = "label",
+    device: str | None = None,
+) -> ClassifierProbability:
+    """args: {path: HF image classifier dir | classifier: module:function (+ classifier_args), label_column}."""
+    return ClassifierProbability(path, classifier, classifier_args or {}, label_column, device)
