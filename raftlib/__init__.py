@@ -1,7 +1,8 @@
-"""raftlib: RAFT (Reward rAnked FineTuning, Dong et al. 2023) for causal language models.
+"""raftlib: RAFT (Reward rAnked FineTuning, Dong et al. 2023) for causal language models and diffusion models.
 
     from raftlib import RAFTConfig, run
     result = run(RAFTConfig.from_yaml("cfg.yaml", overrides=["generation.temperature=0.8"]))
+    result = run(DiffusionConfig.from_yaml("sd.yaml"))    # or raftlib.config.load_config(path): either kind
 
 Each stage is importable on its own: `generate_samples`, `build_reward` / `score_samples`,
 `select` / `kl_ranking_key`, `finetune`, and the metrics in `raftlib.metrics`.
@@ -9,6 +10,7 @@ Each stage is importable on its own: `generate_samples`, `build_reward` / `score
 
 from raftlib.config import ConfigError, RAFTConfig
 from raftlib.data import load_prompts, prompts_for_iteration
+from raftlib.diffusion import DiffusionConfig
 from raftlib.finetune import completion_logprobs, finetune
 from raftlib.generate import generate_samples
 from raftlib.loop import RunResult, resume, run
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "REGISTRY",
     "ConfigError",
+    "DiffusionConfig",
     "Prompt",
     "RAFTConfig",
     "RunResult",
