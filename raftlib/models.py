@@ -18,11 +18,11 @@ class ModelLoadError(ValueError):
     """A model or tokenizer dir is missing or unusable; the message names it."""
 
 
-def _check_local(path: str, what: str) -> None:
+def _check_local(path: str, what: str, error: type[Exception] = ModelLoadError) -> None:
     # A path that looks local but is absent would otherwise be sent to the hub as a repo id.
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
     if looks_local and not Path(path).expanduser().is_dir():
-        raise ModelLoadError(f"{what} {path!r}: no such directory")
+        raise error(f"{what} {path!r}: no such directory")
 
 
 def load_tokenizer(section: ModelSection, path: str | None = None):

@@ -1,6 +1,6 @@
 """The tiny diffusion setting: a class-conditional UNet on scikit-learn's 8x8 digits, and its scorers.
 
-    python -m raftsuite.digits assets/tiny-digits      (make tiny-digits, about 13 minutes on 2 cores)
+    python -m raftsuite.digits assets/tiny-digits      (make tiny-digits; see BUILD.json for the times)
 
 Builds and saves, all offline from the 1,797 digit images that ship inside scikit-learn:
 
@@ -227,7 +227,7 @@ def _load(cls: type[nn.Module], path: str | Path) -> nn.Module:
 
 def digit_probabilities(path: str):
     """A `classifier` for raftlib's built-in `classifier_probability` reward: images -> (N, 10) probabilities."""
-    model = _load(DigitClassifier, path)
+    model = load_classifier(path)
 
     @torch.no_grad()
     def predict(images: list) -> np.ndarray:
@@ -251,9 +251,13 @@ def quality_reward(path: str):
     return quality
 
 
+def load_classifier(path: str | Path) -> DigitClassifier:
+    return _load(DigitClassifier, path)
+
+
 @torch.no_grad()
-def classifier_features(images: Sequence[Any], classifier_path: str | Path) -> np.ndarray:
-    return _load(DigitClassifier, classifier_path).features(as_tensor(images)).numpy()
+def classifier_features(images: Sequence[Any], classifier: DigitClassifier) -> np.ndarray:
+    return classifier.features(as_tensor(images)).numpy()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,14 +6,14 @@ Reads only the run directory raftlib wrote (metrics.jsonl, iter_*/samples.parque
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from raftlib.diffusion.metrics import within_prompt_diversity
 from raftlib.diffusion.pipelines import ImageSample
-from raftlib.store import read_parquet
+from raftlib.store import RunStore, read_parquet
 from raftsuite import digits
 
 
@@ -41,14 +41,16 @@ def digit_measures(run_dir: Path, classifier: Path) -> pd.DataFrame:
     Reward hacking shows as reward up while the distances grow.
     """
     held_x, _ = digits.real_digits("heldout")
-    real_features = digits.classifier_features(held_x, classifier)
-    metrics = {row["iteration"]: row for row in _metrics(run_dir)}
+    model = digits.load_classifier(classifier)
+    real_features = digits.classifier_features(held_x, model)
+    metrics = {row["iteration"]: row for row in RunStore(run_dir).read_metrics()}
     rows = []
     for iteration in iterations_of(run_dir):
         samples = eval_images(run_dir, iteration)
         images = [s.image for s in samples]
-        features = digits.classifier_features(images, classifier)
-        predicted = digits.digit_probabilities(str(classifier))(images).argmax(-1)
+        features = digits.classifier_features(images, model)
+        with torch.no_grad():
+            predicted = model(digits.as_tensor(images)).argmax(-1).numpy()
         rows.append(
             {
                 "iteration": iteration,
@@ -70,16 +72,9 @@ def generic_measures(run_dir: Path) -> pd.DataFrame:
             "eval_reward_mean": row.get("eval_reward_mean"),
             "diversity": row.get("eval_diversity"),
         }
-        for row in _metrics(run_dir)
+        for row in RunStore(run_dir).read_metrics()
     ]
     return pd.DataFrame(rows).set_index("iteration")
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def plot_measures(table: pd.DataFrame, title: str = ""):

@@ -164,16 +164,12 @@ def detect_kind(path: str) -> str:
     raise PipelineError(f"model.kind = 'auto' needs a local dir to inspect; {path!r} is not one: set model.kind")
 
 
-def _check_local(path: str) -> None:
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise PipelineError(f"model.path {path!r}: no such directory")
-
-
 def load_pipeline(section: PipelineSection, device: torch.device | str = "cpu", path: str | None = None):
     """Load `path` (default `model.path`) as the section's kind; frozen parts in `model.dtype`."""
+    from raftlib.models import _check_local
+
     source = path or section.path
-    _check_local(source)
+    _check_local(source, "model.path", PipelineError)
     kind = section.kind if section.kind != "auto" else detect_kind(source)
     device = torch.device(device)
     dtype = _DTYPES[section.dtype]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import io
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,20 @@ def _device(device: str | None) -> torch.device:
 
 def _rgb(images: list) -> list:
     return [image.convert("RGB") for image in images]
+
+
+@contextmanager
+def _loaded_for_call(scorer, loaded: bool):
+    """Inside the scoring stage the scorer is already set up; called on its own (a notebook cell), it is
+    set up for this call and freed after it."""
+    if loaded:
+        yield
+        return
+    scorer.setup()
+    try:
+        yield
+    finally:
+        scorer.teardown()
 
 
 class _ClipBacked:
@@ -57,12 +72,6 @@ class _ClipBacked:
     def teardown(self) -> None:
         self.model = self.processor = None
         gc.collect()
-
-    def _loaded(self) -> bool:
-        if self.model is None:  # called outside the scoring stage (a notebook cell): load for this call
-            self.setup()
-            return False
-        return True
 
     @torch.no_grad()
     def image_embeddings(self, images: list) -> torch.Tensor:
@@ -91,13 +100,9 @@ class _ClipBacked:
 
 class ClipScore(_ClipBacked):
     def __call__(self, images: list, prompts: list[str], **columns: Any) -> list[float | None]:
-        loaded = self._loaded()
-        try:
+        with _loaded_for_call(self, self.model is not None):
             cosine = (self.image_embeddings(images) * self.text_embeddings(list(prompts))).sum(-1)
             return (100.0 * cosine.clamp(min=0)).cpu().tolist()
-        finally:
-            if not loaded:
-                self.teardown()
 
 
 @register("clip_score")
@@ -162,12 +167,8 @@ class Aesthetic(_ClipBacked):
 
     @torch.no_grad()
     def __call__(self, images: list, prompts: list[str], **columns: Any) -> list[float | None]:
-        loaded = self._loaded()
-        try:
+        with _loaded_for_call(self, self.head is not None):
             return self.head(self.image_embeddings(images)).squeeze(-1).cpu().tolist()
-        finally:
-            if not loaded:
-                self.teardown()
 
 
 @register("aesthetic")
@@ -232,14 +233,8 @@ class ClassifierProbability:
                 f"classifier_probability: the data has no column {self.label_column!r} "
                 f"(columns: {', '.join(sorted(columns)) or 'none'}); set reward.args.label_column"
             )
-        owned = self.predict is None
-        if owned:
-            self.setup()
-        try:
+        with _loaded_for_call(self, self.predict is not None):
             probabilities = np.asarray(self.predict(list(images)))
-        finally:
-            if owned:
-                self.teardown()
         rewards: list[float | None] = []
         for row, label in zip(probabilities, columns[self.label_column], strict=True):
             try:

@@ -10,6 +10,7 @@ for `pipeline.load_lora_weights`, or a peft adapter dir for a class-conditional 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,49 @@ def load_policy(section: PipelineSection, checkpoint: Path | None, device, seed:
 # ----------------------------------------------------------------------------------------------
 
 
-def collate_images(samples: list[ImageSample]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainingImage:
+    """A kept image as the loss needs it, encoded once per stage (not once per epoch)."""
+
+    prompt: str
+    class_label: int | None
+    mean: torch.Tensor
+    """(C, h, w): the pixels in [-1, 1], or the scaled mean of the VAE's latent distribution."""
+    std: torch.Tensor | None
+    """(C, h, w): the scaled std of the VAE's latent distribution; None for a pixel-space model."""
+    size: tuple[int, int]
+    """(height, width) of the image in pixels (SDXL's size conditioning)."""
+
+
+@torch.no_grad()
+def encode_kept(loaded: LoadedPipeline, kept: list[ImageSample], batch_size: int = 8) -> list[TrainingImage]:
+    """Pixels, or the VAE latent distribution of each kept image: the frozen VAE runs once per image per stage."""
+    encoded: list[TrainingImage] = []
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        pixels = to_tensor([s.image for s in chunk]).to(loaded.device)
+        size = (pixels.shape[-2], pixels.shape[-1])
+        if loaded.pipeline is None:
+            means, stds = pixels, [None] * len(chunk)
+        else:
+            vae = loaded.pipeline.vae
+            latent = vae.encode(pixels.to(vae.dtype)).latent_dist
+            scale = vae.config.scaling_factor
+            means, stds = latent.mean.float() * scale, latent.std.float() * scale
+        encoded += [
+            TrainingImage(s.prompt, s.class_label, mean, std, size)
+            for s, mean, std in zip(chunk, means, stds, strict=True)
+        ]
+    return encoded
+
+
+def collate_images(images: list[TrainingImage]) -> dict[str, Any]:
     return {
-        "pixels": to_tensor([s.image for s in samples]),
-        "prompts": [s.prompt for s in samples],
-        "class_labels": [s.class_label for s in samples],
+        "mean": torch.stack([i.mean for i in images]),
+        "std": None if images[0].std is None else torch.stack([i.std for i in images]),
+        "size": images[0].size,
+        "prompts": [i.prompt for i in images],
+        "class_labels": [i.class_label for i in images],
     }
 
 
@@ -158,14 +197,9 @@ def _condition(loaded: LoadedPipeline, batch: dict[str, Any], size: tuple[int, i
 
 def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """The standard diffusion training loss on one micro-batch; returns (loss, images)."""
-    pixels = batch["pixels"].to(loaded.device)
-    size = (pixels.shape[-2], pixels.shape[-1])
-    if loaded.pipeline is not None:
-        vae = loaded.pipeline.vae
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample().float() * vae.config.scaling_factor
-    else:
-        latents = pixels
+    latents = batch["mean"].to(loaded.device)
+    if batch["std"] is not None:  # a fresh draw from the VAE's latent distribution at every step
+        latents = latents + batch["std"].to(loaded.device) * torch.randn_like(latents)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -173,8 +207,8 @@ def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, **_condition(loaded, batch, size)).sample
-    return F.mse_loss(prediction.float(), target.float()), int(pixels.shape[0])
+    prediction = unet(noisy, timesteps, **_condition(loaded, batch, batch["size"])).sample
+    return F.mse_loss(prediction.float(), target.float()), int(latents.shape[0])
 
 
 def finetune_images(
@@ -190,7 +224,7 @@ def finetune_images(
     """One RAFT fine-tune stage of the UNet on the kept images; returns (loaded, FinetuneStats)."""
     scheduler = _training_scheduler(loaded)
     unet, stats = train_stage(
-        loaded.unet, kept, collate_images, lambda model, batch: denoising_loss(loaded, scheduler, model, batch),
+        loaded.unet, encode_kept(loaded, kept), collate_images, lambda model, batch: denoising_loss(loaded, scheduler, model, batch),
         section, seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
     )  # fmt: skip
     loaded.unet = unet
