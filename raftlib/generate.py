@@ -145,8 +145,12 @@ def generate_batch(
     *,
     generator: torch.Generator | None = None,
     samples_per_prompt: int | None = None,
+    decoder=None,
 ) -> list[Sample]:
-    """Draw K completions for each prompt; samples come back grouped by prompt, K per prompt."""
+    """Draw K completions for each prompt; samples come back grouped by prompt, K per prompt.
+
+    `decoder`: a `raftlib.fastgen.StaticDecoder` (the `static` backend) or None (this module's loop).
+    """
     k = samples_per_prompt or settings.samples_per_prompt
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -157,7 +161,7 @@ def generate_batch(
 
     # Left-pad so every prompt ends at the same column and decoding appends in lockstep.
     lengths = [len(ids) for ids in prompt_token_ids]
-    width = max(lengths)
+    width = max(lengths) if decoder is None else decoder.bucketed_width(max(lengths))
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (P, L)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (P, L)
     for row, ids in enumerate(prompt_token_ids):
@@ -168,6 +172,18 @@ def generate_batch(
 
     was_training = model.training
     model.eval()
+    if decoder is not None:
+        from raftlib.fastgen import finish_rows
+
+        try:
+            token_matrix, logprob_matrix = decoder.decode(
+                input_ids, attention, k, settings, generator=generator, eos_ids=eos_ids
+            )
+        finally:
+            model.train(was_training)
+        reasons, stop_at = finish_rows(token_matrix, eos_ids, settings.stop_strings, tokenizer)
+        return _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at,
+                              tokenizer, settings)  # fmt: skip
     try:
         cache_kwarg = _cache_argument(model)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
@@ -226,8 +242,14 @@ def generate_batch(
 
     token_matrix = torch.stack(tokens, dim=1).cpu()  # (P*K, T)
     logprob_matrix = torch.stack(logprobs, dim=1).cpu()  # (P*K, T)
+    return _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at, tokenizer,
+                          settings)  # fmt: skip
+
+
+def _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at, tokenizer, settings):
+    """Sample records from (P*K, T) decoded tokens, cutting each row after its last kept token."""
     samples = []
-    for row in range(rows):
+    for row in range(token_matrix.shape[0]):
         prompt_row = row // k
         end = stop_at[row] + 1 if stop_at[row] is not None else token_matrix.shape[1]
         completion_ids = token_matrix[row, :end].tolist()
@@ -290,13 +312,17 @@ def generate_samples(
     on_batch=None,
     progress: bool = True,
     description: str = "generate",
+    decoder=None,
+    batch_indices: Sequence[int] | None = None,
 ) -> list[Sample]:
     """K samples for every prompt, in batches of `settings.prompts_per_batch` prompts.
 
     Batch b draws from a generator seeded by (seed, stream, b), so batches listed in `completed`
     (restored from a run directory after a crash) are skipped and the rest come out exactly as an
     uninterrupted run would have drawn them. `on_batch(b, samples)` is called after each new batch
-    (the run store persists it there).
+    (the run store persists it there). `decoder` selects the static backend (see `generate_batch`).
+    `batch_indices` restricts the work to those batches (a process's shard in a multi-process run);
+    the samples of the other batches are then absent from the result.
     """
     from tqdm.auto import tqdm
 
@@ -308,7 +334,11 @@ def generate_samples(
     results: list[Sample] = []
     # disable=None: bars in terminals and Jupyter, none when stderr is a log file (CI, make > log)
     bar = tqdm(total=len(prompts), desc=description, unit="prompt", disable=None if progress else True, leave=False)
+    wanted = set(range(len(batches)) if batch_indices is None else batch_indices)
     for index, batch in enumerate(batches):
+        if index not in wanted:
+            bar.update(len(batch))
+            continue
         if index in completed:
             results.extend(completed[index])
             bar.update(len(batch))
@@ -323,8 +353,9 @@ def generate_samples(
         )
         generator = batch_generator(seed, stream, index, device=device)
         samples = generate_batch(
-            model, tokenizer, batch, ids, settings, generator=generator, samples_per_prompt=samples_per_prompt
-        )
+            model, tokenizer, batch, ids, settings, generator=generator, samples_per_prompt=samples_per_prompt,
+            decoder=decoder,
+        )  # fmt: skip
         if on_batch is not None:
             on_batch(index, samples)
         results.extend(samples)

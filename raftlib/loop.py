@@ -16,6 +16,7 @@ samples an uninterrupted run keeps.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,23 +67,28 @@ def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None =
     A run directory holding this same config is resumed, not restarted.
     """
     setup_logging(config.logging.level)
-    store = RunStore(config.output_dir).lock()
+    main_process = _process_state().is_main_process  # under `accelerate launch`, one of several processes
+    store = RunStore(config.output_dir)
     try:
-        if store.has_run():
-            saved = load_config(store.config_path)
-            if saved != config:
-                changed = config_diff(saved.to_dict(), config.to_dict())
-                raise RunDirError(
-                    f"{store.root} holds a run with a different config ({', '.join(changed)}); "
-                    "use another output_dir, or resume it with `python -m raftlib resume`"
-                )
-            logger.info("%s already holds this run: resuming it", store.root)
-        else:
-            store.write_config(config.to_yaml())
+        if main_process:
+            store.lock()
+            if store.has_run():
+                saved = load_config(store.config_path)
+                if saved != config:
+                    changed = config_diff(saved.to_dict(), config.to_dict())
+                    raise RunDirError(
+                        f"{store.root} holds a run with a different config ({', '.join(changed)}); "
+                        "use another output_dir, or resume it with `python -m raftlib resume`"
+                    )
+                logger.info("%s already holds this run: resuming it", store.root)
+            else:
+                store.write_config(config.to_yaml())
+        _process_state().wait_for_everyone()
         with quiet_transformers():
             return _execute(config, store, reward)
     finally:
-        store.unlock()
+        if main_process:
+            store.unlock()
 
 
 def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunResult:
@@ -92,12 +98,23 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
         raise RunDirError(f"{run_dir} has no config.yaml: it is not a raftlib run directory")
     config = load_config(store.config_path)
     setup_logging(config.logging.level)
-    store.lock()
+    main_process = _process_state().is_main_process
+    if main_process:
+        store.lock()
     try:
         with quiet_transformers():
             return _execute(config, store, reward)
     finally:
-        store.unlock()
+        if main_process:
+            store.unlock()
+
+
+def _process_state():
+    """accelerate's view of this process; ACCELERATE_USE_CPU=true (as Accelerator reads it) runs several on CPUs."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _modality(config, device):
@@ -119,14 +136,26 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
         log_with="tensorboard" if config.logging.tensorboard else None,
         project_dir=str(store.root),
     )
-    if accelerator.num_processes > 1:
+    processes = Processes(accelerator)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            "multi-process runs (sharded generation, DDP fine-tune) are not supported yet; run one process"
+            f"accelerate's {accelerator.distributed_type.name} is not supported: RAFT generates with the whole "
+            "model between fine-tunes, and raftlib does not yet gather sharded weights for that. Use DDP "
+            "(examples/accelerate/ddp.yaml) and LoRA or a smaller model when the model does not fit on one GPU."
         )
+    if not processes.is_main:
+        logger.setLevel(logging.WARNING)  # one process reports; the others only warn
+        store = _ReadOnlyRunStore(store)
     if config.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
     progress = config.logging.progress_bars
     logger.info("derived sizes: %s", config.derived())
+    if processes.count > 1:
+        logger.info(
+            "%d processes: generation and scoring sharded by batch; optimizer steps per iteration divided by %d "
+            "(global batch = micro_batch_size x %d x gradient_accumulation_steps)",
+            processes.count, processes.count, processes.count,
+        )  # fmt: skip
 
     # What is generated and trained (text or images) is the modality's business; the loop is the same.
     modality = _modality(config, accelerator.device)
@@ -139,12 +168,15 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
     policy = modality.load_policy(store.checkpoint_dir(last_trained) if last_trained else None)
 
     if not store.done(0, "eval"):
-        row0 = {"iteration": 0} | _evaluate(0, policy, modality, splits.eval, reward, config, store, progress)
+        row0 = {"iteration": 0} | _evaluate(
+            0, policy, modality, splits.eval, reward, config, store, processes, progress
+        )
         store.write_metrics(row0)
         track(accelerator, row0)
         store.mark_done(0, "eval", {"metrics": row0})
 
     for iteration in range(1, config.loop.iterations + 1):
+        processes.wait()  # every process sees the same run directory before deciding what is left to do
         if store.done(iteration, "eval"):
             continue
         started = time.perf_counter()
@@ -153,27 +185,31 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
             # 1. the b prompts of this iteration
             prompts = prompts_for_iteration(splits.train, iteration, config.loop.prompts_per_iteration, config.seed)
             # 2. K samples per prompt (finished batches come back from the run directory)
-            samples, row_generate = _generate(iteration, policy, modality, prompts, config, store, progress)
+            samples, row_generate = _generate(iteration, policy, modality, prompts, config, store, processes, progress)
             # 3. rewards (finished batches come back from the run directory)
-            scores, row_score = _score(iteration, samples, prompts, modality, reward, config, store, progress)
+            scores, row_score = _score(
+                iteration, samples, prompts, modality, reward, config, store, processes, progress
+            )
             # 4. keep the best: local best-of-K, global top 1/K, or threshold; KL only changes the key
-            kept, row_select = _select(iteration, policy, modality, samples, scores, reward, config, store)
+            kept, row_select = _select(iteration, policy, modality, samples, scores, reward, config, store, processes)
             # 5. fine-tune on what was kept, from the model that generated it
             policy, row_finetune = _finetune(iteration, policy, modality, kept, store, accelerator, progress)
             row |= row_generate | row_score | row_select | row_finetune
         else:
             row |= store.done(iteration, "finetune")["metrics"]
         # 6. evaluate the new model on held-out prompts
-        row |= _evaluate(iteration, policy, modality, splits.eval, reward, config, store, progress)
+        row |= _evaluate(iteration, policy, modality, splits.eval, reward, config, store, processes, progress)
         row["time_iteration_s"] = time.perf_counter() - started
         store.write_metrics(row)  # before the marker: a kill in between reruns the eval, never loses the row
         track(accelerator, row)
         store.mark_done(iteration, "eval", {"metrics": row})
         if config.loop.keep_checkpoints:
             store.prune_checkpoints(config.loop.keep_checkpoints, protect=[iteration])
-        logger.info(summary_line(row, config.loop.iterations))
+        if processes.is_main:
+            logger.info(summary_line(row, config.loop.iterations))
 
     store.save_model_dir(store.final_dir, lambda d: modality.save(policy, d))
+    processes.wait()
     accelerator.end_training()
     return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
 
@@ -183,7 +219,57 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
 # ----------------------------------------------------------------------------------------------
 
 
-def _generate(iteration, policy, modality, prompts, config, store, progress):
+class Processes:
+    """The processes of one run under accelerate, and where they meet. With one process all of it is trivial.
+
+    With several: generation and scoring are sharded by batch (batch b goes to process b mod N, and its
+    samples depend only on (seed, iteration, b), so the union equals a one-process run's); samples are
+    gathered to every process; the main process alone selects and writes run-level files, in a run
+    directory every process must see (one machine, or a shared file system); the fine-tune is
+    data-parallel through accelerate (DDP, FSDP or DeepSpeed as its config file says).
+    """
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.count = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+
+    def shard(self, batches: int) -> list[int] | None:
+        """This process's batch indices (None: one process does them all)."""
+        return None if self.count == 1 else list(range(self.rank, batches, self.count))
+
+    def wait(self) -> None:
+        if self.count > 1:
+            self.accelerator.wait_for_everyone()
+
+    def gather(self, mine: dict[int, list]) -> list:
+        """Every process's batches, on every process, flattened in batch order."""
+        from accelerate.utils import gather_object
+
+        merged: dict[int, list] = {}
+        for part in gather_object([mine]):
+            merged.update(part)
+        return [item for index in sorted(merged) for item in merged[index]]
+
+
+class _ReadOnlyRunStore:
+    """The run store as a process other than the main one uses it: it reads, and writes only its own batches."""
+
+    _MAIN_ONLY = frozenset(
+        {"write_config", "write_metrics", "mark_done", "write_table", "save_model_dir", "prune_checkpoints"}
+    )
+
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str):
+        if name in self._MAIN_ONLY:
+            return lambda *args, **kwargs: None
+        return getattr(self._store, name)
+
+
+def _generate(iteration, policy, modality, prompts, config, store, processes, progress):
     if (marker := store.done(iteration, "generate")) is not None:
         parts = store.load_batches(iteration, "generate")
         rows = [r for b in sorted(parts) for r in parts[b]]
@@ -191,10 +277,19 @@ def _generate(iteration, policy, modality, prompts, config, store, progress):
     started = time.perf_counter()
     parts = store.load_batches(iteration, "generate")
     completed = {b: [modality.record.from_row(r) for r in rows] for b, rows in parts.items() if b != EXTERNAL_BATCH}
+    produced: dict[int, list] = {}
+
+    def on_batch(index, batch):  # every process persists the batches it drew
+        store.save_batch(iteration, "generate", index, [s.to_row() for s in batch])
+        produced[index] = batch
+
+    mine = processes.shard(math.ceil(len(prompts) / config.generation.prompts_per_batch))
     samples = modality.generate(
         policy, prompts, stream=iteration, completed=completed, progress=progress, description=f"generate {iteration}",
-        on_batch=lambda b, batch: store.save_batch(iteration, "generate", b, [s.to_row() for s in batch]),
+        on_batch=on_batch, batch_indices=mine,
     )  # fmt: skip
+    if mine is not None:
+        samples = processes.gather({b: produced[b] if b in produced else completed[b] for b in mine})
     seconds = time.perf_counter() - started
     new_units = modality.generated_units(samples) - sum(modality.generated_units(b) for b in completed.values())
     if extra := modality.extra_candidates(policy, prompts):
@@ -207,22 +302,39 @@ def _generate(iteration, policy, modality, prompts, config, store, progress):
     return samples, metrics
 
 
-def _score(iteration, samples, prompts, modality, reward, config, store, progress):
+def _score(iteration, samples, prompts, modality, reward, config, store, processes, progress):
     started = time.perf_counter()
-    completed = {b: scores_from_rows(rows, reward.names) for b, rows in store.load_batches(iteration, "score").items()}
+
+    def saved_batches():
+        return {b: scores_from_rows(rows, reward.names) for b, rows in store.load_batches(iteration, "score").items()}
+
+    score = dict(
+        reward=reward, samples=samples, columns_by_prompt=columns_by_prompt(prompts), inputs=modality.reward_inputs,
+        batch_size=config.reward.batch_size,
+    )  # fmt: skip
+    mine = processes.shard(math.ceil(len(samples) / config.reward.batch_size))
     scores = score_samples(
-        reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
-        batch_size=config.reward.batch_size, completed=completed, progress=progress,
+        **score, completed=saved_batches(), progress=progress, batch_indices=mine,
         on_batch=lambda b, s: store.save_batch(iteration, "score", b, scores_to_rows(s)),
     )  # fmt: skip
+    if mine is not None:  # every shard is on disk once all processes are here; assemble them (nothing is rescored)
+        processes.wait()
+        scores = score_samples(**score, completed=saved_batches(), progress=False)
     return scores, {"time_score_s": time.perf_counter() - started}
 
 
-def _select(iteration, policy, modality, samples, scores, reward, config, store):
-    if store.done(iteration, "select") is not None:
-        rows = store.read_table(iteration, "samples")
-        kept = [modality.record.from_row(r) for r in rows if r["kept"]]
-        return kept, store.done(iteration, "select")["metrics"]
+def _select(iteration, policy, modality, samples, scores, reward, config, store, processes):
+    if processes.is_main and store.done(iteration, "select") is None:
+        kept, metrics = _select_once(iteration, policy, modality, samples, scores, config, store)
+        processes.wait()
+        return kept, metrics
+    processes.wait()  # selection happens once, in the main process; the others read what it kept
+    rows = store.read_table(iteration, "samples")
+    kept = [modality.record.from_row(r) for r in rows if r["kept"]]
+    return kept, store.done(iteration, "select")["metrics"]
+
+
+def _select_once(iteration, policy, modality, samples, scores, config, store):
     started = time.perf_counter()
     section = config.selection
     ref_logprobs = modality.reference_logprobs(policy, samples) if section.kl_coef > 0 else None
@@ -266,15 +378,25 @@ def _finetune(iteration, policy, modality, kept, store, accelerator, progress):
     return policy, metrics
 
 
-def _evaluate(iteration, policy, modality, prompts, reward, config, store, progress) -> dict[str, Any]:
-    """Held-out reward and the modality's own measures (KL, perplexity, diversity, distance) of `policy`."""
+def _evaluate(iteration, policy, modality, prompts, reward, config, store, processes, progress) -> dict[str, Any]:
+    """Held-out reward and the modality's own measures (KL, perplexity, diversity, distance) of `policy`.
+
+    Generation is sharded across processes; the main process scores and measures (the others return {}).
+    """
     if not prompts:
         return {}
     started = time.perf_counter()
+    produced: dict[int, list] = {}
+    mine = processes.shard(math.ceil(len(prompts) / config.generation.prompts_per_batch))
     samples = modality.generate(
         policy, prompts, stream=EVAL_STREAM, samples_per_prompt=config.loop.eval_samples_per_prompt,
-        progress=progress, description=f"eval {iteration}",
+        progress=progress, description=f"eval {iteration}", batch_indices=mine,
+        on_batch=lambda b, batch: produced.__setitem__(b, batch),
     )  # fmt: skip
+    if mine is not None:
+        samples = processes.gather(produced)
+        if not processes.is_main:
+            return {}
     scores = score_samples(
         reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
         batch_size=config.reward.batch_size, progress=False,

@@ -435,10 +435,12 @@ def score_samples(
     completed: dict[int, Scores] | None = None,
     on_batch=None,
     progress: bool = True,
+    batch_indices: Sequence[int] | None = None,
 ) -> Scores:
     """Score samples in batches; batches in `completed` are reused, `on_batch(b, scores)` persists new ones.
 
     `inputs(batch)` gives the reward's positional arguments; the default is (prompts, completions).
+    `batch_indices` scores only those batches (one process's shard); the result then holds only theirs.
     """
     inputs = inputs or (lambda batch: ([s.prompt for s in batch], [s.completion for s in batch]))
     from tqdm.auto import tqdm
@@ -448,7 +450,8 @@ def score_samples(
     total: list[float | None] = []
     components: dict[str, list[float | None]] = {name: [] for name in reward.names}
     starts = range(0, len(samples), batch_size)
-    pending = [i for i, _ in enumerate(starts) if i not in completed]
+    wanted = set(range(len(starts)) if batch_indices is None else batch_indices)
+    pending = [i for i, _ in enumerate(starts) if i not in completed and i in wanted]
     if pending:
         reward.setup()
     try:
@@ -456,6 +459,8 @@ def score_samples(
             tqdm(starts, desc="score", unit="batch", disable=None if progress else True, leave=False)
         ):
             batch = samples[start : start + batch_size]
+            if index not in wanted:
+                continue
             if index in completed:
                 scores = completed[index]
             else:

@@ -17,7 +17,7 @@ import numpy as np
 from raftlib import metrics as M
 from raftlib.config import RAFTConfig
 from raftlib.finetune import completion_logprobs, finetune, reference_perplexity
-from raftlib.generate import encode_prompts, generate_samples
+from raftlib.generate import encode_prompts, eos_token_ids, generate_samples
 from raftlib.models import is_peft_model, load_base_model, load_policy, load_tokenizer, save_model
 from raftlib.records import Prompt, Sample
 
@@ -54,6 +54,7 @@ class TextModality:
         self.tokenizer = load_tokenizer(config.model)
         section = config.selection
         self.external = load_external_samples(section.external_samples) if section.external_samples else {}
+        self._engine = None  # the static decoder or vLLM engine of the current policy, reused across calls
 
     # -- the policy -------------------------------------------------------------------------------
 
@@ -66,13 +67,44 @@ class TextModality:
     # -- generation and scoring -------------------------------------------------------------------
 
     def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
-                 progress=True, description="generate") -> list[Sample]:  # fmt: skip
+                 progress=True, description="generate", batch_indices=None) -> list[Sample]:  # fmt: skip
+        settings = self.config.generation
+        if settings.backend == "vllm":
+            from raftlib.vllm_backend import generate_with_vllm
+
+            return generate_with_vllm(
+                self._vllm_engine(policy), self.tokenizer, prompts, settings, seed=self.config.seed, stream=stream,
+                samples_per_prompt=samples_per_prompt, max_prompt_tokens=self.config.data.max_prompt_tokens,
+                completed=completed, on_batch=on_batch, batch_indices=batch_indices,
+                eos_ids=eos_token_ids(policy, self.tokenizer),
+            )  # fmt: skip
         return generate_samples(
-            policy, self.tokenizer, prompts, self.config.generation,
+            policy, self.tokenizer, prompts, settings,
             seed=self.config.seed, stream=stream, samples_per_prompt=samples_per_prompt,
             max_prompt_tokens=self.config.data.max_prompt_tokens, completed=completed, on_batch=on_batch,
-            progress=progress, description=description,
+            progress=progress, description=description, decoder=self._static_decoder(policy),
+            batch_indices=batch_indices,
         )  # fmt: skip
+
+    def _static_decoder(self, policy):
+        from raftlib.fastgen import StaticDecoder
+
+        settings = self.config.generation
+        if settings.backend != "static":
+            return None
+        if self._engine is None or self._engine.model is not policy:
+            on_gpu = next(policy.parameters()).is_cuda
+            compile_step = settings.compile == "always" or (settings.compile == "auto" and on_gpu)
+            self._engine = StaticDecoder(policy, compile=compile_step)
+        return self._engine
+
+    def _vllm_engine(self, policy):
+        """A vLLM engine holding the current policy's weights (rebuilt when the policy changed)."""
+        from raftlib.vllm_backend import VLLMEngine
+
+        if self._engine is None:
+            self._engine = VLLMEngine.for_policy(policy, self.tokenizer, self.config)
+        return self._engine
 
     @staticmethod
     def reward_inputs(samples: list[Sample]) -> tuple[list[str], list[str]]:
@@ -113,6 +145,9 @@ class TextModality:
     # -- fine-tuning ------------------------------------------------------------------------------
 
     def finetune(self, policy, kept: list[Sample], *, iteration, accelerator, progress):
+        if self.config.generation.backend == "vllm" and self._engine is not None:
+            self._engine.close()  # its weights are about to be stale; the next generate reloads them
+            self._engine = None
         return finetune(
             policy, examples_of(kept), self.config.training, pad_id=self.tokenizer.pad_token_id,
             seed=self.config.seed, iteration=iteration, accelerator=accelerator, progress=progress,

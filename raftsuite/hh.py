@@ -389,8 +389,12 @@ def run_grpo(
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     seed: int = 0,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """TRL GRPOTrainer on the proxy reward, stopped when it has drawn `samples_budget` completions."""
+    """TRL GRPOTrainer on the proxy reward, stopped when it has drawn `samples_budget` completions.
+
+    `callbacks`: transformers TrainerCallbacks (the efficiency notebook evaluates held-out reward in one).
+    """
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -401,6 +405,7 @@ def run_grpo(
 
     completions_per_step = num_generations * prompts_per_step
     steps = max(1, samples_budget // completions_per_step)
+    use_cpu = not torch.cuda.is_available()
     args = GRPOConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=completions_per_step,
@@ -412,15 +417,19 @@ def run_grpo(
         max_steps=steps,
         logging_steps=1,
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=use_cpu,
         save_strategy="no",
         seed=seed,
         disable_tqdm=True,
         gradient_checkpointing=False,  # TRL turns it on by default; RAFT's fine-tune does not use it either
+        # TRL defaults to bf16, which on a CPU is bf16 autocast: slower there, and RAFT's tiny runs are fp32
+        bf16=not use_cpu,
     )
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()
-    trainer = GRPOTrainer(model=str(sft_model), reward_funcs=[proxy_reward], args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(
+        model=str(sft_model), reward_funcs=[proxy_reward], args=args, train_dataset=dataset, callbacks=list(callbacks)
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them

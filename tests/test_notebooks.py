@@ -21,7 +21,7 @@ LOCAL_PREFIXES = ("notebooks/", "runs/", "results/", "assets/", "raftsuite.", ".
 
 
 def test_there_are_notebooks():
-    assert {p.stem for p in NOTEBOOKS} >= {"hh_rlhf", "ablations", "sd_resolution", "sd_alignment"}
+    assert {p.stem for p in NOTEBOOKS} >= {"hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -77,13 +77,13 @@ def smoke_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     outcomes = {
         name: runner.run_notebook(name, "smoke", results=root / "results", runs=root / "runs")
-        for name in ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment")
+        for name in ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency")
     }
     runner.write_index(root / "results")
     return root / "results", outcomes
 
 
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency"])
 def test_notebook_runs_under_papermill(smoke_results, name):
     results, outcomes = smoke_results
     assert outcomes[name].ok, outcomes[name].error
@@ -108,6 +108,20 @@ def test_hh_tables_hold_every_row(smoke_results):
     assert any(r.startswith("GRPO") for r in ours) and any(r.startswith("best-of-") for r in ours)
     assert "paper: RAFT-K32, lambda=1.0" in table.index
     assert table.loc[ours, ["proxy_reward", "gold_reward", "perplexity", "distinct_2"]].notna().all().all()
+
+
+def test_efficiency_compares_both_methods_from_one_run(smoke_results):
+    import pandas as pd
+
+    results, _ = smoke_results
+    directory = results / "smoke" / "efficiency"
+    table = pd.read_csv(directory / "raft_vs_grpo.csv", index_col=0)
+    assert list(table.index) == ["RAFT (raftlib)", "GRPO (TRL)"]
+    assert table[["seconds_to_target", "samples_to_target", "peak_rss_mib", "best_reward"]].notna().all().all()
+    assert table["total_samples"].nunique() == 1  # the same completions budget for both
+    speed = pd.read_csv(directory / "generation_speed_cpu.csv")
+    assert set(speed["backend"]) == {"HF generate", "raftlib eager", "raftlib static"}
+    assert (speed["tokens_per_s"] > 0).all()
 
 
 def test_failed_notebook_keeps_partial_copy_and_names_the_cell(tmp_path, monkeypatch):
@@ -193,7 +207,7 @@ def open_page(path: Path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency"])
 def test_report_opens_offline_without_errors(smoke_results, name):
     results, _ = smoke_results
     facts, errors, requests = open_page(results / "smoke" / name / "report.html")

@@ -167,3 +167,55 @@ def test_evaluate_best_of_k_picks_the_proxy_argmax(gpt2_dir):
     best = hh.evaluate(model, tokenizer, prompts, count_a, max_new_tokens=8, samples_per_prompt=1, best_of=6)
     assert best["proxy_reward"] >= plain["proxy_reward"]
     assert plain["perplexity"] == best["perplexity"] > 1.0
+
+
+# ---- the efficiency experiment -------------------------------------------------------------------
+
+
+def allocate_and_report(megabytes: int) -> int:
+    """A child's job for the test below: hold `megabytes` of touched memory, then return."""
+    block = bytearray(megabytes * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+    return len(block)
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from raftsuite import efficiency
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the child imports this module
+
+    parent_ballast = bytearray(1200 * 2**20)
+    parent_ballast[::4096] = b"y" * len(parent_ballast[::4096])
+    small = efficiency.run_in_child(
+        "test_suite_units:allocate_and_report", {"megabytes": 10}, tmp_path / "a.json", tmp_path / "a.log"
+    )
+    large = efficiency.run_in_child(
+        "test_suite_units:allocate_and_report", {"megabytes": 300}, tmp_path / "b.json", tmp_path / "b.log"
+    )
+    assert small["result"] == 10 * 2**20
+    assert (
+        small["peak_rss_mib"] < 800
+    )  # the child imports torch (~300 MiB), not the parent's 1.2 GiB ballast (ru_maxrss would)
+    assert large["peak_rss_mib"] - small["peak_rss_mib"] == pytest.approx(290, abs=40)
+    with pytest.raises(RuntimeError, match="failed in its process"):
+        efficiency.run_in_child(
+            "test_suite_units:allocate_and_report", {"megabytes": "ten"}, tmp_path / "c.json", tmp_path / "c.log"
+        )
+
+
+def test_comparison_finds_the_common_target_and_the_first_points_reaching_it():
+    import pandas as pd
+
+    from raftsuite import efficiency
+
+    fast = pd.DataFrame({"samples": [0, 10, 20], "train_seconds": [0, 5, 10], "eval_reward": [0.0, 0.6, 0.9]})
+    slow = pd.DataFrame(
+        {"samples": [0, 10, 20, 30], "train_seconds": [0, 20, 40, 60], "eval_reward": [0.0, 0.2, 0.5, 0.7]}
+    )
+    target, table = efficiency.comparison({"fast": fast, "slow": slow}, {"fast": 100.0, "slow": 250.0})
+    assert target == 0.7
+    assert table.loc["fast", "seconds_to_target"] == 10 and table.loc["fast", "samples_to_target"] == 20
+    assert table.loc["slow", "seconds_to_target"] == 60 and table.loc["slow", "samples_to_target"] == 30
+    assert efficiency.first_reaching(slow, 0.95) is None

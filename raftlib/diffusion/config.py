@@ -113,4 +113,7 @@ class DiffusionConfig(ConfigFile):
             self.selection.external_samples,
             "is a language-model feature",
         )
+        for name in ("packing", "loss_chunk_tokens"):  # token-sequence options; images have neither
+            value = getattr(self.training, name)
+            _require(not value, f"training.{name}", value, "is a language-model option (leave it off for images)")
         return self

@@ -34,11 +34,11 @@ class ImageModality:
         save_policy(policy, self.config.model.lora, directory)
 
     def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
-                 progress=True, description="generate") -> list[ImageSample]:  # fmt: skip
+                 progress=True, description="generate", batch_indices=None) -> list[ImageSample]:  # fmt: skip
         return generate_images(
             policy, prompts, self.config.generation, seed=self.config.seed, stream=stream,
             samples_per_prompt=samples_per_prompt, completed=completed, on_batch=on_batch, progress=progress,
-            description=description,
+            description=description, batch_indices=batch_indices,
         )  # fmt: skip
 
     @staticmethod

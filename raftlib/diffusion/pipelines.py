@@ -298,8 +298,12 @@ def generate_images(
     on_batch: Callable[[int, list[ImageSample]], None] | None = None,
     progress: bool = True,
     description: str = "generate",
+    batch_indices: Sequence[int] | None = None,
 ) -> list[ImageSample]:
-    """K images per prompt in batches of `prompts_per_batch` prompts; batches in `completed` are reused."""
+    """K images per prompt in batches of `prompts_per_batch` prompts; batches in `completed` are reused.
+
+    `batch_indices` restricts the work to those batches (one process's shard of a multi-process run).
+    """
     from tqdm.auto import tqdm
 
     k = samples_per_prompt or settings.samples_per_prompt
@@ -312,6 +316,8 @@ def generate_images(
     starts = range(0, len(prompts), step)
     try:
         for index, start in enumerate(tqdm(starts, desc=description, disable=None if progress else True, leave=False)):
+            if batch_indices is not None and index not in batch_indices:
+                continue
             if index in completed:
                 samples.extend(completed[index])
                 continue

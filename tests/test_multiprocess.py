@@ -1,0 +1,99 @@
+"""Two processes (gloo on CPU) give the run one process gives with the same global batch.
+
+One process with gradient_accumulation_steps = 2 and two processes with 1 take the same optimizer steps
+over the same micro-batches, so the samples, the kept sets, the held-out rewards and (to float tolerance)
+the final weights must agree. Launched the two ways a user launches: `accelerate launch` with the shipped
+DDP config file, and accelerate's `notebook_launcher` (in a subprocess, as a notebook kernel would).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import RESUME, assert_same_run, base_config, snapshot, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 12 prompts x K=4 in 4 generation batches and 4 scoring batches; 12 kept (best of 4 per prompt) in 6
+# micro-batches of 2: 3 optimizer steps per epoch either way (2 micro-batches per step).
+SETTINGS = RESUME | {"training": {"learning_rate": 5.0e-3, "epochs": 2, "micro_batch_size": 2}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment() -> dict[str, str]:
+    paths = [str(ROOT), str(ROOT / "examples" / "toy"), os.environ.get("PYTHONPATH", "")]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "ACCELERATE_USE_CPU": "true"}
+
+
+def one_process_reference(llama_dir, prompts_file, tmp_path, **training) -> dict:
+    from raftlib import load_config, run
+
+    sections = SETTINGS | {"training": SETTINGS["training"] | training | {"gradient_accumulation_steps": 2}}
+    raw = base_config(llama_dir, prompts_file, tmp_path / "one", **sections)
+    sys.path.insert(0, str(ROOT / "examples" / "toy"))
+    run(load_config(write_config(tmp_path / "one.yaml", raw)))
+    return snapshot(tmp_path / "one")
+
+
+def test_accelerate_launch_two_processes_equal_one(llama_dir, prompts_file, tmp_path):
+    reference = one_process_reference(llama_dir, prompts_file, tmp_path)
+    raw = base_config(llama_dir, prompts_file, tmp_path / "two", **SETTINGS)
+    config = write_config(tmp_path / "two.yaml", raw)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "raftlib", "run", str(config),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes: generation and scoring sharded" in done.stderr
+    assert_same_run(snapshot(tmp_path / "two"), reference)
+    # Each process drew its own generation batches: 0 and 2 on rank 0, 1 and 3 on rank 1, all on disk once.
+    batches = sorted(p.name for p in (tmp_path / "two" / "iter_0001" / "generate").iterdir())
+    assert batches == [f"batch_{b:05d}.parquet" for b in range(4)], batches
+
+
+def test_notebook_launcher_two_processes_equal_one_with_packing_and_chunked_loss(llama_dir, prompts_file, tmp_path):
+    fast = {"packing": True, "loss_chunk_tokens": 8}
+    reference = one_process_reference(llama_dir, prompts_file, tmp_path, **fast)
+    sections = SETTINGS | {"training": SETTINGS["training"] | fast}
+    config = write_config(tmp_path / "two.yaml", base_config(llama_dir, prompts_file, tmp_path / "two", **sections))
+    script = textwrap.dedent(f"""
+        from accelerate import notebook_launcher
+        from raftlib import load_config, run
+
+        notebook_launcher(run, args=(load_config({str(config)!r}),), num_processes=2, use_port="{free_port()}")
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes: generation and scoring sharded" in done.stderr
+    assert_same_run(snapshot(tmp_path / "two"), reference)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_strategies_are_refused_with_a_clear_message(kind, llama_dir, prompts_file, tmp_path, monkeypatch):
+    import accelerate
+
+    from raftlib import load_config, run
+    from raftlib.config import ConfigError
+
+    class Kind:
+        name = kind
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: Kind()))
+    raw = base_config(llama_dir, prompts_file, tmp_path / "run", **SETTINGS)
+    with pytest.raises(ConfigError, match=f"{kind} is not supported.*DDP"):
+        run(load_config(write_config(tmp_path / "c.yaml", raw)))
