@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from raftlib.config import GenerationSection
+from raftlib.generate import GenerationError, _cache_argument, _returned_cache, filter_logits
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def gumbel_sample(
     argmax(logits / T + Gumbel noise) draws from softmax(logits / T) (the Gumbel-max trick); top-k and
     top-p mask the scaled logits first, as in `raftlib.generate.filter_logits`.
     """
-    from raftlib.generate import filter_logits
-
     logits = logits.float()
     if temperature == 0.0:
         token = logits.argmax(dim=-1)
@@ -109,8 +108,6 @@ class StaticDecoder:
         shape = (rows, max_len, first.keys.shape[1], first.keys.shape[-1], first.keys.dtype, first.keys.device)
         if self._cache is None or self._cache_shape != shape:
             if any(getattr(layer, "is_sliding", False) for layer in prefill_cache.layers):
-                from raftlib.generate import GenerationError
-
                 raise GenerationError(
                     "generation.backend = 'static' supports full-attention models only (this one has "
                     "sliding-window layers); use backend 'eager'"
@@ -122,8 +119,6 @@ class StaticDecoder:
 
     def _decode_step(self, cache):
         """model forward on one token per row + sampling: fixed shapes, so it compiles to one graph."""
-        from raftlib.generate import _cache_argument
-
         model, cache_kwarg = self.model, _cache_argument(self.model)
 
         def step(token, position, attention, row_seeds, step_index, temperature: float, top_k: int, top_p: float):
@@ -163,8 +158,6 @@ class StaticDecoder:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (P, L)
 
         prefill = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        from raftlib.generate import _returned_cache
-
         prefill_cache = _returned_cache(prefill)
         cache = self._static_cache(prefill_cache, rows, max_len)
         for static_layer, prefill_layer in zip(cache.layers, prefill_cache.layers, strict=True):
@@ -177,8 +170,8 @@ class StaticDecoder:
         full_attention = torch.ones((rows, max_len), dtype=attention.dtype, device=device)  # (R, max_len)
         full_attention[:, :width] = attention.repeat_interleave(k, dim=0)
         position = positions[:, -1].repeat_interleave(k, dim=0)  # (R,)
-        row_seeds = torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=generator.device if generator
-                                  is not None else "cpu").to(device)  # fmt: skip
+        seed_device = generator.device if generator is not None else "cpu"
+        row_seeds = torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=seed_device).to(device)
         eos = torch.tensor(sorted(eos_ids), device=device)
         options = (settings.temperature, settings.top_k, settings.top_p)
 

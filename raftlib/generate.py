@@ -173,7 +173,7 @@ def generate_batch(
     was_training = model.training
     model.eval()
     if decoder is not None:
-        from raftlib.fastgen import finish_rows
+        from raftlib.fastgen import finish_rows  # imported here: fastgen imports this module
 
         try:
             token_matrix, logprob_matrix = decoder.decode(
