@@ -97,3 +97,41 @@ def test_sharded_strategies_are_refused_with_a_clear_message(kind, llama_dir, pr
     raw = base_config(llama_dir, prompts_file, tmp_path / "run", **SETTINGS)
     with pytest.raises(ConfigError, match=f"{kind} is not supported.*DDP"):
         run(load_config(write_config(tmp_path / "c.yaml", raw)))
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_run(llama_dir, prompts_file, tmp_path):
+    """SIGKILL to both processes once iteration 1's samples are drawn, then `resume` on two processes."""
+    import signal
+    import time
+
+    reference = one_process_reference(llama_dir, prompts_file, tmp_path)
+    run_dir = tmp_path / "two"
+    config = write_config(tmp_path / "two.yaml", base_config(llama_dir, prompts_file, run_dir, **SETTINGS))
+
+    def launch(*arguments: str) -> list[str]:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "examples/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
+            "-m", "raftlib", *arguments,
+        ]  # fmt: skip
+
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            launch("run", str(config)), env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while not (run_dir / "iter_0001" / "generate.done.json").exists():
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never finished generating"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers, wherever they are
+        process.wait()
+    assert not (run_dir / "final").exists()
+    drawn = {p.name: p.stat().st_mtime_ns for p in (run_dir / "iter_0001" / "generate").iterdir()}
+    done = subprocess.run(
+        launch("resume", str(run_dir)), env=environment(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # iteration 1's samples were reused, not drawn again, and the run ends as the uninterrupted one
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "iter_0001" / "generate").iterdir()} == drawn
+    assert_same_run(snapshot(run_dir), reference)
