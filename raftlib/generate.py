@@ -288,13 +288,18 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def batch_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (seed, iteration, batch, ...): one batch's draws never depend on another's."""
-    generator = torch.Generator(device=device)
+def stream_seed(seed: int, *parts: int) -> int:
+    """The seed of one stream (seed, iteration, batch, ...): one batch's draws never depend on another's."""
     value = seed
     for part in parts:
         value = (value * 1_000_003 + part) % (2**63 - 1)
-    generator.manual_seed(value)
+    return value
+
+
+def batch_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with `stream_seed(seed, *parts)`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(stream_seed(seed, *parts))
     return generator
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raftlib.config import GenerationSection
-from raftlib.generate import batch_generator, encode_prompts
+from raftlib.generate import encode_prompts, stream_seed
 from raftlib.records import Prompt, Sample
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ class VLLMEngine:
 
 def request_seed(seed: int, stream: int, batch: int, position: int) -> int:
     """vLLM's per-request seed for one prompt: a function of (seed, stream, batch, prompt position) only."""
-    generator = batch_generator(seed, stream, batch, position)
-    return int(generator.initial_seed() % (2**31 - 1))
+    return stream_seed(seed, stream, batch, position) % (2**31 - 1)
 
 
 def sampling_params_for(engine: VLLMEngine, settings: GenerationSection, samples_per_prompt: int, seed: int):
