@@ -52,6 +52,29 @@ def hashed_uniform(row_seeds: torch.Tensor, step: torch.Tensor, vocab_size: int)
     return ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
 
 
+def decision_scores(
+    logits: torch.Tensor,
+    row_seeds: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """(R, V) logits -> (R, V) scores whose argmax is the drawn token.
+
+    Greedy (temperature 0): the logits. Otherwise logits / T, masked by top-k and top-p as in
+    `raftlib.generate.filter_logits`, plus Gumbel noise: argmax of that draws from softmax(logits / T)
+    (the Gumbel-max trick). Split from `gumbel_sample` so that a caller can see how close a draw was
+    (the gap between the top two scores), e.g. to tell a rounding flip from a real difference.
+    """
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits
+    scaled = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    return scaled - torch.log(-torch.log(hashed_uniform(row_seeds, step, logits.shape[-1])))
+
+
 def gumbel_sample(
     logits: torch.Tensor,
     row_seeds: torch.Tensor,
@@ -61,19 +84,10 @@ def gumbel_sample(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, V) logits -> sampled (R,) tokens and their log-probabilities at temperature 1.
-
-    argmax(logits / T + Gumbel noise) draws from softmax(logits / T) (the Gumbel-max trick); top-k and
-    top-p mask the scaled logits first, as in `raftlib.generate.filter_logits`.
-    """
-    logits = logits.float()
-    if temperature == 0.0:
-        token = logits.argmax(dim=-1)
-    else:
-        scaled = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-        gumbel = -torch.log(-torch.log(hashed_uniform(row_seeds, step, logits.shape[-1])))
-        token = (scaled + gumbel).argmax(dim=-1)
-    logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+    """(R, V) logits -> sampled (R,) tokens and their log-probabilities at temperature 1 (see `decision_scores`)."""
+    scores = decision_scores(logits, row_seeds, step, temperature=temperature, top_k=top_k, top_p=top_p)
+    token = scores.argmax(dim=-1)
+    logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
     return token, logprob
 
 

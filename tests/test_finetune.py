@@ -70,7 +70,7 @@ def test_same_seed_same_weights(gpt2_dir):
         model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
         model, _ = finetune(model, kept_examples(tokenizer), section, pad_id=0, seed=5, iteration=2, progress=False)
         results.append(model.state_dict())
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])  # the same arithmetic, repeated
 
 
 def test_lora_trains_only_the_adapter_and_saves_a_loadable_adapter(gpt2_dir, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import assert_near_tie, first_difference
 from raftlib.config import GenerationSection
 from raftlib.finetune import completion_logprobs
 from raftlib.generate import (
@@ -49,13 +50,21 @@ def test_greedy_matches_hf_generate_despite_left_padding(which, request):
     samples = generate_batch(model, tokenizer, PROMPTS, ids, settings)
     assert len(samples) == 6
     for prompt_ids, pair in zip(ids, [samples[0:2], samples[2:4], samples[4:6]], strict=True):
-        reference = model.generate(
+        out = model.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
-        )[0, len(prompt_ids):].tolist()  # fmt: skip
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        reference = out.sequences[0, len(prompt_ids) :].tolist()
+        top_two = torch.cat(out.logits).float().topk(2, dim=-1).values  # (steps, 2)
         for sample in pair:  # greedy: both of the K samples are the HF continuation
-            assert sample.completion_token_ids == reference[: len(sample.completion_token_ids)]
             assert sample.prompt_token_ids == prompt_ids
+            # a left-padded batch and one unpadded prompt run different kernels: equal up to rounding flips
+            step = first_difference(sample.completion_token_ids, reference)
+            if step is None:
+                assert sample.completion_token_ids == reference[: len(sample.completion_token_ids)]
+            else:
+                assert_near_tie(top_two[:, 0] - top_two[:, 1], step, f"prompt {sample.prompt_id}")
 
 
 def test_one_prefill_per_prompt_batch(gpt2_dir):

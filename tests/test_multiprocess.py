@@ -2,7 +2,15 @@
 
 One process with gradient_accumulation_steps = 2 and two processes with 1 take the same optimizer steps
 over the same micro-batches, so the samples, the kept sets, the held-out rewards and (to float tolerance)
-the final weights must agree. Launched the two ways a user launches: `accelerate launch` with the shipped
+the final weights must agree.
+
+Why exact equality of samples holds here, on any machine: it is the same arithmetic. Each micro-batch's
+forward and backward run the same kernels on the same shapes, and both sides run them on ONE thread
+(OMP_NUM_THREADS=1 for the workers, torch.set_num_threads(1) for the reference), because a CPU GEMM may
+split its reduction across threads differently for another thread count. Accumulation scales each
+micro-batch's loss by 1/2 and sums; DDP divides each gradient by the world size 2 and all-reduces a sum of
+two: halving is exact in binary floating point and a sum of two terms does not depend on their order, so
+both give g1/2 + g2/2 to the bit. Sampling is seeded by (seed, iteration, batch) wherever a batch runs. Launched the two ways a user launches: `accelerate launch` with the shipped
 DDP config file, and accelerate's `notebook_launcher` (in a subprocess, as a notebook kernel would).
 """
 
@@ -16,6 +24,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import RESUME, assert_same_run, base_config, snapshot, write_config
 
@@ -34,7 +43,8 @@ def free_port() -> int:
 
 def environment() -> dict[str, str]:
     paths = [str(ROOT), str(ROOT / "examples" / "toy"), os.environ.get("PYTHONPATH", "")]
-    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "ACCELERATE_USE_CPU": "true"}
+    pythonpath = os.pathsep.join(p for p in paths if p)
+    return os.environ | {"PYTHONPATH": pythonpath, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
 def one_process_reference(llama_dir, prompts_file, tmp_path, **training) -> dict:
@@ -43,7 +53,12 @@ def one_process_reference(llama_dir, prompts_file, tmp_path, **training) -> dict
     sections = SETTINGS | {"training": SETTINGS["training"] | training | {"gradient_accumulation_steps": 2}}
     raw = base_config(llama_dir, prompts_file, tmp_path / "one", **sections)
     sys.path.insert(0, str(ROOT / "examples" / "toy"))
-    run(load_config(write_config(tmp_path / "one.yaml", raw)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (see the module docstring)
+    try:
+        run(load_config(write_config(tmp_path / "one.yaml", raw)))
+    finally:
+        torch.set_num_threads(threads)
     return snapshot(tmp_path / "one")
 
 
