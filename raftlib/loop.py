@@ -112,8 +112,6 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
             store.unlock()
 
 
-
-
 def _modality(config, device):
     if isinstance(config, RAFTConfig):
         from raftlib.text import TextModality

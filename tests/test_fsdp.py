@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_multiprocess import SETTINGS, environment, free_port, one_process_reference
 
 from conftest import base_config, snapshot, write_config
-from test_multiprocess import SETTINGS, environment, free_port, one_process_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp.yaml"
@@ -79,3 +79,141 @@ def test_fsdp_two_processes_equal_one_and_the_checkpoint_loads(reference, llama_
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
     for name, tensor in state["weights"].items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=0)
+
+
+def test_a_run_killed_in_a_sharded_fine_tune_resumes_to_the_same_run(reference, llama_dir, prompts_file, tmp_path):
+    """SIGKILL to the launcher and both workers once iteration 1's selection is written (its FSDP fine-tune is
+    starting), then `resume` under FSDP on two processes: the stage reruns from the base checkpoint."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "two"
+    config = write_config(tmp_path / "two.yaml", base_config(llama_dir, prompts_file, run_dir, **SETTINGS))
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            launch("run", str(config)), env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while not (run_dir / "iter_0001" / "select.done.json").exists():
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never finished selecting"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "iter_0001" / "finetune.done.json").exists(), "killed too late: the stage had finished"
+    done = subprocess.run(
+        launch("resume", str(run_dir)), env=environment(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_as(snapshot(run_dir), reference)
+
+
+def test_a_diffusion_unet_fine_tunes_sharded_and_its_checkpoint_loads(tmp_path):
+    """The image modality under FSDP on two processes: a full fine-tune of a class-conditional UNet whose
+    gathered checkpoint diffusers loads. Not compared with one process: each process draws the denoising
+    loss's noise and timesteps for its own micro-batches from the stage seed, so the draws differ (as under DDP)."""
+    import yaml
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from raftlib.diffusion import testing as T
+    from raftsuite.digits import write_prompts
+
+    model = T.build_class_conditional(tmp_path / "model")
+    prompts = write_prompts(tmp_path / "digits.jsonl", per_digit=2)
+    raw = {
+        "modality": "image",
+        "model": {"path": str(model)},
+        "data": {"prompts": str(prompts), "eval_prompts": 4},
+        "generation": {
+            "samples_per_prompt": 2,
+            "num_inference_steps": 2,
+            "guidance_scale": 1.0,
+            "prompts_per_batch": 2,
+        },
+        "reward": {"fn": "toy_rewards:brightness", "batch_size": 4},
+        "training": {"learning_rate": 1e-3, "epochs": 1, "micro_batch_size": 2},
+        "loop": {"iterations": 1, "prompts_per_iteration": 8},
+        "logging": {"tensorboard": False, "progress_bars": False},
+        "output_dir": str(tmp_path / "two"),
+    }
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(launch("run", str(config)), env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sharded fine-tune (FSDP2)" in done.stderr
+    base = UNet2DModel.from_pretrained(model / "unet").state_dict()
+    for directory in (tmp_path / "two" / "iter_0001" / "checkpoint", tmp_path / "two" / "final"):
+        trained = UNet2DModel.from_pretrained(directory / "unet").state_dict()
+        assert trained.keys() == base.keys()
+        assert any(not torch.equal(trained[k], v) for k, v in base.items()), "the sharded fine-tune changed nothing"
+    saved = load_file(tmp_path / "two" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == base.keys()
+
+
+# ----------------------------------------------------------------------------------------------
+# One Accelerator path: training.mixed_precision reaches every fine-tune
+# ----------------------------------------------------------------------------------------------
+
+
+def _record_matmul_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_direct_text_fine_tune_runs_in_the_configured_precision(precision, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from raftlib.config import TrainingSection
+    from raftlib.finetune import finetune
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    seen = _record_matmul_dtypes(model)
+    section = TrainingSection(learning_rate=1e-3, epochs=1, micro_batch_size=2, mixed_precision=precision)
+    finetune(model, [([1, 2, 3], [4, 5, 6])] * 4, section, pad_id=0, seed=0, iteration=1, progress=False)
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32
+
+
+def test_a_direct_diffusion_fine_tune_runs_in_the_configured_precision(tmp_path):
+    from raftlib.config import TrainingSection
+    from raftlib.diffusion import testing as T
+    from raftlib.diffusion.config import ImageGenerationSection, PipelineSection
+    from raftlib.diffusion.pipelines import generate_images
+    from raftlib.diffusion.train import finetune_images, load_policy
+    from raftlib.records import Prompt
+
+    loaded = load_policy(PipelineSection(path=str(T.build_class_conditional(tmp_path / "cc"))), None, "cpu")
+    prompts = [Prompt(i, f"digit {i}", {"label": i}) for i in range(2)]
+    kept = generate_images(
+        loaded, prompts, ImageGenerationSection(samples_per_prompt=2, num_inference_steps=2), seed=0, stream=1
+    )
+    seen = _record_matmul_dtypes(loaded.unet)
+    section = TrainingSection(learning_rate=1e-3, epochs=1, micro_batch_size=2, mixed_precision="bf16")
+    finetune_images(loaded, kept, section, seed=0, iteration=1, progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_a_passed_accelerator_with_another_precision_is_refused():
+    from raftlib.config import ConfigError, TrainingSection
+    from raftlib.sharding import build_accelerator, stage_accelerator
+
+    accelerator = build_accelerator(TrainingSection(mixed_precision="no"))
+    with pytest.raises(ConfigError, match=r"training.mixed_precision = 'bf16'.*runs 'no'"):
+        stage_accelerator(TrainingSection(mixed_precision="bf16"), accelerator)
+    assert stage_accelerator(TrainingSection(), accelerator) is accelerator
+
+
+def test_the_loop_sets_the_process_group_timeout(tmp_path):
+    from raftlib import RAFTConfig
+    from raftlib.config import ConfigError
+
+    config = RAFTConfig.from_dict({"model": {"path": "m"}, "data": {"prompts": "p.jsonl"}, "reward": {"fn": "r"}})
+    assert config.loop.process_group_timeout_minutes == 60.0
+    with pytest.raises(ConfigError, match=r"loop.process_group_timeout_minutes = 0"):
+        config.replace(["loop.process_group_timeout_minutes=0"])

@@ -62,7 +62,9 @@ def add_lora(loaded: LoadedPipeline, section: LoraSection, seed: int = 0) -> Non
     loaded.unet.to(loaded.device)
 
 
-def lora_state_dict(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     adapter = get_peft_model_state_dict(unet, state_dict=state_dict)
