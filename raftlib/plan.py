@@ -544,9 +544,10 @@ def _plan_text(config, hw: Hardware, sharding: str, model_config, reward_config,
             f"B x S x L x (6d + 2kv + {4 if policy.gated_mlp else 2}f) x {ab} B = {mb_tokens} x {L} x {per_token} x {ab}",
         )
     loss_rows = min(mb_tokens, t.loss_chunk_tokens) if t.loss_chunk_tokens else mb_tokens
-    loss_bytes = 10 if t.mixed_precision != "no" else 8
+    # logits and log-softmax (float32), and in the backward their two float32 gradients; autocast adds bf16 logits
+    loss_bytes = 20 if t.mixed_precision != "no" else 16
     loss = Term("loss logits", loss_rows * policy.vocab * loss_bytes,
-                f"tokens x V x {loss_bytes} B (logits, float copy, log-softmax) = {loss_rows} x {policy.vocab} x {loss_bytes}")  # fmt: skip
+                f"tokens x V x {loss_bytes} B (logits, log-softmax and their gradients) = {loss_rows} x {policy.vocab} x {loss_bytes}")  # fmt: skip
     write = Term(
         "checkpoint", 2 * N * wb / DISK_BYTES_PER_S, f"write + reload N x {wb} B at {DISK_BYTES_PER_S / 1e9:g} GB/s"
     )
