@@ -13,6 +13,7 @@ in `ASSUMPTIONS`. `check_fits` refuses only what clearly cannot fit (estimate > 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raftlib.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -369,8 +372,16 @@ def plan(
 
 
 def check_fits(config, hardware: Hardware, **kwargs) -> None:
-    """Raise ConfigError naming the setting to change when a stage clearly cannot fit (estimate > CLEARLY x memory)."""
-    estimate = plan(config, hardware, **kwargs)
+    """Raise ConfigError naming the setting to change when a stage clearly cannot fit (estimate > CLEARLY x memory).
+
+    A config the planner cannot read (a model type transformers does not know, a hub id without a known shape)
+    is not refused: the check is skipped with a warning, since only a clear estimate may stop a run.
+    """
+    try:
+        estimate = plan(config, hardware, **kwargs)
+    except Exception as exc:  # the planner's limits must not stop a run that may well fit
+        logger.warning("memory planner skipped: %s", exc)
+        return
     memory = hardware.gpu_memory_gib * GiB
     for stage in estimate.chosen:
         if stage.memory_bytes > CLEARLY * memory:

@@ -173,3 +173,33 @@ def test_the_fine_tune_estimate_is_within_25_percent_of_the_peak_measured_here(t
     predicted = estimate.memory_bytes - RUNTIME_OVERHEAD_BYTES
     print(f"fine-tune stage: measured {used / GiB:.3f} GiB, estimated {predicted / GiB:.3f} GiB")
     assert abs(predicted - used) <= 0.25 * used, (predicted / GiB, used / GiB)
+
+
+def test_diffusion_configs_are_planned_from_their_component_configs(tmp_path):
+    import diffusers
+
+    from raftlib.diffusion import testing as T
+    from raftlib.diffusion.config import DiffusionConfig
+
+    def load_unet(directory):
+        name = json.loads((directory / "config.json").read_text())["_class_name"]
+        return getattr(diffusers, name).from_pretrained(directory)
+
+    for path in (T.build_class_conditional(tmp_path / "cc"), T.build_stable_diffusion(tmp_path / "sd")):
+        config = DiffusionConfig.from_dict({"model": {"path": str(path)}, "data": {"prompts": "p.jsonl"},
+                                            "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+        estimate = plan(config, Hardware.preset("A40-48GB", 2), sharding="fsdp")
+        fsdp = stage(estimate, "fine-tune (FSDP)")
+        unet = sum(p.numel() for p in load_unet(path / "unet").parameters())  # the real weights, counted
+        assert term(fsdp, "UNet weights") == unet * 4 / 2  # float32, 2 shards
+        assert term(fsdp, "activations") > 0 and estimate.fits
+    # SD 1.5 offline from the known table: 859.5 M UNet parameters (its published count)
+    sd15 = DiffusionConfig.from_dict({"model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                                      "data": {"prompts": "p.jsonl"}, "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+    assert plan(sd15, Hardware.preset("A40-48GB")).models["unet"] == "859.5 M parameters"
+
+
+def test_check_fits_skips_what_it_cannot_read(caplog):
+    config = llama7b(model={"path": "some-org/unknown-model"})
+    check_fits(config, Hardware.preset("A40-48GB"))  # no config.json, no known shape: warned, not refused
+    assert "memory planner skipped" in caplog.text
