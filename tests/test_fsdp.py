@@ -217,3 +217,31 @@ def test_the_loop_sets_the_process_group_timeout(tmp_path):
     assert config.loop.process_group_timeout_minutes == 60.0
     with pytest.raises(ConfigError, match=r"loop.process_group_timeout_minutes = 0"):
         config.replace(["loop.process_group_timeout_minutes=0"])
+
+
+def test_lora_under_fsdp_equals_one_process(llama_dir, prompts_file, tmp_path):
+    """LoRA with FSDP: the frozen base is sharded too (FSDP2 shards per parameter, trainable or not); the
+    gathered state dict is filtered to the adapter by peft's save_pretrained."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from raftlib import load_config, run
+
+    lora = SETTINGS | {"model": {"path": str(llama_dir), "lora": {"r": 4, "alpha": 8}}}
+    one = tmp_path / "one"
+    accumulate = lora | {"training": lora["training"] | {"gradient_accumulation_steps": 2}}
+    run(load_config(write_config(tmp_path / "one.yaml", base_config(llama_dir, prompts_file, one, **accumulate))))
+    config = write_config(tmp_path / "two.yaml", base_config(llama_dir, prompts_file, tmp_path / "two", **lora))
+    done = subprocess.run(launch("run", str(config)), env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for iteration in (1, 2):
+        kept = [
+            [(r["prompt_id"], r["sample_index"], r["completion"]) for r in pq.read_table(path).to_pylist() if r["kept"]]
+            for path in (run / f"iter_{iteration:04d}" / "samples.parquet" for run in (one, tmp_path / "two"))
+        ]
+        assert kept[0] == kept[1]
+    reference = load_file(one / "final" / "adapter_model.safetensors")
+    sharded = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert sharded.keys() == reference.keys() and all("lora_" in k for k in reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=WEIGHT_ATOL)
