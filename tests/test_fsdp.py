@@ -217,6 +217,13 @@ def test_the_loop_sets_the_process_group_timeout(tmp_path):
     assert config.loop.process_group_timeout_minutes == 60.0
     with pytest.raises(ConfigError, match=r"loop.process_group_timeout_minutes = 0"):
         config.replace(["loop.process_group_timeout_minutes=0"])
+    # The loop builds its accelerator with the timeout (applied when that call starts the process group).
+    from datetime import timedelta
+
+    from raftlib.sharding import build_accelerator
+
+    accelerator = build_accelerator(config.training, timeout_minutes=config.loop.process_group_timeout_minutes)
+    assert accelerator.init_handler.timeout == timedelta(minutes=60)
 
 
 def test_lora_under_fsdp_equals_one_process(llama_dir, prompts_file, tmp_path):
