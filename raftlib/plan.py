@@ -434,7 +434,7 @@ def _plan_text(config, hw: Hardware, sharding: str, model_config, reward_config,
     N, L = policy.params, policy.layers
     bf16_compute = t.mixed_precision != "no" or wb == 2
     peak = (hw.gpu_tflops if bf16_compute else hw.fp32_peak) * 1e12  # FLOP/s per GPU for the policy
-    gen_peak = (hw.gpu_tflops if wb == 2 else hw.fp32_peak) * 1e12  # generation runs in the weights' dtype
+    gen_peak = (hw.gpu_tflops if wb == 2 else hw.fp32_peak) * 1e12  # generation and log-probs: the weights dtype
     bw = hw.gpu_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
     overhead = Term("runtime", RUNTIME_OVERHEAD_BYTES, "CUDA context + allocator slack (assumed)")
     weights = Term("policy weights", N * wb, f"N x {wb} B = {N:,} x {wb}")
@@ -519,7 +519,7 @@ def _plan_text(config, hw: Hardware, sharding: str, model_config, reward_config,
     ref_fits = sum(x.value for x in ref_memory) <= memory_limit
     if config.selection.kl_coef > 0:
         samples = lp.prompts_per_iteration * K
-        seconds = 2 * N * S * samples / (peak * FORWARD_MFU)
+        seconds = 2 * N * S * samples / (gen_peak * FORWARD_MFU)  # no autocast: the weights dtype
         stages.append(
             StageEstimate("select (KL reference, main process only)", ref_memory,
                           (Term("forward", seconds, f"2N x S x bK / (peak x MFU) = 2 x {N:.3g} x {S} x {samples}"),),
@@ -609,7 +609,7 @@ def _plan_text(config, hw: Hardware, sharding: str, model_config, reward_config,
     E, k_eval = d.eval_prompts, lp.eval_samples_per_prompt
     if E:
         eval_samples = E * k_eval
-        main_only = 2 * N * S * eval_samples / (peak * FORWARD_MFU)  # reference log-probs for the eval KL
+        main_only = 2 * N * S * eval_samples / (gen_peak * FORWARD_MFU)  # reference log-probs for the eval KL
         if reward is not None:
             rb = _BYTES.get(rm_dtype, 4)
             rm_peak = (hw.gpu_tflops if rb == 2 else hw.fp32_peak) * 1e12
