@@ -203,3 +203,19 @@ def test_check_fits_skips_what_it_cannot_read(caplog):
     config = llama7b(model={"path": "some-org/unknown-model"})
     check_fits(config, Hardware.preset("A40-48GB"))  # no config.json, no known shape: warned, not refused
     assert "memory planner skipped" in caplog.text
+
+
+def test_run_refuses_at_start_on_a_gpu_what_clearly_cannot_fit(llama_dir, prompts_file, tmp_path, monkeypatch):
+    """raftlib.run checks the plan before loading anything when its device is CUDA (faked here: no GPU)."""
+    import accelerate
+    import torch
+
+    import raftlib.loop
+    from conftest import base_config
+
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(raftlib.loop.Hardware, "detect", classmethod(lambda cls, gpus: Hardware(gpus, 0.001)))
+    config = RAFTConfig.from_dict(base_config(llama_dir, prompts_file, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"needs about .* GiB per process \(estimate\), more than the 0\.0 GiB"):
+        raftlib.loop.run(config)
+    assert not (tmp_path / "run" / "iter_0001").exists()
