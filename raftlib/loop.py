@@ -222,7 +222,7 @@ class Processes:
     samples depend only on (seed, iteration, b), so the union equals a one-process run's); samples are
     gathered to every process; the main process alone selects and writes run-level files, in a run
     directory every process must see (one machine, or a shared file system); the fine-tune is
-    data-parallel through accelerate (DDP, FSDP or DeepSpeed as its config file says).
+    data-parallel through accelerate (DDP, or FSDP2 as its config file says; see raftlib.sharding).
     """
 
     def __init__(self, accelerator) -> None:
