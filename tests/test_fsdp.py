@@ -29,8 +29,9 @@ process accumulates loss / 2 over two micro-batches; FSDP reduce-scatters each p
 divides by 2): a few float32 ulps per gradient element and step. Adam divides each update by the root of
 its running squared gradient, so an element whose gradient is itself near rounding level (an embedding row
 of a token seen once) can turn that into a visible share of lr: measured, 2 of 15,360 embedding weights
-differed by up to 2.4e-5 (2.9e-5 in another execution: the reductions are not bit-stable run to run), every other weight by less than 1e-6. The samples, kept sets and held-out rewards,
-which depend on these weights through two iterations, must match exactly."""
+differed by up to 2.4e-5 (2.9e-5 in another execution: the reductions are not bit-stable from run to
+run), every other weight by less than 1e-6. The samples, kept sets and held-out rewards, which depend on
+these weights through two iterations, must match exactly."""
 MOST_ATOL = 1e-6
 MOST_SHARE = 0.999
 
