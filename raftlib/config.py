@@ -257,8 +257,18 @@ class LoopSection:
     """Completions per held-out prompt at each evaluation."""
     keep_checkpoints: int | None = None
     """Keep only the newest this-many iteration checkpoints (None keeps all; final/ is always written)."""
+    process_group_timeout_minutes: float = 60.0
+    """Several processes: how long a process waits at a collective for the others (torch.distributed timeout).
+    The others wait while the main process alone selects (KL reference log-probs) and evaluates, so this must
+    exceed those stages (`python -m raftlib plan` estimates them); NCCL's own default is 10 minutes."""
 
     def validate(self, key: str) -> None:
+        _require(
+            self.process_group_timeout_minutes > 0,
+            f"{key}.process_group_timeout_minutes",
+            self.process_group_timeout_minutes,
+            "must be > 0",
+        )
         _require(self.iterations >= 1, f"{key}.iterations", self.iterations, "must be >= 1")
         _require(
             self.prompts_per_iteration >= 1, f"{key}.prompts_per_iteration", self.prompts_per_iteration, "must be >= 1"

@@ -235,7 +235,9 @@ def finetune(
 ):
     """SFT on `examples` for `section.epochs` epochs; returns (model, FinetuneStats).
 
-    The returned model is unwrapped (no DDP wrapper); with LoRA only adapter weights train.
+    The returned model is unwrapped (no DDP wrapper; under FSDP2 its weights stay sharded, see
+    `raftlib.sharding.full_state_dict`); with LoRA only adapter weights train. Precision is
+    `section.mixed_precision`, with or without a passed accelerator (`raftlib.sharding.stage_accelerator`).
     `section.packing`, `section.loss_chunk_tokens` and `section.gradient_checkpointing` choose how each
     micro-batch is laid out and how its loss is computed; the loss itself is the same.
     """
@@ -283,20 +285,26 @@ def train_stage(
     `loss_of(model, batch)` returns the micro-batch loss and how many units (tokens, images) it trained
     on. Shared by the language-model and the diffusion paths. Returns (unwrapped model, FinetuneStats).
     """
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from raftlib.sharding import stage_accelerator
+
     if not items:
         raise ValueError("nothing to fine-tune on: the kept set is empty")
-    accelerator = accelerator or Accelerator(gradient_accumulation_steps=section.gradient_accumulation_steps)
+    # One way to get the stage's Accelerator, so training.mixed_precision holds for every caller.
+    accelerator = stage_accelerator(section, accelerator)
     torch.manual_seed(seed * 1_000_003 + iteration)  # dropout masks and noise are part of the reproducible stage
     started = time.perf_counter()
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
     fused = accelerator.device.type == "cuda"  # one kernel per step for all tensors on a GPU
-    optimizer = torch.optim.AdamW(trainable, lr=section.learning_rate, weight_decay=section.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=section.learning_rate, weight_decay=section.weight_decay, fused=fused,
+    )  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
+    # After prepare: FSDP2 replaces each parameter by a sharded one, so the list is taken from the prepared model.
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def loader_for(epoch: int):
         order = epoch_order(len(items), seed, iteration, epoch)
@@ -346,6 +354,7 @@ def train_stage(
         counts = torch.tensor([trained_units, micro_batches], device=accelerator.device)
         trained_units, micro_batches = (int(v) for v in accelerator.reduce(counts, "sum").tolist())
 
+    # Under FSDP the unwrapped model still holds sharded weights: the loop gathers them (raftlib.sharding).
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop the accelerator's references to this stage's optimizer state
     model.eval()

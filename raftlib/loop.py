@@ -36,10 +36,12 @@ from raftlib.bookkeeping import (
     summary_line,
     track,
 )
-from raftlib.config import ConfigError, RAFTConfig, load_config
+from raftlib.config import RAFTConfig, load_config
 from raftlib.data import columns_by_prompt, load_prompts, prompts_for_iteration
+from raftlib.plan import Hardware, check_fits
 from raftlib.rewards import WeightedReward, build_reward, score_samples
 from raftlib.select import kl_ranking_key, select
+from raftlib.sharding import build_accelerator, full_state_dict, is_sharded, process_state
 from raftlib.store import RunDirError, RunStore
 
 if TYPE_CHECKING:
@@ -67,7 +69,8 @@ def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None =
     A run directory holding this same config is resumed, not restarted.
     """
     setup_logging(config.logging.level)
-    main_process = _process_state().is_main_process  # under `accelerate launch`, one of several processes
+    # Under `accelerate launch`, one of several processes; the first call starts the process group.
+    main_process = process_state(config.loop.process_group_timeout_minutes).is_main_process
     store = RunStore(config.output_dir)
     try:
         if main_process:
@@ -83,7 +86,7 @@ def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None =
                 logger.info("%s already holds this run: resuming it", store.root)
             else:
                 store.write_config(config.to_yaml())
-        _process_state().wait_for_everyone()
+        process_state().wait_for_everyone()
         with quiet_transformers():
             return _execute(config, store, reward)
     finally:
@@ -98,7 +101,7 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
         raise RunDirError(f"{run_dir} has no config.yaml: it is not a raftlib run directory")
     config = load_config(store.config_path)
     setup_logging(config.logging.level)
-    main_process = _process_state().is_main_process
+    main_process = process_state(config.loop.process_group_timeout_minutes).is_main_process
     if main_process:
         store.lock()
     try:
@@ -107,14 +110,6 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
     finally:
         if main_process:
             store.unlock()
-
-
-def _process_state():
-    """accelerate's view of this process; ACCELERATE_USE_CPU=true (as Accelerator reads it) runs several on CPUs."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _modality(config, device):
@@ -128,21 +123,16 @@ def _modality(config, device):
 
 
 def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResult:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
-        mixed_precision=config.training.mixed_precision,
+    # The fine-tune's precision, accumulation and sharding (DDP or FSDP2, as the accelerate config file says).
+    accelerator = build_accelerator(
+        config.training,
+        timeout_minutes=config.loop.process_group_timeout_minutes,
         log_with="tensorboard" if config.logging.tensorboard else None,
         project_dir=str(store.root),
     )
     processes = Processes(accelerator)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(
-            f"accelerate's {accelerator.distributed_type.name} is not supported: RAFT generates with the whole "
-            "model between fine-tunes, and raftlib does not yet gather sharded weights for that. Use DDP "
-            "(examples/accelerate/ddp.yaml) and LoRA or a smaller model when the model does not fit on one GPU."
-        )
+    if accelerator.device.type == "cuda":  # refuse what clearly cannot fit before loading anything
+        check_fits(config, Hardware.detect(processes.count))
     if not processes.is_main:
         logger.setLevel(logging.WARNING)  # one process reports; the others only warn
         store = _ReadOnlyRunStore(store)
@@ -156,6 +146,12 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
             "(global batch = micro_batch_size x %d x gradient_accumulation_steps)",
             processes.count, processes.count, processes.count,
         )  # fmt: skip
+    if is_sharded(accelerator):
+        logger.info(
+            "sharded fine-tune (FSDP2): parameters, gradients and optimizer state split over %d processes; after "
+            "each stage the main process gathers the full weights and writes the checkpoint every process reloads",
+            processes.count,
+        )
 
     # What is generated and trained (text or images) is the modality's business; the loop is the same.
     modality = _modality(config, accelerator.device)
@@ -226,7 +222,7 @@ class Processes:
     samples depend only on (seed, iteration, b), so the union equals a one-process run's); samples are
     gathered to every process; the main process alone selects and writes run-level files, in a run
     directory every process must see (one machine, or a shared file system); the fine-tune is
-    data-parallel through accelerate (DDP, FSDP or DeepSpeed as its config file says).
+    data-parallel through accelerate (DDP, or FSDP2 as its config file says; see raftlib.sharding).
     """
 
     def __init__(self, accelerator) -> None:
@@ -361,7 +357,18 @@ def _select_once(iteration, policy, modality, samples, scores, config, store):
 
 def _finetune(iteration, policy, modality, kept, store, accelerator, progress):
     policy, stats = modality.finetune(policy, kept, iteration=iteration, accelerator=accelerator, progress=progress)
-    store.save_model_dir(store.checkpoint_dir(iteration), lambda d: modality.save(policy, d))
+    directory = store.checkpoint_dir(iteration)
+    if is_sharded(accelerator):
+        # FSDP left each process a shard. Gather the whole weights to the main process once, write the checkpoint
+        # from them, and let every process load it: the policy that generates next is the checkpoint, exactly
+        # what a resumed run would load, and generation runs no collectives (processes draw different batches).
+        weights = full_state_dict(modality.trained_module(policy))
+        store.save_model_dir(directory, lambda d: modality.save(policy, d, state_dict=weights))
+        del weights, policy
+        accelerator.wait_for_everyone()
+        policy = modality.load_policy(directory)
+    else:
+        store.save_model_dir(directory, lambda d: modality.save(policy, d))
     metrics = {
         "train_loss_first_epoch": stats.first_epoch_loss,
         "train_loss_last_epoch": stats.last_epoch_loss,

@@ -97,10 +97,15 @@ def load_policy(
         return get_peft_model(base, lora).to(device)
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """Hugging Face format with safetensors: the full model, or only the adapter for LoRA."""
+def save_model(model, tokenizer, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Hugging Face format with safetensors: the full model, or only the adapter for LoRA.
+
+    `state_dict` holds the weights to write when the model's own are sharded (FSDP, `raftlib.sharding`);
+    save_pretrained then takes the config, file layout and adapter filtering from the model and the values
+    from the dict.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
 
 

@@ -61,8 +61,13 @@ class TextModality:
     def load_policy(self, checkpoint: Path | None):
         return load_policy(self.config.model, checkpoint, self.device, seed=self.config.seed)
 
-    def save(self, policy, directory: Path) -> None:
-        save_model(policy, self.tokenizer, directory)
+    def save(self, policy, directory: Path, state_dict=None) -> None:
+        save_model(policy, self.tokenizer, directory, state_dict)
+
+    @staticmethod
+    def trained_module(policy):
+        """The module the fine-tune trains (and FSDP shards): the policy itself."""
+        return policy
 
     # -- generation and scoring -------------------------------------------------------------------
 

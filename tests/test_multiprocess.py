@@ -98,7 +98,7 @@ def test_notebook_launcher_two_processes_equal_one_with_packing_and_chunked_loss
     assert_same_run(snapshot(tmp_path / "two"), reference)
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
 def test_sharded_strategies_are_refused_with_a_clear_message(kind, llama_dir, prompts_file, tmp_path, monkeypatch):
     import accelerate
 
@@ -110,7 +110,7 @@ def test_sharded_strategies_are_refused_with_a_clear_message(kind, llama_dir, pr
 
     monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: Kind()))
     raw = base_config(llama_dir, prompts_file, tmp_path / "run", **SETTINGS)
-    with pytest.raises(ConfigError, match=f"{kind} is not supported.*DDP"):
+    with pytest.raises(ConfigError, match=f"{kind} is not supported.*FSDP"):
         run(load_config(write_config(tmp_path / "c.yaml", raw)))
 
 

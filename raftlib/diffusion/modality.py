@@ -30,8 +30,13 @@ class ImageModality:
     def load_policy(self, checkpoint: Path | None) -> LoadedPipeline:
         return load_policy(self.config.model, checkpoint, self.device, seed=self.config.seed)
 
-    def save(self, policy: LoadedPipeline, directory: Path) -> None:
-        save_policy(policy, self.config.model.lora, directory)
+    def save(self, policy: LoadedPipeline, directory: Path, state_dict=None) -> None:
+        save_policy(policy, self.config.model.lora, directory, state_dict)
+
+    @staticmethod
+    def trained_module(policy: LoadedPipeline):
+        """The module the fine-tune trains (and FSDP shards): the UNet."""
+        return policy.unet
 
     def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
                  progress=True, description="generate", batch_indices=None) -> list[ImageSample]:  # fmt: skip

@@ -62,15 +62,47 @@ def add_lora(loaded: LoadedPipeline, section: LoraSection, seed: int = 0) -> Non
     loaded.unet.to(loaded.device)
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    adapter = get_peft_model_state_dict(unet, state_dict=state_dict)
+    return {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
 
 
-def save_policy(loaded: LoadedPipeline, lora: LoraSection | None, directory: Path) -> None:
-    """Full: the whole pipeline dir. LoRA: diffusers' LoRA file (SD/SDXL) or a peft adapter dir."""
+def _plain_unet(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded UNet of the same class and config holding `state_dict` (the gathered FSDP weights)."""
+    from raftlib.sharding import plain_class
+
+    with torch.device("meta"):
+        plain = plain_class(unet).from_config(unet.config)
+    plain.load_state_dict(state_dict, assign=True)  # the gathered CPU tensors become the weights, no copy
+    return plain
+
+
+def save_policy(
+    loaded: LoadedPipeline, lora: LoraSection | None, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Full: the whole pipeline dir. LoRA: diffusers' LoRA file (SD/SDXL) or a peft adapter dir.
+
+    `state_dict` holds the UNet's weights when its own are sharded (FSDP, `raftlib.sharding`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and lora is None:
+        # diffusers' save_pretrained reads the module's own (sharded) weights: write an unsharded copy instead.
+        sharded = loaded.unet
+        plain = _plain_unet(sharded, state_dict)
+        try:
+            loaded.unet = plain
+            if loaded.pipeline is not None:
+                loaded.pipeline.unet = plain
+            save_policy(loaded, None, directory)
+        finally:
+            loaded.unet = sharded
+            if loaded.pipeline is not None:
+                loaded.pipeline.unet = sharded
+        return
     if lora is None:
         if loaded.pipeline is not None:
             loaded.pipeline.save_pretrained(directory, safe_serialization=True)
@@ -78,7 +110,7 @@ def save_policy(loaded: LoadedPipeline, lora: LoraSection | None, directory: Pat
             loaded.unet.save_pretrained(directory / "unet", safe_serialization=True)
             loaded.scheduler.save_pretrained(directory / "scheduler")
         return
-    weights = lora_state_dict(loaded.unet)
+    weights = lora_state_dict(loaded.unet, state_dict)
     if loaded.pipeline is not None:
         from diffusers.utils import convert_state_dict_to_diffusers
 

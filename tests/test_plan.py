@@ -1,0 +1,221 @@
+"""The memory and time planner (raftlib.plan): hand-computed figures for LLaMA-7B shapes, refusals naming the key,
+the CLI on the paper profile's config (offline: known shapes), and the estimate against a peak measured here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from raftlib import RAFTConfig
+from raftlib.config import ConfigError
+from raftlib.plan import RUNTIME_OVERHEAD_BYTES, GiB, Hardware, check_fits, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "examples" / "paper" / "hh_rlhf_llama7b.yaml"
+N_7B = 6_738_415_616
+"""LLaMA-7B's parameters: 2 x 32000 x 4096 (embeddings, untied head) + 32 x (4 x 4096^2 + 3 x 4096 x 11008
++ 2 x 4096 norms) + 4096 (final norm)."""
+
+
+def llama7b(**sections) -> RAFTConfig:
+    raw = {
+        "model": {"path": "huggyllama/llama-7b"},
+        "data": {"prompts": "p.jsonl", "max_prompt_tokens": 256, "eval_prompts": 0},
+        "generation": {"samples_per_prompt": 32, "max_new_tokens": 128, "prompts_per_batch": 2},
+        "reward": {"fn": "toy_rewards:letter_a"},
+        "training": {"micro_batch_size": 8},
+        "loop": {"iterations": 12, "prompts_per_iteration": 2048},
+    }
+    for name, values in sections.items():
+        raw[name] = raw.get(name, {}) | values
+    return RAFTConfig.from_dict(raw)
+
+
+def stage(estimate, name):
+    return next(s for s in estimate.stages if s.stage == name)
+
+
+def term(row, name):
+    return next(t.value for t in row.memory_terms if t.name == name)
+
+
+def test_hand_computed_parameters_and_hardware_presets():
+    assert 2 * 32000 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 == N_7B
+    estimate = plan(llama7b(), Hardware.preset("A40-48GB", 8), sharding="ddp")
+    assert estimate.models["policy"].startswith("6.738 B parameters")
+    assert Hardware.preset("H200-141GB").gpu_memory_gib == pytest.approx(139.8)
+    with pytest.raises(ConfigError, match="unknown hardware preset 'V100'"):
+        Hardware.preset("V100")
+
+
+def test_float32_full_fine_tune_under_ddp_on_8_x_48_gb_does_not_fit_and_names_fsdp():
+    estimate = plan(llama7b(), Hardware.preset("A40-48GB", 8), sharding="ddp")
+    ddp = stage(estimate, "fine-tune (DDP)")
+    assert term(ddp, "weights") == N_7B * 4
+    assert term(ddp, "gradients") == N_7B * 4
+    assert term(ddp, "AdamW moments") == 2 * N_7B * 4
+    assert term(ddp, "DDP gradient buckets") == N_7B * 4  # 8 processes: DDP's own copy of the gradients
+    # activations: 8 samples x 384 tokens x 32 layers x (6 x 4096 + 2 x 4096 + 4 x 11008) elements x 4 B
+    assert term(ddp, "activations") == 8 * 384 * 32 * (6 * 4096 + 2 * 4096 + 4 * 11008) * 4
+    assert term(ddp, "loss logits") == 8 * 384 * 32000 * 16  # logits, log-softmax, their gradients
+    assert not ddp.fits and "fsdp.yaml" in ddp.key
+    with pytest.raises(ConfigError, match=r"fsdp\.yaml: the fine-tune \(DDP\) stage needs about 1[0-9]{2}\.\d GiB"):
+        check_fits(llama7b(), Hardware.preset("A40-48GB", 8), sharding="ddp")
+
+
+def test_bf16_full_fine_tune_under_fsdp_on_8_x_80_gb_fits():
+    config = llama7b(model={"dtype": "bfloat16"}, training={"mixed_precision": "bf16"})
+    estimate = plan(config, Hardware.preset("A100-80GB", 8), sharding="fsdp")
+    fsdp = stage(estimate, "fine-tune (FSDP)")
+    # accelerate keeps float32 master weights under mixed precision: 4 + 4 + 8 bytes a parameter, over 8 shards
+    assert term(fsdp, "weights") == N_7B * 4 / 8
+    assert term(fsdp, "gradients") == N_7B * 4 / 8
+    assert term(fsdp, "AdamW moments") == 2 * N_7B * 4 / 8
+    assert term(fsdp, "activations") == 8 * 384 * 32 * (6 * 4096 + 2 * 4096 + 4 * 11008) * 2  # bf16 autocast
+    assert fsdp.fits and not fsdp.alternative and stage(estimate, "fine-tune (DDP)").alternative
+    generate = stage(estimate, "generate")
+    # KV cache: 2 prompts x K 32 = 64 rows x 384 tokens x 2 (k, v) x 32 layers x 4096 x 2 B
+    assert term(generate, "KV cache") == 64 * 384 * 2 * 32 * 4096 * 2
+    assert term(generate, "policy weights") == N_7B * 2
+    assert estimate.fits and estimate.key is None
+    check_fits(config, Hardware.preset("A100-80GB", 8), sharding="fsdp")
+
+
+def test_lora_in_bf16_on_one_141_gb_gpu_fits_and_float32_generation_batches_do_not():
+    config = llama7b(model={"dtype": "bfloat16", "lora": {"r": 16, "alpha": 32}})
+    estimate = plan(config, Hardware.preset("H200-141GB", 1), sharding="ddp")
+    ddp = stage(estimate, "fine-tune (DDP)")
+    lora = 16 * 32 * 2 * (4096 + 4096)  # r x layers x (q_proj, v_proj: peft's Llama default) x (in + out)
+    assert term(ddp, "gradients") == lora * 2 and term(ddp, "AdamW moments") == 2 * lora * 2
+    assert term(ddp, "weights") == N_7B * 2  # frozen base, bf16
+    assert "DDP gradient buckets" not in [t.name for t in ddp.memory_terms]  # one process: no DDP
+    assert estimate.fits
+    big = llama7b(generation={"prompts_per_batch": 16})  # 512 rows of float32 KV cache: 192 GiB
+    estimate = plan(big, Hardware.preset("H200-141GB", 1))
+    assert term(stage(estimate, "generate"), "KV cache") == 512 * 384 * 2 * 32 * 4096 * 4
+    assert not estimate.fits and estimate.key == "generation.prompts_per_batch"
+    with pytest.raises(ConfigError, match=r"^generation\.prompts_per_batch: the generate stage"):
+        check_fits(big, Hardware.preset("H200-141GB", 1))
+
+
+def test_time_terms_are_the_documented_arithmetic():
+    from raftlib.plan import TRAIN_MFU
+
+    config = llama7b(model={"dtype": "bfloat16"}, training={"mixed_precision": "bf16"})
+    estimate = plan(config, Hardware.preset("A100-80GB", 8), sharding="fsdp")
+    train = next(t for t in stage(estimate, "fine-tune (FSDP)").time_terms if t.name == "train")
+    tokens = 2048 * 384 * 2  # kept (best of 32 for 2048 prompts) x 384 tokens x 2 epochs
+    flops = (6 * N_7B + 12 * 32 * 4096 * 384) * tokens
+    assert train.value == pytest.approx(flops / (8 * 312e12 * TRAIN_MFU))
+    assert estimate.total_seconds == pytest.approx(12 * estimate.seconds_per_iteration)
+
+
+def test_the_cli_plans_the_paper_profile_offline():
+    done = subprocess.run(
+        [sys.executable, "-m", "raftlib", "plan", str(PAPER), "--hardware", "A40-48GB", "--gpus", "8", "--brief"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]  # the config as shipped does not fit: exit 3
+    assert "8 x A40-48GB" in done.stdout and "| generate |" in done.stdout and "| evaluate |" in done.stdout
+    assert "does NOT fit: change generation.prompts_per_batch" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "raftlib", "plan", str(PAPER), "model.path=nowhere/unknown"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--model-config" in bad.stderr
+
+
+MEASURE = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from raftlib.config import TrainingSection
+    from raftlib.finetune import finetune
+
+    def rss():  # resident bytes now
+        return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+    torch.set_num_threads(1)
+    baseline = rss()  # after imports: what the planner's stage estimate does not cover
+    config = LlamaConfig.from_pretrained(sys.argv[1])
+    model = LlamaForCausalLM(config)
+    section = TrainingSection(learning_rate=1e-4, epochs=1, micro_batch_size=8)
+    examples = [(list(range(1, 193)), list(range(193, 257)))] * 16  # 16 samples of 256 tokens, 2 micro-batches
+    finetune(model, examples, section, pad_id=0, seed=0, iteration=1, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # high-water resident bytes (Linux: KiB)
+    print(json.dumps({"baseline": baseline, "peak": peak}))
+""")
+
+
+def test_the_fine_tune_estimate_is_within_25_percent_of_the_peak_measured_here(tmp_path):
+    """A 21 M-parameter Llama, float32, one process, one fine-tune stage on this CPU: peak resident memory
+    minus the resident memory after imports, against the planner's fine-tune row without its runtime term."""
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "model"
+    LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8).save_pretrained(model_dir)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(model_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    used = measured["peak"] - measured["baseline"]
+    config = RAFTConfig.from_dict({
+        "model": {"path": str(model_dir)}, "data": {"prompts": "p.jsonl", "max_prompt_tokens": 192, "eval_prompts": 0},
+        "generation": {"max_new_tokens": 64}, "reward": {"fn": "toy_rewards:letter_a"},
+        "training": {"micro_batch_size": 8},
+    })  # fmt: skip
+    estimate = stage(plan(config, Hardware(gpus=1, gpu_memory_gib=24), sharding="ddp"), "fine-tune (DDP)")
+    predicted = estimate.memory_bytes - RUNTIME_OVERHEAD_BYTES
+    print(f"fine-tune stage: measured {used / GiB:.3f} GiB, estimated {predicted / GiB:.3f} GiB")
+    assert abs(predicted - used) <= 0.25 * used, (predicted / GiB, used / GiB)
+
+
+def test_diffusion_configs_are_planned_from_their_component_configs(tmp_path):
+    import diffusers
+
+    from raftlib.diffusion import testing as T
+    from raftlib.diffusion.config import DiffusionConfig
+
+    def load_unet(directory):
+        name = json.loads((directory / "config.json").read_text())["_class_name"]
+        return getattr(diffusers, name).from_pretrained(directory)
+
+    for path in (T.build_class_conditional(tmp_path / "cc"), T.build_stable_diffusion(tmp_path / "sd")):
+        config = DiffusionConfig.from_dict({"model": {"path": str(path)}, "data": {"prompts": "p.jsonl"},
+                                            "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+        estimate = plan(config, Hardware.preset("A40-48GB", 2), sharding="fsdp")
+        fsdp = stage(estimate, "fine-tune (FSDP)")
+        unet = sum(p.numel() for p in load_unet(path / "unet").parameters())  # the real weights, counted
+        assert term(fsdp, "UNet weights") == unet * 4 / 2  # float32, 2 shards
+        assert term(fsdp, "activations") > 0 and estimate.fits
+    # SD 1.5 offline from the known table: 859.5 M UNet parameters (its published count)
+    sd15 = DiffusionConfig.from_dict({"model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                                      "data": {"prompts": "p.jsonl"}, "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+    assert plan(sd15, Hardware.preset("A40-48GB")).models["unet"] == "859.5 M parameters"
+
+
+def test_check_fits_skips_what_it_cannot_read(caplog):
+    config = llama7b(model={"path": "some-org/unknown-model"})
+    check_fits(config, Hardware.preset("A40-48GB"))  # no config.json, no known shape: warned, not refused
+    assert "memory planner skipped" in caplog.text
+
+
+def test_run_refuses_at_start_on_a_gpu_what_clearly_cannot_fit(llama_dir, prompts_file, tmp_path, monkeypatch):
+    """raftlib.run checks the plan before loading anything when its device is CUDA (faked here: no GPU)."""
+    import accelerate
+    import torch
+
+    import raftlib.loop
+    from conftest import base_config
+
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(raftlib.loop.Hardware, "detect", classmethod(lambda cls, gpus: Hardware(gpus, 0.001)))
+    config = RAFTConfig.from_dict(base_config(llama_dir, prompts_file, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"needs about .* GiB per process \(estimate\), more than the 0\.0 GiB"):
+        raftlib.loop.run(config)
+    assert not (tmp_path / "run" / "iter_0001").exists()
