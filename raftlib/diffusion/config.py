@@ -63,8 +63,8 @@ class ImageGenerationSection:
     prompts_per_batch: int = 4
     """Prompts per generation batch; each batch denoises prompts_per_batch * K images (rows) at once."""
     decode_batch_size: int = 8
-    """Images per VAE decode call. The decoder's activations at 512 px are about 1 GiB per image in bf16
-    (docs/diffusion_estimates.md), so a batch of 100 rows is decoded in chunks of this many."""
+    """Images per VAE decode call. SD 1.5's decoder holds ~0.2 GiB of activations per 512 px image in bf16
+    (docs/diffusion_estimates.md): a batch of 100 rows is decoded in chunks of this many, not all at once."""
     class_column: str = "label"
     """Class-conditional models: the data column holding each prompt's class id."""
 
