@@ -303,6 +303,22 @@ def load_scorer(reward_model: str | Path, *, formatter: str = "raw", dtype: str 
     return scorer
 
 
+def reward_section(
+    reward_model: str | Path, formatter: str = "raw", dtype: str = "float32", batch_size: int = 64
+) -> dict[str, Any]:
+    """A RAFT config's `reward` section for the proxy RM.
+
+    The tiny RM read raw in fp32 stays raftlib's built-in `reward_model` (the configs, and so the run dirs the
+    tiny profile resumes, are what they were); any other format or dtype goes through the named formatter.
+    """
+    if formatter == "raw" and dtype == "float32":
+        return {"fn": "reward_model", "args": {"path": str(reward_model), "batch_size": batch_size}}
+    return {
+        "fn": "raftsuite.hh_paper:formatted_reward_model",
+        "args": {"path": str(reward_model), "formatter": formatter, "dtype": dtype, "batch_size": batch_size},
+    }
+
+
 def resolve_dtype(value: str, parameter: str = "policy_dtype") -> str:
     """A dtype parameter: "auto" is bfloat16 on CUDA and float32 elsewhere; else float32 | bfloat16 | float16."""
     if value == "auto":
