@@ -68,7 +68,7 @@ def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
     )
     assert ours == pytest.approx(card, abs=1e-5)
     assert ours != pytest.approx(direct(prompts, completions), abs=1e-5)  # the raw HH text scores differently
-    with pytest.raises(ValueError, match="reward.args.formatter = 'chatml'"):
+    with pytest.raises(ValueError, match=r"reward\.args\.formatter = 'chatml'"):
         formatted_reward_model(str(standins["reward_model"]), formatter="chatml")
 
 
