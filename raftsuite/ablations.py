@@ -1,4 +1,8 @@
-"""The K / temperature / KL sweeps of the paper's Tables 5-7, on the tiny HH-RLHF setting."""
+"""The K / temperature / KL sweeps of the paper's Tables 5-7: on the tiny HH-RLHF setting, or on HH-RLHF itself.
+
+Each setting is one RAFT run through `raftsuite.launch.run` (in the kernel, or under `accelerate launch` when the
+notebook asks for several processes); its final model is evaluated on the accelerator.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 import raftlib
-from raftsuite import hh, report
+from raftsuite import hh, launch, report
 
 PAPER: dict[str, dict[float, float]] = {
     "K": {8: 2.180, 16: 2.251, 32: 2.329},  # Table 5, lambda = 0.85
@@ -59,10 +63,17 @@ def run_sweeps(
     *,
     max_new_tokens: int,
     seed: int,
+    num_processes: int = 1,
+    accelerate_config: str = "",
+    policy_dtype: str = "float32",
+    gold: bool = True,
+    prompts_per_batch: int = 16,
 ) -> pd.DataFrame:
-    """Run every distinct setting once (resuming finished ones) and evaluate its final model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Run every distinct setting once (resuming unfinished and reusing finished ones) and evaluate its final model.
 
+    `num_processes` / `accelerate_config`: as `raftsuite.launch.run`. The evaluation loads each final model on
+    the accelerator in `policy_dtype`; `gold=False` where there is no hidden gold preference (HH-RLHF).
+    """
     names = sorted({name for sweep in settings.values() for name in sweep.values()})
     rows = {}
     for name in names:
@@ -72,13 +83,21 @@ def run_sweeps(
         raw["selection"] = {"strategy": "local", "kl_coef": kl_coef}
         raw["output_dir"] = str(work / name)
         started = time.perf_counter()
-        result = raftlib.run(raftlib.RAFTConfig.from_dict(raw))
+        result = launch.run(raftlib.RAFTConfig.from_dict(raw), num_processes, accelerate_config)
         minutes = (time.perf_counter() - started) / 60
-        model = AutoModelForCausalLM.from_pretrained(str(result.final_dir)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(result.final_dir))
+        model, tokenizer = hh.load_causal_lm(result.final_dir, policy_dtype)
         evaluation = hh.evaluate(
-            model, tokenizer, held_out, scorer, temperature=EVAL_TEMPERATURE, max_new_tokens=max_new_tokens, seed=seed
+            model,
+            tokenizer,
+            held_out,
+            scorer,
+            temperature=EVAL_TEMPERATURE,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            gold=gold,
+            prompts_per_batch=prompts_per_batch,
         )
+        del model  # one final model on the device at a time
         metrics = report.read_metrics(result.run_dir)
         rows[name] = {
             "K": k,
@@ -142,7 +161,12 @@ def trend_sentence(sweep: str, table: pd.DataFrame, paper: dict[float, float]) -
         f"{sweep} = {settings}: the paper's final reward {paper_word} "
         f"({' / '.join(f'{v:.3f}' for v in theirs)}); ours {our_word} "
         f"({' / '.join(f'{v:.3f}' for v in ours)}): the trend {verdict} here (one seed per setting, so small "
-        f"differences are within noise). Gold reward: {' / '.join(f'{v:.3f}' for v in table['gold_reward'])}."
+        f"differences are within noise)."
+        + (
+            ""
+            if table["gold_reward"].isna().all()  # HH-RLHF: no hidden gold preference
+            else f" Gold reward: {' / '.join(f'{v:.3f}' for v in table['gold_reward'])}."
+        )
     )
 
 

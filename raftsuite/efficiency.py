@@ -1,9 +1,11 @@
-"""The efficiency experiment: RAFT against TRL's GRPOTrainer on the tiny HH-RLHF setting, and generation speed.
+"""The efficiency experiment: RAFT against TRL's GRPOTrainer on the same HH-RLHF setting, and generation speed.
 
-Each method runs in a fresh Python process (`run_in_child`), so its peak resident memory is its own
-(VmHWM, read by the child at its end) and neither inherits the other's allocator state. Both report held-out proxy reward (the trained reward model on the same held-out
-prompts, drawn the same way: raftlib's evaluation generator) against the completions drawn so far and
-against training wall time; evaluation time is left out of the training time of both.
+Each method runs in fresh Python processes (`run_in_child`): one plain `python` child by default, or
+`accelerate launch` workers when the notebook asks for several processes or an accelerate config. So its peak
+resident memory is its own (VmHWM, read by every process at its end; CUDA's peak allocation too) and neither
+inherits the other's allocator state. Both report held-out proxy reward (the reward model on the same held-out
+prompts, drawn the same way: raftlib's evaluation generator) against the completions drawn so far and against
+training wall time; evaluation time is left out of the training time of both.
 
     python -m raftsuite.efficiency MODULE:FUNCTION '{"json": "kwargs"}' OUT.json     # what run_in_child runs
 """
@@ -12,37 +14,79 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from raftsuite import launch
+
 # ----------------------------------------------------------------------------------------------
-# A function in its own process
+# A function in its own process(es)
 # ----------------------------------------------------------------------------------------------
 
 
-def run_in_child(function: str, kwargs: dict[str, Any], output: Path, log: Path) -> dict[str, Any]:
-    """`module:function(**kwargs)` in a fresh process: its JSON result, peak RSS (MiB) and wall time (s)."""
+def _rank() -> int:
+    """This process's rank under `accelerate launch` (torchrun sets RANK), 0 in a plain child."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _memory_path(output: Path, rank: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}")
+
+
+def run_in_child(
+    function: str,
+    kwargs: dict[str, Any],
+    output: Path,
+    log: Path,
+    *,
+    num_processes: int = 1,
+    accelerate_config: str = "",
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """`module:function(**kwargs)` in fresh process(es): its JSON result (the main process's), peak RSS (MiB, the
+    largest of any process, and `peak_rss_mib_per_process`), peak CUDA allocation (MiB, or None) and wall time (s).
+
+    One process and no accelerate config: a plain `python` child whose output goes to `log`. Otherwise
+    `accelerate launch` runs `function` in every worker (it must be accelerate-aware, as raftlib's loop and TRL's
+    trainer are) and its output is streamed through `echo` (default: this process's stdout) and into `log`.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)
-    root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    for stale in output.parent.glob(f"{output.name}.rank*"):
+        stale.unlink()
+    log.unlink(missing_ok=True)
+    module_args = ["raftsuite.efficiency", function, json.dumps(kwargs), str(output)]
     started = time.perf_counter()
-    with open(log, "w") as handle:
-        done = subprocess.run(
-            [sys.executable, "-m", "raftsuite.efficiency", function, json.dumps(kwargs), str(output)],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, check=False,
-        )  # fmt: skip
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{function} failed in its process (exit {done.returncode}); end of {log}:\n{tail}")
+    if num_processes == 1 and not accelerate_config:
+        root = Path(__file__).resolve().parents[1]
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        env.pop("RANK", None)  # a plain child is rank 0 whatever launched the kernel
+        with open(log, "w") as handle:
+            done = subprocess.run(
+                [sys.executable, "-m", *module_args], stdout=handle, stderr=subprocess.STDOUT, env=env, check=False
+            )
+        if done.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{function} failed in its process (exit {done.returncode}); end of {log}:\n{tail}")
+    else:
+        command, env = launch.launch_command(module_args, num_processes, accelerate_config)
+        launch.stream(command, env, log, **({"echo": echo} if echo else {}))
     record = json.loads(output.read_text())
+    memory = [json.loads(path.read_text()) for path in sorted(output.parent.glob(f"{output.name}.rank*"))]
+    record["peak_rss_mib_per_process"] = [m["peak_rss_mib"] for m in memory]
+    record["peak_rss_mib"] = max(record["peak_rss_mib_per_process"])
+    cuda = [m["peak_cuda_mib"] for m in memory if m["peak_cuda_mib"] is not None]
+    record["peak_cuda_mib"] = max(cuda) if cuda else None
+    record["processes"] = len(memory)
     record["process_seconds"] = time.perf_counter() - started
     return record
 
@@ -50,7 +94,20 @@ def run_in_child(function: str, kwargs: dict[str, Any], output: Path, log: Path)
 def _child(function: str, kwargs_json: str, output: str) -> None:
     module, name = function.split(":")
     result = getattr(importlib.import_module(module), name)(**json.loads(kwargs_json))
-    Path(output).write_text(json.dumps({"result": result, "peak_rss_mib": peak_rss_mib()}))
+    rank, path = _rank(), Path(output)
+    memory = {"peak_rss_mib": peak_rss_mib(), "peak_cuda_mib": peak_cuda_mib()}
+    _memory_path(path, rank).write_text(json.dumps(memory))
+    if rank == 0:  # every worker returns the same curve (or none); the main process's is the result
+        path.write_text(json.dumps({"result": result}))
+
+
+def peak_cuda_mib() -> float | None:
+    """This process's peak CUDA allocation by torch (MiB), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def peak_rss_mib() -> float:
@@ -88,7 +145,18 @@ def raft_curve(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def held_out_reward(
-    model, tokenizer, prompts, reward, *, samples_per_prompt, temperature, max_new_tokens, seed, max_prompt_tokens=None
+    model,
+    tokenizer,
+    prompts,
+    reward,
+    *,
+    samples_per_prompt,
+    temperature,
+    max_new_tokens,
+    seed,
+    max_prompt_tokens=None,
+    prompts_per_batch: int = 16,
+    reward_batch_size: int = 64,
 ):
     """Mean proxy reward on held-out prompts, drawn exactly as raftlib's loop draws its evaluation."""
     from raftlib.config import GenerationSection
@@ -98,11 +166,11 @@ def held_out_reward(
 
     settings = GenerationSection(
         samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-        prompts_per_batch=16,
+        prompts_per_batch=prompts_per_batch,
     )  # fmt: skip
     samples = generate_samples(model, tokenizer, prompts, settings, seed=seed, stream=EVAL_STREAM, progress=False,
                                max_prompt_tokens=max_prompt_tokens)  # fmt: skip
-    scores = score_samples(reward, samples, {}, batch_size=64, progress=False)
+    scores = score_samples(reward, samples, {}, batch_size=reward_batch_size, progress=False)
     return sum(scores.reward) / len(scores.reward)
 
 
@@ -123,17 +191,30 @@ def grpo_curve(
     seed: int,
     output_dir: str,
     max_prompt_tokens: int | None = None,
+    gradient_accumulation_steps: int = 1,
+    gradient_checkpointing: bool = False,
+    reward_formatter: str = "raw",
+    reward_dtype: str = "float32",
+    reward_batch_size: int = 64,
+    prompts_per_batch: int = 16,
 ) -> list[dict[str, Any]]:
-    """TRL GRPO with a callback measuring held-out reward every `eval_every_steps` steps (time excluded)."""
+    """TRL GRPO with a callback measuring held-out reward every `eval_every_steps` steps (time excluded).
+
+    Under `accelerate launch` every worker trains and only the main process measures (the others wait for it at
+    the next gradient all-reduce); the returned curve is the main process's.
+    """
     from transformers import AutoTokenizer, TrainerCallback
 
     from raftlib.config import DataSection, RewardSection
     from raftlib.data import load_prompts
     from raftlib.rewards import build_reward
-    from raftsuite.hh import run_grpo
+    from raftsuite.hh import reward_section, run_grpo
 
     split = load_prompts(DataSection(prompts=prompts, eval_prompts=eval_prompts), seed)
-    reward = build_reward(RewardSection(fn="reward_model", args={"path": reward_model, "batch_size": 64}))
+    main_process = _rank() == 0
+    reward = build_reward(
+        RewardSection(**reward_section(reward_model, reward_formatter, reward_dtype, reward_batch_size))
+    )
     tokenizer = AutoTokenizer.from_pretrained(sft_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,10 +227,13 @@ def grpo_curve(
             self.eval_seconds = 0.0
 
         def measure(self, step: int, model) -> None:
+            if not main_process:
+                return
             began = time.perf_counter()
             value = held_out_reward(
                 model, tokenizer, split.eval, reward, samples_per_prompt=eval_samples_per_prompt,
                 temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, max_prompt_tokens=max_prompt_tokens,
+                prompts_per_batch=prompts_per_batch, reward_batch_size=reward_batch_size,
             )  # fmt: skip
             training = began - self.started - self.eval_seconds
             self.eval_seconds += time.perf_counter() - began
@@ -166,15 +250,19 @@ def grpo_curve(
                 self.measure(state.global_step, model)
 
     callback = HeldOutReward()
-    reward.setup()  # loaded once for all evaluations
+    if main_process:
+        reward.setup()  # loaded once for all evaluations
     try:
         run_grpo(
             sft_model, split.train, reward_model, output_dir, samples_budget=samples_budget,
             num_generations=num_generations, prompts_per_step=prompts_per_step, learning_rate=learning_rate,
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, callbacks=[callback],
+            gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+            reward_formatter=reward_formatter, reward_dtype=reward_dtype,
         )  # fmt: skip
     finally:
-        reward.teardown()
+        if main_process:
+            reward.teardown()
     return callback.points
 
 
@@ -213,23 +301,30 @@ def comparison(curves: dict[str, pd.DataFrame], peaks: dict[str, float]) -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def generation_speed(model_dir: str, prompts, *, prompt_counts, samples_per_prompt, max_new_tokens: int, seed: int = 0):
+def generation_speed(
+    model_dir: str,
+    prompts,
+    *,
+    prompt_counts,
+    samples_per_prompt,
+    max_new_tokens: int,
+    seed: int = 0,
+    dtype: str = "float32",
+):
     """Completion tokens per second of HF `generate(num_return_sequences=K)`, raftlib's eager loop and its
-    static backend (uncompiled on a CPU), on the same model, prompts, K and sampling settings.
+    static backend (uncompiled on a CPU), on the same model (on the accelerator, in `dtype`), prompts, K and
+    sampling settings.
 
     Completion tokens are counted up to and including each row's EOS, for all three alike.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raftlib.config import GenerationSection
     from raftlib.fastgen import StaticDecoder
     from raftlib.generate import encode_prompts, generate_samples
+    from raftsuite.hh import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_causal_lm(model_dir, dtype)
     rows = []
     for count in prompt_counts:
         chosen = prompts[:count]
@@ -247,15 +342,21 @@ def generation_speed(model_dir: str, prompts, *, prompt_counts, samples_per_prom
                 timings[backend] = (sum(s.completion_token_count for s in samples), time.perf_counter() - began)
             ids = encode_prompts(tokenizer, chosen, chat_template="never")
             width = max(map(len, ids))
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
-            attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            input_ids = torch.tensor(
+                [[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids], device=model.device
+            )
+            attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
             torch.manual_seed(seed)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()  # time the generation, not what was queued before it
             began = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=1.0, top_k=0,
                     max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
                 )  # fmt: skip
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - began
             completions = out[:, width:]
             is_eos = completions == tokenizer.eos_token_id
@@ -268,4 +369,7 @@ def generation_speed(model_dir: str, prompts, *, prompt_counts, samples_per_prom
 
 
 if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     _child(*sys.argv[1:4])

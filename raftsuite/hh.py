@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -289,13 +290,55 @@ def train_reward_model(
 # ----------------------------------------------------------------------------------------------
 
 
-def load_scorer(reward_model: str | Path):
-    """The proxy reward (the trained RM) as a raftlib reward callable, loaded once."""
-    from raftlib.rewards import RewardModelScorer
+def load_scorer(reward_model: str | Path, *, formatter: str = "raw", dtype: str = "float32", batch_size: int = 64):
+    """The proxy reward (the trained RM) as a raftlib reward callable, loaded once, on CUDA when present.
 
-    scorer = RewardModelScorer(str(reward_model), batch_size=64)
+    `formatter` names the RM's input format (`raftsuite.hh_paper.FORMATTERS`): "raw" for the tiny RM,
+    "open_llama_hh" for the authors' HH RM.
+    """
+    from raftsuite.hh_paper import FormattedRewardModel
+
+    scorer = FormattedRewardModel(str(reward_model), formatter, batch_size=batch_size, dtype=dtype)
     scorer.setup()
     return scorer
+
+
+def reward_section(
+    reward_model: str | Path, formatter: str = "raw", dtype: str = "float32", batch_size: int = 64
+) -> dict[str, Any]:
+    """A RAFT config's `reward` section for the proxy RM.
+
+    The tiny RM read raw in fp32 stays raftlib's built-in `reward_model` (the configs, and so the run dirs the
+    tiny profile resumes, are what they were); any other format or dtype goes through the named formatter.
+    """
+    if formatter == "raw" and dtype == "float32":
+        return {"fn": "reward_model", "args": {"path": str(reward_model), "batch_size": batch_size}}
+    return {
+        "fn": "raftsuite.hh_paper:formatted_reward_model",
+        "args": {"path": str(reward_model), "formatter": formatter, "dtype": dtype, "batch_size": batch_size},
+    }
+
+
+def resolve_dtype(value: str, parameter: str = "policy_dtype") -> str:
+    """A dtype parameter: "auto" is bfloat16 on CUDA and float32 elsewhere; else float32 | bfloat16 | float16."""
+    if value == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    if value not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{parameter} = {value!r}: use auto, float32, bfloat16 or float16")
+    return value
+
+
+def model_device() -> str:
+    """Where the baselines and the evaluation run: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32"):
+    """(model on `model_device()` in eval mode, tokenizer with a pad token) of a saved policy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(model_device()).eval()
+    return model, load_tokenizer(ModelSection(path=str(path)))
 
 
 def evaluate(
@@ -310,6 +353,7 @@ def evaluate(
     best_of: int = 1,
     seed: int = 0,
     gold: bool = True,
+    prompts_per_batch: int = 16,
 ) -> dict[str, float]:
     """Proxy and gold reward, reference perplexity, MSTTR-100, distinct-1/2, length on held-out prompts.
 
@@ -321,7 +365,7 @@ def evaluate(
         samples_per_prompt=samples_per_prompt * best_of,
         temperature=temperature,
         max_new_tokens=max_new_tokens,
-        prompts_per_batch=16,
+        prompts_per_batch=prompts_per_batch,
     )
     samples = generate_samples(model, tokenizer, prompts, generation, seed=seed, stream=424_242, progress=False)
     proxy = scorer([s.prompt for s in samples], [s.completion for s in samples])
@@ -390,15 +434,24 @@ def run_grpo(
     temperature: float = 1.0,
     seed: int = 0,
     callbacks: Sequence[Any] = (),
+    gradient_accumulation_steps: int = 1,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
+    reward_formatter: str = "raw",
+    reward_dtype: str = "float32",
 ) -> dict[str, Any]:
     """TRL GRPOTrainer on the proxy reward, stopped when it has drawn `samples_budget` completions.
 
     `callbacks`: transformers TrainerCallbacks (the efficiency notebook evaluates held-out reward in one).
+    One optimizer step takes `num_generations * prompts_per_step` completions whatever the launch: each of the
+    WORLD_SIZE processes (under `accelerate launch`) takes `completions / (processes * accumulation)` per
+    micro-batch, so memory per device falls with `gradient_accumulation_steps`. `bf16` (default: on CUDA)
+    loads and trains in bf16 autocast.
     """
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    scorer = load_scorer(reward_model)
+    scorer = load_scorer(reward_model, formatter=reward_formatter, dtype=reward_dtype)
 
     def proxy_reward(prompts, completions, **kwargs):  # TRL logs reward functions by __name__
         return scorer(list(prompts), list(completions))
@@ -406,9 +459,18 @@ def run_grpo(
     completions_per_step = num_generations * prompts_per_step
     steps = max(1, samples_budget // completions_per_step)
     use_cpu = not torch.cuda.is_available()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device, rest = divmod(completions_per_step, processes * gradient_accumulation_steps)
+    if rest or per_device < 1:
+        raise ValueError(
+            f"grpo: {completions_per_step} completions per step (num_generations x prompts_per_step) do not split "
+            f"into {processes} processes x gradient_accumulation_steps {gradient_accumulation_steps}"
+        )
+    bf16 = (not use_cpu) if bf16 is None else bf16
     args = GRPOConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=completions_per_step,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         num_generations=num_generations,
         max_completion_length=max_new_tokens,
         temperature=temperature,
@@ -421,9 +483,10 @@ def run_grpo(
         save_strategy="no",
         seed=seed,
         disable_tqdm=True,
-        gradient_checkpointing=False,  # TRL turns it on by default; RAFT's fine-tune does not use it either
+        gradient_checkpointing=gradient_checkpointing,  # TRL turns it on by default; we follow the RAFT setting
         # TRL defaults to bf16, which on a CPU is bf16 autocast: slower there, and RAFT's tiny runs are fp32
-        bf16=not use_cpu,
+        bf16=bf16,
+        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
     )
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()

@@ -10,21 +10,55 @@ prompt is everything up to and including the last `"\\n\\nAssistant:"`; the resp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import re
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from raftlib.config import ModelSection, TrainingSection
-from raftlib.data import DataError, read_rows
+from raftlib.data import DataError
 from raftlib.finetune import finetune
 from raftlib.models import load_policy, load_tokenizer, save_model
+from raftlib.records import Prompt
+from raftlib.store import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+
+SUBSETS: dict[str, tuple[str, ...]] = {
+    # The authors' RM was trained on the helpful data only (its model card); the paper's RAFT runs use it too.
+    "helpful": ("helpful-base", "helpful-online", "helpful-rejection-sampled"),
+    "harmless": ("harmless-base",),
+    "all": ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"),
+}
+"""`subset` names -> HH-RLHF data dirs. red-team-attempts is left out: it has transcripts, not chosen/rejected."""
+DATA_DIRS = SUBSETS["all"]
+
+
+def resolve_subset(subset: str) -> tuple[str, ...]:
+    """A `subset` parameter (helpful | harmless | all, or comma-separated data dirs) as HH-RLHF data dirs."""
+    if subset in SUBSETS:
+        return SUBSETS[subset]
+    dirs = tuple(d.strip() for d in subset.split(",") if d.strip())
+    unknown = [d for d in dirs if d not in DATA_DIRS]
+    if not dirs or unknown:
+        raise ValueError(
+            f"subset = {subset!r}: unknown {', '.join(unknown) or 'empty value'}; use one of "
+            f"{', '.join(SUBSETS)} or comma-separated data dirs of {', '.join(DATA_DIRS)}"
+        )
+    return dirs
 
 
 def split_dialogue(text: str) -> tuple[str, str]:
@@ -35,15 +69,39 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :]
 
 
+def read_hh(dataset: str, split: str, subset: str = "helpful") -> list[dict[str, Any]]:
+    """The rows of one split of the chosen HH-RLHF data dirs (`datasets.load_dataset(dataset, data_dir=...)`)."""
+    import datasets
+
+    rows = []
+    for data_dir in resolve_subset(subset):
+        try:
+            part = datasets.load_dataset(dataset, data_dir=data_dir, split=split)
+        except Exception as exc:  # datasets raises many types for a missing dir, split or file
+            raise DataError(f"dataset = {dataset!r}, subset dir {data_dir!r}, split {split!r}: {exc}") from exc
+        rows += part.to_list()
+    return rows
+
+
 def hh_prompts(
-    dataset: str, split: str, tokenizer, max_prompt_tokens: int = 256, limit: int | None = None
+    dataset: str,
+    split: str,
+    tokenizer,
+    max_prompt_tokens: int = 256,
+    limit: int | None = None,
+    *,
+    subset: str = "helpful",
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict[str, str]]:
     """Prompts and chosen responses of HH-RLHF; prompts over `max_prompt_tokens` are dropped, as in the
-    paper; then the first `limit` (e.g. the paper's 4,608 test prompts)."""
-    rows, _ = read_rows(dataset, split)
-    out = []
-    for row in rows:
+    paper, and so are repeated prompts and prompts in `exclude` (the test split repeats train dialogues);
+    then the first `limit` (e.g. the paper's 4,608 test prompts)."""
+    out, seen = [], set(exclude)
+    for row in read_hh(dataset, split, subset):
         prompt, chosen = split_dialogue(row["chosen"])
+        if prompt in seen:
+            continue
+        seen.add(prompt)
         if len(tokenizer(prompt)["input_ids"]) <= max_prompt_tokens:
             out.append({"prompt": prompt, "reference": chosen.strip()})
             if limit and len(out) == limit:
@@ -51,15 +109,99 @@ def hh_prompts(
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# The reward model's input format
+# ----------------------------------------------------------------------------------------------
+
+
+def open_llama_rm_format(prompt: str, completion: str) -> str:
+    """HH text as `weqweasdas/hh_rlhf_rm_open_llama_3b` was trained to read it.
+
+    Its model card scores texts such as (the card's own example, shortened):
+
+        "###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to
+        explain it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is ..."
+
+    i.e. each `\\n\\nHuman: ` turn becomes `###Human: `, each `\\n\\nAssistant: ` turn ` ###Assistant: `
+    (one space before `###`, none at the start), with no chat template. The card says it was trained on the
+    helpful subset of HH-RLHF.
+    """
+    text = re.sub(r"\s*\n\nHuman:\s*", " ###Human: ", prompt + completion)
+    text = re.sub(r"\s*\n\nAssistant:\s*", " ###Assistant: ", text)
+    return text.strip()
+
+
+def raw_format(prompt: str, completion: str) -> str:
+    """prompt + completion unchanged (the tiny profile's reward model was trained on exactly this)."""
+    return prompt + completion
+
+
+FORMATTERS: dict[str, Callable[[str, str], str]] = {"open_llama_hh": open_llama_rm_format, "raw": raw_format}
+"""Named reward-model input formats; the reward config names one (`reward.args.formatter`)."""
+
+
+class FormattedRewardModel:
+    """raftlib's `RewardModelScorer` fed texts built by a named formatter (never the tokenizer's chat template)."""
+
+    def __init__(self, path: str, formatter: str = "open_llama_hh", **kwargs: Any) -> None:
+        from raftlib.rewards import RewardModelScorer
+
+        if formatter not in FORMATTERS:
+            raise ValueError(f"reward.args.formatter = {formatter!r}: known formatters {', '.join(FORMATTERS)}")
+        self.format = FORMATTERS[formatter]
+        self.scorer = RewardModelScorer(path, use_chat_template=False, **kwargs)
+
+    def setup(self) -> None:
+        self.scorer.setup()
+
+    def teardown(self) -> None:
+        self.scorer.teardown()
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        texts = [self.format(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self.scorer(texts, [""] * len(texts))
+
+
+def formatted_reward_model(path: str, formatter: str = "open_llama_hh", **kwargs: Any) -> FormattedRewardModel:
+    """Reward factory for configs: `reward: {fn: raftsuite.hh_paper:formatted_reward_model, args: {path,
+    formatter, dtype, batch_size}}`."""
+    return FormattedRewardModel(path, formatter, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The setup: prompts (train / test) and the SFT policy, built once per settings and shared
+# ----------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PaperSetup:
     sft_model: Path | str
     reward_model: str
     prompts: Path
+    """Train-split prompts only: RAFT's prompts (its per-iteration eval holds out some of them)."""
     eval_prompts_file: Path
+    """Test-split prompts only, none of them a train prompt: the notebooks' evaluation set."""
     train_prompts: int
     eval_prompts: int
     seconds: float
+
+
+def test_prompts(setup: PaperSetup) -> list[Prompt]:
+    """The evaluation prompts (test split) as raftlib Prompt records with their `reference` column."""
+    rows = [json.loads(line) for line in setup.eval_prompts_file.read_text(encoding="utf-8").splitlines()]
+    return [Prompt(prompt_id=i, text=r["prompt"], columns={"reference": r["reference"]}) for i, r in enumerate(rows)]
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock file: a second notebook started at once waits here, then reuses the build."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def prepare_paper_setup(
@@ -69,33 +211,86 @@ def prepare_paper_setup(
     dataset: str,
     reward_model: str,
     sft_model: str = "",
+    subset: str = "helpful",
     max_prompt_tokens: int = 256,
     sft_examples: int | None = None,
     sft_learning_rate: float = 2e-5,
+    sft_micro_batch_size: int = 8,
     eval_prompts: int = 4608,
     train_limit: int | None = None,
+    policy_dtype: str = "bfloat16",
+    mixed_precision: str = "bf16",
+    gradient_checkpointing: bool = False,
     progress: bool = True,
 ) -> PaperSetup:
-    """HH-RLHF prompts (train and test), and the SFT policy: `sft_model` if given, else one epoch of SFT
-    of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT)."""
-    started = time.perf_counter()
+    """HH-RLHF prompts (train and test kept apart), and the SFT policy: `sft_model` if given, else one epoch of
+    SFT of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT).
+
+    Built once per settings under `directory` (every notebook of a profile passes the same one): under an
+    exclusive lock, into a temporary dir renamed into place, with setup.json written last; a second caller
+    with the same settings (even one started at the same moment) reuses it.
+    """
     directory = Path(directory)
+    resolve_subset(subset)  # a wrong subset fails before anything loads
+    settings = {k: v for k, v in locals().items() if k not in ("directory", "progress")}
+    record = directory / "setup.json"
+    with _exclusive(directory.parent / f".{directory.name}.lock"):
+        if record.is_file():
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            if saved["settings"] == settings:
+                logger.info("reusing the HH-RLHF setup in %s", directory)
+                return _paper_setup_from_record(saved)
+            logger.info("%s was built with other settings: rebuilding it", directory)
+        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        setup = _build_paper_setup(tmp, settings, progress)
+        old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        setup = PaperSetup(
+            **{k: _moved(v, tmp, directory) if isinstance(v, Path) else v for k, v in asdict(setup).items()}
+        )
+        if setup.sft_model == str(tmp / "sft"):
+            setup = PaperSetup(**(asdict(setup) | {"sft_model": directory / "sft"}))
+        body = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(setup).items()}
+        atomic_write_text(record, json.dumps({"settings": settings, "setup": body}, indent=2) + "\n")
+        return setup
+
+
+def _moved(path: Path, old: Path, new: Path) -> Path:
+    return new / path.relative_to(old) if path.is_relative_to(old) else path
+
+
+def _paper_setup_from_record(saved: dict[str, Any]) -> PaperSetup:
+    body = saved["setup"]
+    paths = {"prompts", "eval_prompts_file"}
+    return PaperSetup(**{k: Path(v) if k in paths else v for k, v in body.items()})
+
+
+def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool) -> PaperSetup:
+    started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
+    policy_model, sft_model = settings["policy_model"], settings["sft_model"]
     tokenizer = load_tokenizer(ModelSection(path=sft_model or policy_model))
-    train = hh_prompts(dataset, "train", tokenizer, max_prompt_tokens, train_limit)
-    test = hh_prompts(dataset, "test", tokenizer, max_prompt_tokens, eval_prompts)
-    prompts = directory / "prompts.jsonl"
-    with open(prompts, "w", encoding="utf-8") as handle:
-        for row in train + test:  # raftlib holds out data.eval_prompts rows; the notebook passes the test file too
-            handle.write(json.dumps(row) + "\n")
-    eval_file = directory / "eval_prompts.jsonl"
-    with open(eval_file, "w", encoding="utf-8") as handle:
-        for row in test:
-            handle.write(json.dumps(row) + "\n")
+    dataset, subset, cut = settings["dataset"], settings["subset"], settings["max_prompt_tokens"]
+    train = hh_prompts(dataset, "train", tokenizer, cut, settings["train_limit"], subset=subset)
+    # The evaluation set is the test split only, less any prompt that is also a train prompt.
+    train_texts = {r["prompt"] for r in hh_prompts(dataset, "train", tokenizer, 10**9, subset=subset)}
+    test = hh_prompts(dataset, "test", tokenizer, cut, settings["eval_prompts"], subset=subset, exclude=train_texts)
+    prompts, eval_file = directory / "prompts.jsonl", directory / "eval_prompts.jsonl"
+    for path, rows in ((prompts, train), (eval_file, test)):
+        with open(path, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
     if not sft_model:
-        section = ModelSection(path=policy_model, dtype="bfloat16")
-        policy = load_policy(section)
-        rows = train[:sft_examples] if sft_examples else train
+        section = ModelSection(path=policy_model, dtype=settings["policy_dtype"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy = load_policy(section, device=device)
+        if settings["gradient_checkpointing"]:
+            policy.gradient_checkpointing_enable()
+        rows = train[: settings["sft_examples"]] if settings["sft_examples"] else train
         eos = [tokenizer.eos_token_id]
         examples = [
             (
@@ -105,7 +300,11 @@ def prepare_paper_setup(
             for r in rows
         ]
         training = TrainingSection(
-            learning_rate=sft_learning_rate, epochs=1, micro_batch_size=8, mixed_precision="bf16"
+            learning_rate=settings["sft_learning_rate"],
+            epochs=1,
+            micro_batch_size=settings["sft_micro_batch_size"],
+            mixed_precision=settings["mixed_precision"],
+            gradient_checkpointing=settings["gradient_checkpointing"],
         )
         policy, _ = finetune(
             policy, examples, training, pad_id=tokenizer.pad_token_id, seed=0, iteration=0, progress=progress
@@ -114,7 +313,7 @@ def prepare_paper_setup(
         sft_model = str(directory / "sft")
     return PaperSetup(
         sft_model=sft_model,
-        reward_model=reward_model,
+        reward_model=settings["reward_model"],
         prompts=prompts,
         eval_prompts_file=eval_file,
         train_prompts=len(train),

@@ -38,16 +38,47 @@ def test_committed_without_outputs_and_one_parameters_cell(path):
     assert set(runner.INJECTED) <= set(runner.notebook_parameters(path.stem))
 
 
-@pytest.mark.parametrize("profile", ["tiny", "smoke", "paper"])
+@pytest.mark.parametrize("profile", ["tiny", "smoke", "paper", "gpu", "dryrun"])
 def test_profiles_are_valid(profile):
     for name, values in runner.load_profile(profile).items():
         runner.check_parameters(name, values, f"profile {profile}")
 
 
+HH_SETUP_PARAMETERS = (
+    "policy_model", "sft_model", "dataset", "reward_model", "subset", "max_prompt_tokens", "eval_prompts",
+    "train_limit", "sft_examples", "policy_dtype", "mixed_precision", "gradient_checkpointing",
+)  # fmt: skip
+"""What `hh_paper.prepare_paper_setup` is keyed on: equal values build runs/PROFILE/hh_paper_setup once."""
+
+
+@pytest.mark.parametrize("profile", ["dryrun", "gpu", "paper"])
+def test_every_notebook_has_an_hh_entry_and_the_text_notebooks_share_one_setup(profile):
+    entries = runner.load_profile(profile)
+    assert set(entries) == {p.stem for p in NOTEBOOKS}
+
+    def setup_of(name):
+        defaults = runner.notebook_parameters(name)
+        return {key: entries[name].get(key, defaults[key]) for key in HH_SETUP_PARAMETERS}
+
+    assert setup_of("hh_rlhf")["dataset"], f"{profile}: the text notebooks run on HH-RLHF"
+    assert setup_of("ablations") == setup_of("hh_rlhf") == setup_of("efficiency")
+    if profile == "dryrun":  # every code path of the paper profile: 2 processes, LoRA
+        for name in ("hh_rlhf", "ablations", "efficiency"):
+            assert entries[name]["num_processes"] == 2 and entries[name]["lora_rank"] > 0
+
+
+def test_paper_ablations_are_the_papers_tables_5_to_7():
+    paper = runner.load_profile("paper")["ablations"]
+    assert (paper["k_values"], paper["k_sweep_temperature"]) == ([8, 16, 32], 0.85)
+    assert (paper["temperatures"], paper["temperature_sweep_k"]) == ([0.7, 0.85, 1.0], 8)
+    assert (paper["kl_coefs"], paper["kl_sweep_k"], paper["kl_sweep_temperature"]) == ([0.0, 0.005, 0.01, 0.1], 8, 1.0)
+
+
 def test_paper_profile_names_every_hub_id_as_a_parameter():
-    paper = runner.load_profile("paper")["hh_rlhf"]
-    for key in ("policy_model", "dataset", "reward_model"):
-        assert HUB_ID.fullmatch(repr(paper[key])), f"paper profile {key} should be a hub id"
+    for name in ("hh_rlhf", "ablations", "efficiency"):
+        paper = runner.load_profile("paper")[name]
+        for key in ("policy_model", "dataset", "reward_model"):
+            assert HUB_ID.fullmatch(repr(paper[key])), f"paper profile {name}.{key} should be a hub id"
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:

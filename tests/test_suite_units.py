@@ -205,6 +205,34 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents(tmp_path, monkeypat
         )
 
 
+def allocate_by_rank(megabytes: int) -> int:
+    """A worker's job under `accelerate launch`: rank r holds (r + 1) x `megabytes`, then returns its rank."""
+    import os
+
+    rank = int(os.environ["RANK"])
+    allocate_and_report(megabytes * (rank + 1))
+    return rank
+
+
+def test_children_under_accelerate_launch_report_every_process_and_the_main_result(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from raftsuite import efficiency
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    lines = []
+    record = efficiency.run_in_child(
+        "test_suite_units:allocate_by_rank", {"megabytes": 200}, tmp_path / "a.json", tmp_path / "a.log",
+        num_processes=2, echo=lines.append,
+    )  # fmt: skip
+    assert record["result"] == 0  # the main process's return value
+    assert record["processes"] == 2
+    small, large = record["peak_rss_mib_per_process"]  # rank 0, rank 1
+    assert large - small == pytest.approx(200, abs=40)
+    assert record["peak_rss_mib"] == large
+    assert lines and (tmp_path / "a.log").is_file()  # streamed, and kept
+
+
 def test_comparison_finds_the_common_target_and_the_first_points_reaching_it():
     import pandas as pd
 

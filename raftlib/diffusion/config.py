@@ -29,11 +29,14 @@ class PipelineSection:
     path: str = ""
     """Local diffusers pipeline dir or hub id (required). A dir with unet/ and scheduler/ only is class-conditional."""
     kind: PipelineKind = "auto"
-    """auto reads model_index.json: StableDiffusion*/SDXL pipelines, or a label-conditioned UNet."""
+    """auto reads a local dir's model_index.json: StableDiffusion*/SDXL pipelines, or a label-conditioned UNet.
+    A hub id has no local dir to read: name its kind (stable_diffusion for SD 1.x/2.x, sdxl)."""
     lora: LoraSection | None = None
     """LoRA on the UNet's attention projections; absent means full fine-tuning of the UNet."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype of the frozen parts (VAE, text encoders); the trained UNet weights stay float32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the frozen parts (VAE, text encoders), and sampling runs under autocast to it; the
+    trained UNet weights stay float32. auto = bfloat16 on a CUDA device that has it (float16 on one that does
+    not), float32 on a CPU (where half precision is slower, not faster)."""
     revision: str | None = None
     """Hub revision (ignored for local dirs)."""
 
@@ -58,7 +61,10 @@ class ImageGenerationSection:
     width: int | None = None
     """Output width in pixels; None = the model's native size."""
     prompts_per_batch: int = 4
-    """Prompts per generation batch; each batch denoises prompts_per_batch * K images."""
+    """Prompts per generation batch; each batch denoises prompts_per_batch * K images (rows) at once."""
+    decode_batch_size: int = 8
+    """Images per VAE decode call. SD 1.5's decoder holds ~0.2 GiB of activations per 512 px image in bf16
+    (docs/diffusion_estimates.md): a batch of 100 rows is decoded in chunks of this many, not all at once."""
     class_column: str = "label"
     """Class-conditional models: the data column holding each prompt's class id."""
 
@@ -72,6 +78,7 @@ class ImageGenerationSection:
             if value is not None:
                 _require(value >= 8 and value % 8 == 0, f"{key}.{name}", value, "must be a multiple of 8, >= 8")
         _require(self.prompts_per_batch >= 1, f"{key}.prompts_per_batch", self.prompts_per_batch, "must be >= 1")
+        _require(self.decode_batch_size >= 1, f"{key}.decode_batch_size", self.decode_batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)

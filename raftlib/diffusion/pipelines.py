@@ -130,6 +130,13 @@ class LoadedPipeline:
     pipeline: Any = None
     """The diffusers pipeline (None for class-conditional models)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    """The frozen parts' dtype; sampling runs under autocast to it when it is not float32."""
+
+    def autocast(self):
+        """Sampling precision: the float32 UNet meets the half-precision text embeddings and VAE under autocast."""
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype if enabled else torch.bfloat16, enabled=enabled)
 
     @property
     def native_size(self) -> int:
@@ -161,7 +168,19 @@ def detect_kind(path: str) -> str:
         return "class_conditional"
     if root.exists():
         raise PipelineError(f"{path}: neither a diffusers pipeline (model_index.json) nor a unet/ + scheduler/ dir")
-    raise PipelineError(f"model.kind = 'auto' needs a local dir to inspect; {path!r} is not one: set model.kind")
+    raise PipelineError(
+        f"model.kind = 'auto' needs a local dir to inspect; {path!r} is not one (a hub id?): set model.kind "
+        "(stable_diffusion for SD 1.x/2.x, sdxl, class_conditional)"
+    )
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """model.dtype as a torch dtype; auto = bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def load_pipeline(section: PipelineSection, device: torch.device | str = "cpu", path: str | None = None):
@@ -172,7 +191,7 @@ def load_pipeline(section: PipelineSection, device: torch.device | str = "cpu", 
     _check_local(source, "model.path", PipelineError)
     kind = section.kind if section.kind != "auto" else detect_kind(source)
     device = torch.device(device)
-    dtype = _DTYPES[section.dtype]
+    dtype = resolve_dtype(section.dtype, device)
     if kind == "class_conditional":
         from diffusers import DDIMScheduler, UNet2DModel
 
@@ -180,21 +199,25 @@ def load_pipeline(section: PipelineSection, device: torch.device | str = "cpu", 
         if getattr(unet.config, "num_class_embeds", None) is None:
             raise PipelineError(f"{source}/unet has no class embedding (num_class_embeds): not class-conditional")
         scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
-        return LoadedPipeline(kind, unet.to(device), scheduler, None, device)
+        return LoadedPipeline(kind, unet.to(device), scheduler, None, device, dtype)
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "stable_diffusion" else {}
-    pipeline = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, revision=section.revision, **extra)
     if dtype != torch.float32:
-        pipeline.unet.to(torch.float32)  # the trained weights stay float32; autocast handles mixed precision
+        # The trained weights stay float32, read as float32 from the file (a bf16 copy cast back up would
+        # start the fine-tune from rounded weights); autocast runs them in `dtype`.
+        extra["unet"] = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", dtype=torch.float32, use_safetensors=True, revision=section.revision
+        )
+    pipeline = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, revision=section.revision, **extra)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     for frozen in (pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
         if frozen is not None:
             frozen.requires_grad_(False)
-    return LoadedPipeline(kind, pipeline.unet, pipeline.scheduler, pipeline, device)
+    return LoadedPipeline(kind, pipeline.unet, pipeline.scheduler, pipeline, device, dtype)
 
 
 def sampling_scheduler(loaded: LoadedPipeline, name: str):
@@ -271,19 +294,60 @@ def _parameters(fn: Callable) -> set[str]:
 def sample_pipeline(
     loaded: LoadedPipeline, texts: Sequence[str], generators: list[torch.Generator], settings: ImageGenerationSection
 ) -> np.ndarray:
-    """Stable Diffusion / SDXL: one image per text, each from its own generator; (N, H, W, 3) uint8."""
+    """Stable Diffusion / SDXL: one image per text, each from its own generator; (N, H, W, 3) uint8.
+
+    The pipeline denoises all N latents at once and stops there (output_type="latent"); the VAE then decodes
+    them `settings.decode_batch_size` at a time, so the decoder's full-resolution activations are held for
+    a few images, not N.
+    """
     pipeline = loaded.pipeline
     original = pipeline.scheduler
     pipeline.scheduler = sampling_scheduler(loaded, settings.scheduler)
     try:
         kwargs = {"eta": settings.eta} if "eta" in _parameters(pipeline.scheduler.step) else {}
-        output = pipeline(
-            prompt=list(texts), num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-            height=settings.height, width=settings.width, generator=generators, output_type="np", **kwargs,
-        )  # fmt: skip
+        with loaded.autocast():
+            latents = pipeline(
+                prompt=list(texts), num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+                generator=generators, output_type="latent", **kwargs,
+            ).images  # fmt: skip
     finally:
         pipeline.scheduler = original
-    return (np.clip(output.images, 0, 1) * 255).round().astype(np.uint8)
+    chunks = [
+        decode_latents(pipeline, latents[start : start + settings.decode_batch_size])
+        for start in range(0, len(latents), settings.decode_batch_size)
+    ]
+    return (np.clip(np.concatenate(chunks), 0, 1) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents: torch.Tensor) -> np.ndarray:
+    """What StableDiffusion(XL)Pipeline does after its last step, for one chunk: unscale (SDXL: de-normalise
+    with the VAE's latents mean/std when it has them), decode, map to [0, 1]; (n, H, W, 3) float32.
+
+    Decoded in the VAE's own dtype; an fp16 VAE marked force_upcast (SDXL's overflows in fp16) runs in fp32
+    for the call, as the pipeline does.
+    """
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = latents.to(vae.device, vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    if getattr(pipeline, "watermark", None) is not None:  # SDXL with invisible-watermark installed
+        image = pipeline.watermark.apply_watermark(image)
+    return pipeline.image_processor.postprocess(image.float(), output_type="np")
 
 
 def generate_images(

@@ -7,7 +7,8 @@ diffusion run does:
 
 - `clip_score`: 100 * max(cos(image, prompt), 0) under a local (or hub) CLIPModel, as torchmetrics' CLIPScore;
 - `aesthetic`: the LAION aesthetic predictor, a linear or MLP head on normalised CLIP ViT-L/14 image
-  embeddings, with the head's weights from a local .safetensors or .pth (read with weights_only);
+  embeddings, with the head's weights from a local .safetensors or .pth (read with weights_only), its
+  SHA-256 checked (`python -m raftlib.diffusion.fetch_laion DIR` fetches LAION's published head);
 - `jpeg_compressibility`: minus the JPEG size in kB (DDPO's compressibility reward);
 - `classifier_probability`: an image classifier's probability of the class in a data column (not the
   top-class probability, which pure noise can score well on).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,11 +30,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from raftlib.diffusion.fetch_laion import FETCH_COMMAND, PUBLISHED_HEADS, sha256_of
 from raftlib.rewards import RewardError, import_object, register
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    """The scorer's weights dtype; auto = bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise RewardError(f"reward.args.dtype = {name!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def _rgb(images: list) -> list:
@@ -56,8 +73,9 @@ def _loaded_for_call(scorer, loaded: bool):
 class _ClipBacked:
     """Loads a CLIPModel + CLIPProcessor in setup(), frees them in teardown()."""
 
-    def __init__(self, clip: str, batch_size: int = 32, device: str | None = None) -> None:
+    def __init__(self, clip: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto") -> None:
         self.clip, self.batch_size, self.device = clip, batch_size, _device(device)
+        self.dtype = _dtype(dtype, self.device)
         self.model = self.processor = None
 
     def setup(self) -> None:
@@ -66,7 +84,8 @@ class _ClipBacked:
         from raftlib.models import _check_local
 
         _check_local(self.clip, "CLIP model")
-        self.model = CLIPModel.from_pretrained(self.clip, use_safetensors=True).to(self.device).eval()
+        model = CLIPModel.from_pretrained(self.clip, use_safetensors=True, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(self.clip)
 
     def teardown(self) -> None:
@@ -78,7 +97,7 @@ class _ClipBacked:
         chunks = []
         for start in range(0, len(images), self.batch_size):
             pixels = self.processor(images=_rgb(images[start : start + self.batch_size]), return_tensors="pt")
-            features = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+            features = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device, self.dtype))
             features = getattr(features, "pooler_output", features)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1))
         return torch.cat(chunks)
@@ -106,20 +125,47 @@ class ClipScore(_ClipBacked):
 
 
 @register("clip_score")
-def clip_score(clip: str, batch_size: int = 32, device: str | None = None) -> ClipScore:
-    """args: {clip: local CLIP dir or hub id (paper: openai/clip-vit-large-patch14), batch_size, device}."""
-    return ClipScore(clip, batch_size, device)
+def clip_score(clip: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto") -> ClipScore:
+    """args: {clip: local CLIP dir or hub id (paper: openai/clip-vit-large-patch14), batch_size, device, dtype}."""
+    return ClipScore(clip, batch_size, device, dtype)
 
 
-def load_aesthetic_head(path: str | Path) -> torch.nn.Module:
-    """A linear (`weight`, `bias`) or MLP (`layers.N.weight`) head, as LAION's predictors are published.
+def check_aesthetic_head(path: str | Path, sha256: str | None = None) -> Path:
+    """The head file exists and is the file it should be; raises RewardError naming the fix otherwise.
 
-    LAION's MLP has no activations between its Linear layers (only dropout, inert at eval), so the
-    Linear layers in key order are the whole function.
+    The expected SHA-256 is `sha256` if given, else LAION's published checksum for a file of that name, else
+    the `<file>.sha256` beside it (written with a stand-in). A head with none of these loads unchecked.
     """
     path = Path(path)
     if not path.is_file():
-        raise RewardError(f"aesthetic head {str(path)!r}: no such file")
+        raise RewardError(
+            f"aesthetic head {str(path)!r}: no such file. Fetch LAION's published head (sa_0_4_vit_l_14_linear.pth, "
+            f"github.com/LAION-AI/aesthetic-predictor) with `{FETCH_COMMAND} {path.parent}`"
+        )
+    sidecar = path.with_name(path.name + ".sha256")
+    expected = (
+        sha256 or PUBLISHED_HEADS.get(path.name) or (sidecar.read_text().split()[0] if sidecar.is_file() else None)
+    )
+    if expected is None:
+        logger.warning("aesthetic head %s: no checksum to check it against (pass reward.args.sha256)", path)
+        return path
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise RewardError(
+            f"aesthetic head {path}: SHA-256 {actual} is not the expected {expected}; fetch it again with "
+            f"`{FETCH_COMMAND} {path.parent}` (after removing it)"
+        )
+    return path
+
+
+def load_aesthetic_head(path: str | Path, sha256: str | None = None) -> torch.nn.Module:
+    """A linear (`weight`, `bias`) or MLP (`layers.N.weight`) head, as LAION's predictors are published.
+
+    LAION's V1 head (`sa_0_4_vit_l_14_linear.pth`) is a pickled state dict of `nn.Linear(768, 1)`; the improved
+    predictor's MLP has no activations between its Linear layers (only dropout, inert at eval), so the Linear
+    layers in key order are the whole function. The file's checksum is checked first (`check_aesthetic_head`).
+    """
+    path = check_aesthetic_head(path, sha256)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -146,14 +192,16 @@ def load_aesthetic_head(path: str | Path) -> torch.nn.Module:
 
 
 class Aesthetic(_ClipBacked):
-    def __init__(self, clip: str, head: str, batch_size: int = 32, device: str | None = None) -> None:
-        super().__init__(clip, batch_size, device)
-        self.head_path = head
+    def __init__(self, clip: str, head: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto",
+                 sha256: str | None = None) -> None:  # fmt: skip
+        super().__init__(clip, batch_size, device, dtype)
+        self.head_path, self.sha256 = head, sha256
         self.head = None
+        check_aesthetic_head(head, sha256)  # at construction: before any model of the run loads
 
     def setup(self) -> None:
         super().setup()
-        self.head = load_aesthetic_head(self.head_path).to(self.device)
+        self.head = load_aesthetic_head(self.head_path, self.sha256).to(self.device)
         expected = self.head[0].in_features if isinstance(self.head, torch.nn.Sequential) else self.head.in_features
         if expected != self.model.config.projection_dim:
             raise RewardError(
@@ -172,9 +220,11 @@ class Aesthetic(_ClipBacked):
 
 
 @register("aesthetic")
-def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = None) -> Aesthetic:
-    """args: {clip: CLIP ViT-L/14 dir or hub id, head: the predictor's .safetensors/.pth, batch_size, device}."""
-    return Aesthetic(clip, head, batch_size, device)
+def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto",
+              sha256: str | None = None) -> Aesthetic:  # fmt: skip
+    """args: {clip: CLIP ViT-L/14 dir or hub id, head: the predictor's .safetensors/.pth, batch_size, device,
+    dtype (of CLIP), sha256 (of the head; default: its .sha256 sidecar or LAION's published checksum)}."""
+    return Aesthetic(clip, head, batch_size, device, dtype, sha256)
 
 
 @register("jpeg_compressibility")

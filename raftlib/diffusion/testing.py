@@ -142,20 +142,25 @@ def build_class_conditional(directory: Path, *, num_classes: int = 10, size: int
     return directory
 
 
-def build_clip(directory: Path, *, seed: int = 0, image_size: int = 32) -> Path:
-    """A tiny random CLIPModel with its processor (tokenizer + image processor): CLIP score's code path."""
+def build_clip(
+    directory: Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8, projection_dim: int = 32
+) -> Path:
+    """A tiny random CLIPModel with its processor (tokenizer + image processor): CLIP score's code path.
+
+    `projection_dim` is the embedding size the rewards see (CLIP ViT-L/14: 768, what LAION's heads take).
+    """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(directory)
-    text = _clip_text_config(len(tokenizer)).to_dict()
+    text = _clip_text_config(len(tokenizer), projection_dim).to_dict()
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=image_size,
-        patch_size=8, projection_dim=32,
+        patch_size=patch_size, projection_dim=projection_dim,
     )  # fmt: skip
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32))
-    model.save_pretrained(directory, safe_serialization=True)
+    config = CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(directory, safe_serialization=True)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size),
         tokenizer=tokenizer,

@@ -255,10 +255,20 @@ def finetune_images(
 ):
     """One RAFT fine-tune stage of the UNet on the kept images; returns (loaded, FinetuneStats)."""
     scheduler = _training_scheduler(loaded)
-    unet, stats = train_stage(
-        loaded.unet, encode_kept(loaded, kept), collate_images, lambda model, batch: denoising_loss(loaded, scheduler, model, batch),
-        section, seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
-    )  # fmt: skip
+    # diffusers models recompute each block's activations in the backward pass when asked (training.
+    # gradient_checkpointing); switched off again after the stage so sampling runs at full speed.
+    checkpointing = section.gradient_checkpointing and getattr(loaded.unet, "_supports_gradient_checkpointing", False)
+    if checkpointing:
+        loaded.unet.enable_gradient_checkpointing()
+    try:
+        unet, stats = train_stage(
+            loaded.unet, encode_kept(loaded, kept), collate_images,
+            lambda model, batch: denoising_loss(loaded, scheduler, model, batch),
+            section, seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+        )  # fmt: skip
+    finally:
+        if checkpointing:
+            loaded.unet.disable_gradient_checkpointing()
     loaded.unet = unet
     if loaded.pipeline is not None:
         loaded.pipeline.unet = unet

@@ -1,0 +1,140 @@
+"""The HH-RLHF paper path on local stand-ins shaped like the hub repos (raftsuite.standins).
+
+No train prompt in the evaluation set; the reward model's input format is the model card's; its sentencepiece
+tokenizer loads; the setup is built once even when two processes ask for it at the same moment.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+CARD_EXAMPLE = (
+    "###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to explain it. "
+    "Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask."
+)
+"""The first example text of the weqweasdas/hh_rlhf_rm_open_llama_3b model card (its answer shortened)."""
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory) -> dict[str, Path]:
+    from raftsuite.standins import build_all
+
+    return build_all(tmp_path_factory.mktemp("standins"))
+
+
+def test_the_rm_formatter_writes_the_model_cards_format():
+    from raftsuite.hh_paper import FORMATTERS, open_llama_rm_format, split_dialogue
+
+    hh = (
+        "\n\nHuman: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to "
+        "explain it. Can you help?\n\nAssistant: Sure. So one way of converting fractions to decimals is to ask."
+    )
+    prompt, completion = split_dialogue(hh)
+    assert open_llama_rm_format(prompt, completion) == CARD_EXAMPLE
+    assert FORMATTERS["open_llama_hh"] is open_llama_rm_format
+    two_turns = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help?\n\nAssistant:"
+    assert (
+        open_llama_rm_format(two_turns, " Yes.")
+        == "###Human: Hi ###Assistant: Hello. ###Human: Help? ###Assistant: Yes."
+    )
+
+
+def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
+    from transformers import AutoTokenizer
+
+    from raftlib.rewards import RewardModelScorer
+    from raftsuite.hh_paper import formatted_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(standins["reward_model"])
+    assert not (standins["reward_model"] / "tokenizer.json").exists()  # converted from tokenizer.model
+    assert tokenizer.chat_template is None and tokenizer.pad_token is None
+    assert tokenizer.decode(tokenizer("###Human: soup? ###Assistant: rain")["input_ids"], skip_special_tokens=True) == (
+        "###Human: soup? ###Assistant: rain"
+    )
+    reward = formatted_reward_model(str(standins["reward_model"]), formatter="open_llama_hh", batch_size=2)
+    prompts, completions = ["\n\nHuman: How do I make soup?\n\nAssistant:"] * 2, [" Boil water.", " Rain."]
+    ours = reward(prompts, completions)
+    direct = RewardModelScorer(str(standins["reward_model"]), use_chat_template=False)
+    card = direct(
+        [
+            "###Human: How do I make soup? ###Assistant: Boil water.",
+            "###Human: How do I make soup? ###Assistant: Rain.",
+        ],
+        ["", ""],
+    )
+    assert ours == pytest.approx(card, abs=1e-5)
+    assert ours != pytest.approx(direct(prompts, completions), abs=1e-5)  # the raw HH text scores differently
+    with pytest.raises(ValueError, match=r"reward\.args\.formatter = 'chatml'"):
+        formatted_reward_model(str(standins["reward_model"]), formatter="chatml")
+
+
+def _setup(directory: str, standins: dict, **extra):
+    from raftsuite.hh_paper import prepare_paper_setup
+
+    return prepare_paper_setup(
+        directory,
+        policy_model=str(standins["policy_model"]),
+        dataset=str(standins["dataset"]),
+        reward_model=str(standins["reward_model"]),
+        max_prompt_tokens=128,
+        eval_prompts=40,
+        policy_dtype="float32",
+        mixed_precision="no",
+        progress=False,
+        **extra,
+    )
+
+
+def test_no_train_prompt_is_in_the_evaluation_set_and_the_subset_is_respected(standins, tmp_path):
+    from raftsuite.hh_paper import read_hh, split_dialogue, test_prompts
+
+    setup = _setup(str(tmp_path / "setup"), standins)
+    train = {json.loads(line)["prompt"] for line in setup.prompts.read_text().splitlines()}
+    evaluation = [p.text for p in test_prompts(setup)]
+    # all train-split prompts of the helpful dirs, read straight from the dataset
+    every_train = {split_dialogue(r["chosen"])[0] for r in read_hh(str(standins["dataset"]), "train", "helpful")}
+    every_test = {split_dialogue(r["chosen"])[0] for r in read_hh(str(standins["dataset"]), "test", "helpful")}
+    assert every_train & every_test, "the stand-in repeats train dialogues in test, as the hub's split does"
+    assert evaluation and not set(evaluation) & every_train
+    assert set(evaluation) <= every_test and train <= every_train
+    harmless = {split_dialogue(r["chosen"])[0] for r in read_hh(str(standins["dataset"]), "train", "harmless")}
+    assert not (train | set(evaluation)) & harmless  # helpful subset only, as the RM was trained
+    assert all("How can I hurt" not in text for text in train | set(evaluation))
+
+
+def test_a_wrong_subset_names_the_parameter(standins, tmp_path):
+    with pytest.raises(ValueError, match="subset = 'helpfull'"):
+        _setup(str(tmp_path / "s"), standins, subset="helpfull")
+
+
+def _build_in_process(directory: str, standins: dict, log: str) -> None:
+    import raftsuite.hh_paper as hp
+
+    built = hp._build_paper_setup
+
+    def counting(*args, **kwargs):
+        with open(log, "a") as handle:
+            handle.write("built\n")
+        return built(*args, **kwargs)
+
+    hp._build_paper_setup = counting
+    _setup(directory, standins)
+
+
+def test_two_notebooks_started_at_once_build_the_setup_once(standins, tmp_path):
+    directory, log = str(tmp_path / "shared" / "setup"), str(tmp_path / "builds.log")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_build_in_process, args=(directory, standins, log)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    assert Path(log).read_text().splitlines() == ["built"]
+    setup = _setup(directory, standins)  # and a third call reuses it
+    assert Path(setup.sft_model).is_dir() and setup.prompts.is_file()
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".setup.lock", "setup"]  # no temporaries left
