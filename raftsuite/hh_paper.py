@@ -323,7 +323,7 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
 
 
 def paper_reference_rows() -> dict[str, dict[str, Any]]:
-    """Table 3 of the paper (HH-RLHF, LLaMA-7B), from the secondary write-ups in shared/PAPER.md."""
+    """Table 3 of the paper (HH-RLHF, LLaMA-7B), from the secondary write-ups in docs/paper.md."""
     return {
         "paper: HH rejected": {
             "proxy_reward": 0.156,

@@ -124,6 +124,19 @@ def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callab
         )
 
 
+def refuse_what_cannot_fit(config: Any, num_processes: int, accelerate_config: str = "") -> None:
+    """On a GPU machine, raise ConfigError (naming the key) when the planner says a stage clearly cannot fit,
+    before any worker starts or loads a model. Nothing to check without CUDA (the CPU rehearsals)."""
+    import torch
+
+    from raftlib.plan import Hardware, check_fits
+
+    if not torch.cuda.is_available():
+        return
+    sharded = bool(accelerate_config) and "FSDP" in Path(accelerate_config).read_text()
+    check_fits(config, Hardware.detect(num_processes), sharding="fsdp" if sharded else "ddp")
+
+
 def run(
     config: Any,
     num_processes: int = 1,
@@ -146,7 +159,8 @@ def run(
     from raftlib.store import RunDirError, RunStore, atomic_write_text
 
     if num_processes == 1 and not accelerate_config:
-        return raftlib.run(config, reward=reward)
+        return raftlib.run(config, reward=reward)  # raftlib.run refuses what cannot fit on a GPU itself
+    refuse_what_cannot_fit(config, num_processes, accelerate_config)
     if reward is not None:
         raise ValueError(
             "reward: a reward object cannot cross into `accelerate launch` workers; name it in config.reward.fn "
