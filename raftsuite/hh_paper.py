@@ -38,7 +38,10 @@ ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
 
 SUBSETS: dict[str, tuple[str, ...]] = {
-    # The authors' RM was trained on the helpful data only (its model card); the paper's RAFT runs use it too.
+    # Which HH data the authors' RM saw is not settled offline: the secondary write-ups of the paper say the
+    # helpful subset; the RM card's July 2023 revisions name Dahoas/full-hh-rlhf (112K / 12.5K comparisons, the
+    # paper's counts) and say SFT and RM training also used the first 6,275 test rows (docs/paper.md).
+    # The profiles choose `helpful`; `subset` makes the other readings one parameter away.
     "helpful": ("helpful-base", "helpful-online", "helpful-rejection-sampled"),
     "harmless": ("harmless-base",),
     "all": ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base"),
@@ -123,8 +126,9 @@ def open_llama_rm_format(prompt: str, completion: str) -> str:
         explain it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is ..."
 
     i.e. each `\\n\\nHuman: ` turn becomes `###Human: `, each `\\n\\nAssistant: ` turn ` ###Assistant: `
-    (one space before `###`, none at the start), with no chat template. The card says it was trained on the
-    helpful subset of HH-RLHF.
+    (one space before `###`, none at the start), with no chat template. The card's preprocessing section says
+    `\n\nHuman` and `\n\nAssistant` were replaced by `###Human` and `###Assistant` before training; its usage
+    example (above) has the space before `###`, and that is what we send.
     """
     text = re.sub(r"\s*\n\nHuman:\s*", " ###Human: ", prompt + completion)
     text = re.sub(r"\s*\n\nAssistant:\s*", " ###Assistant: ", text)
