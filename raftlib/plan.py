@@ -399,10 +399,18 @@ def check_fits(config, hardware: Hardware, **kwargs) -> None:
 
 
 def _reward_model_path(config) -> tuple[str | None, str]:
-    """The first reward component that is a Hugging Face reward model: (path, dtype)."""
+    """The first reward component that is a Hugging Face reward model: (path, dtype).
+
+    The built-in `reward_model`, or any reward factory whose `path` argument names a model (a dir with a
+    config.json, or a hub id of KNOWN_SHAPES), e.g. the suite's `raftsuite.hh_paper:formatted_reward_model`.
+    """
     for component in config.reward.components:
-        if component.fn == "reward_model" and "path" in component.args:
-            return str(component.args["path"]), str(component.args.get("dtype", "float32"))
+        path = component.args.get("path")
+        if path is None:
+            continue
+        is_model = Path(str(path), "config.json").is_file() or str(path) in KNOWN_SHAPES
+        if component.fn == "reward_model" or is_model:
+            return str(path), str(component.args.get("dtype", "float32"))
     return None, "float32"
 
 

@@ -113,7 +113,8 @@ def plan_diffusion(config, hw: Hardware, sharding: str, *, model_config: str | N
     frozen = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items() if name != "unet"}
     models = {name: f"{n / 1e6:.1f} M parameters" for name, n in {"unet": n_unet, **frozen}.items()}
     g, t, lp = config.generation, config.training, config.loop
-    P, fb = hw.gpus, _BYTES[config.model.dtype]
+    # `auto` is bf16 on CUDA (raftlib.diffusion.pipelines), and the planner plans for GPUs
+    P, fb = hw.gpus, _BYTES["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
     scale = 2 ** (len(raw["vae"]["block_out_channels"]) - 1) if "vae" in raw else 1
     size = unet.config.sample_size * scale
     height, width = g.height or size, g.width or size
