@@ -162,3 +162,35 @@ def test_headline_with_an_interval(tmp_path):
     assert report.format_headline_value(0.25) == "0.250"
     with pytest.raises(ValueError, match="an interval is"):
         report.write_headline(tmp_path, "bad", {"x": (1.0, 2.0)})
+
+
+# ---- for_each_seed -------------------------------------------------------------------------------------
+
+
+def test_for_each_seed_stacks_rows_and_resumes(tmp_path):
+    from raftsuite.seeds import for_each_seed
+
+    calls = []
+
+    def experiment(seed):
+        calls.append(seed)
+        if seed == 2 and len(calls) == 3:
+            raise RuntimeError("killed mid-seed")
+        return [{"setting": "K8", "reward": np.float64(0.1 * seed)}, {"setting": "K16", "reward": 0.2 * seed}]
+
+    params = {"iterations": 3}
+    with pytest.raises(RuntimeError, match="killed"):
+        for_each_seed([0, 1, 2], experiment, tmp_path, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_0.json", "seed_1.json"]  # nothing half-written
+    rows = for_each_seed([0, 1, 2], experiment, tmp_path, params)
+    assert calls == [0, 1, 2, 2]  # the rerun computed only the seed that had not finished
+    assert list(rows.columns) == ["seed", "setting", "reward"] and len(rows) == 6
+    assert rows["reward"].tolist() == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.2, 0.4])
+    fresh = for_each_seed([0, 1, 2], experiment)  # no cache: all computed, the same frame
+    pd.testing.assert_frame_equal(rows, fresh)
+    with pytest.raises(ValueError, match=r"seed_0\.json holds seed 0 computed with params \{'iterations': 3\}"):
+        for_each_seed([0], experiment, tmp_path, {"iterations": 4})
+    summary = stats.summarize(rows, ["reward"])
+    assert summary.loc["K16", "reward"] == pytest.approx(0.2) and summary.loc["K16", "n_seeds"] == 3
+    with pytest.raises(TypeError, match="return a dict, a list of dicts or a DataFrame"):
+        for_each_seed([5], lambda seed: 0.5)
