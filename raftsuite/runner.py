@@ -218,6 +218,9 @@ def render_report(executed: Path, report: Path, caption: str = "", header: dict[
 def _describe_cell(name: str, notebook: Any, cell: Any) -> str:
     """The progress bar's label while a cell runs: the notebook, the cell's In-number among code cells and
     its first line of code ("hh_rlhf cell 7/21: result = raftlib.run(config)")."""
+    if cell.cell_type != "code":  # papermill walks markdown cells too: show the section being entered
+        first = next((line.strip("# ").strip() for line in cell.source.splitlines() if line.strip()), "")
+        return f"{name} § {first[:48]}"
     code = [c for c in notebook.cells if c.cell_type == "code"]
     number = next((i for i, c in enumerate(code, 1) if c is cell), 0)
     first = next((line.strip() for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")

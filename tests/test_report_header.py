@@ -64,6 +64,7 @@ def small_run(tmp_path_factory):
             'profile = "smoke"\noutput_dir = ""\nwork_dir = ""\nshow_progress = True\nseeds = [0, 1, 2]',
             metadata={"tags": ["parameters"]},
         ),
+        nbformat.v4.new_markdown_cell("## Train\nA stage that logs."),
         nbformat.v4.new_code_cell(
             "import logging, sys\nfrom raftsuite import report\n"
             "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
@@ -98,6 +99,7 @@ def small_run(tmp_path_factory):
 def test_progress_bar_names_the_notebook_and_cell(small_run):
     _, stderr = small_run
     assert "small cell 5/5: report.write_headline(output_dir" in stderr  # papermill injects one cell
+    assert "small § Train" in stderr  # a markdown cell names the section being entered
     assert "cell/s" in stderr or "s/cell" in stderr  # tqdm's bar, counted in cells
 
 
