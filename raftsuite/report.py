@@ -9,7 +9,11 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +119,28 @@ def reference_row(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def save_table(frame: pd.DataFrame, output_dir: str | Path, name: str) -> Path:
+def save_table(frame: pd.DataFrame, output_dir: str | Path, name: str, index: bool = True) -> Path:
     path = Path(output_dir) / f"{name}.csv"
-    frame.to_csv(path, float_format="%.4f")
+    frame.to_csv(path, float_format="%.4f", index=index)
     return path
+
+
+def save_seed_table(
+    rows: pd.DataFrame,
+    output_dir: str | Path,
+    name: str,
+    metrics: Sequence[str],
+    by: str | Sequence[str] = "setting",
+    seed: str = "seed",
+) -> pd.DataFrame:
+    """Write the per-seed rows as NAME_seeds.csv and their summary (`stats.summarize`: mean, ci95_low,
+    ci95_high, iqm per metric, n_seeds) as NAME.csv beside it; return the summary."""
+    from raftsuite import stats
+
+    summary = stats.summarize(rows, metrics, by=by, seed=seed)
+    save_table(rows, output_dir, f"{name}_seeds", index=False)
+    save_table(summary, output_dir, name)
+    return summary
 
 
 def save_figure(fig, output_dir: str | Path, name: str) -> Path:
@@ -128,7 +150,130 @@ def save_figure(fig, output_dir: str | Path, name: str) -> Path:
 
 
 def write_headline(output_dir: str | Path, title: str, numbers: dict[str, Any], note: str = "") -> None:
-    """The numbers results/index.html shows for this report."""
+    """The numbers results/index.html shows for this report.
+
+    A number is a plain value (float, int, str) or a number with its interval: a `stats.Interval` or a
+    (mean, low, high) triple, stored as {"mean", "ci95_low", "ci95_high"} and shown "0.450 [0.400, 0.510]".
+    """
     (Path(output_dir) / "headline.json").write_text(
-        json.dumps({"title": title, "numbers": numbers, "note": note}, indent=2) + "\n"
+        json.dumps(
+            {"title": title, "numbers": {k: _headline_value(k, v) for k, v in numbers.items()}, "note": note},
+            indent=2,
+        )
+        + "\n"
     )
+
+
+def _headline_value(label: str, value: Any) -> Any:
+    from raftsuite.stats import Interval
+
+    if isinstance(value, Interval):
+        value = value.as_tuple()
+    if isinstance(value, (tuple, list)):
+        if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+            raise ValueError(f"headline {label!r}: an interval is (mean, low, high), got {value!r}")
+        mean, low, high = (float(v) for v in value)
+        return {
+            "mean": mean,
+            "ci95_low": None if math.isnan(low) else low,
+            "ci95_high": None if math.isnan(high) else high,
+        }
+    return value
+
+
+def format_headline_value(value: Any) -> str:
+    """How the index shows a headline number: floats with 3 decimals, intervals as '0.450 [0.400, 0.510]'."""
+    from raftsuite.stats import format_interval
+
+    if isinstance(value, dict) and "mean" in value:
+        low, high = value.get("ci95_low"), value.get("ci95_high")
+        return format_interval(value["mean"], math.nan if low is None else low, math.nan if high is None else high)
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+STAGES_FILE = "stages.json"
+
+
+@contextmanager
+def stage(name: str, output_dir: str | Path) -> Iterator[None]:
+    """Time one stage of a notebook (`with report.stage("RAFT", output_dir): ...`) into OUTPUT_DIR/stages.json,
+    which the runner shows as wall time per stage in the report header. A stage run again (a re-executed
+    cell) replaces its entry; a stage that raised is recorded with "failed": true, and the error goes on."""
+    started, began = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        record = {"seconds": round(time.perf_counter() - started, 3), "started": began, "failed": failed}
+        path = Path(output_dir) / STAGES_FILE
+        stages = read_stages(output_dir)
+        stages.pop(name, None)  # re-run: move to the end, in the order stages last ran
+        stages[name] = record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(stages, indent=2) + "\n")
+        os.replace(tmp, path)  # a kill mid-write leaves the old file, not half a JSON
+
+
+def read_stages(output_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """{stage name: {"seconds", "started", "failed"}} in the order they ran; {} when no stage was timed."""
+    path = Path(output_dir) / STAGES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+# ---- run logs out of the way -------------------------------------------------------------------------
+
+_ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\b(ERROR|CRITICAL)\b|\b\w+Error: ")
+_WARNING_LINE = re.compile(r"\bWARNING\b|\b\w+Warning: ")
+
+
+def _terminal_text(text: str) -> str:
+    """What a terminal would show: each line after its last carriage return (tqdm redraws with \\r)."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def _log_block(text: str) -> dict[str, Any]:
+    lines = [line for line in _terminal_text(text).splitlines() if line.strip()]
+    errors = sum(bool(_ERROR_LINE.search(line)) for line in lines)
+    warnings = sum(bool(_WARNING_LINE.search(line)) for line in lines)
+    counts = [f"{len(lines)} line{'s' * (len(lines) != 1)}"]
+    counts += [f"{errors} error{'s' * (errors != 1)}"] if errors else []
+    counts += [f"{warnings} warning{'s' * (warnings != 1)}"] if warnings else []
+    summary = f"log (stderr) · {' · '.join(counts)}"
+    # Errors stay in view: a block holding one opens by itself; the rest wait for a click.
+    state = " open" if errors else ""
+    kind = "raft-log raft-log-error" if errors else "raft-log"
+    page = (
+        f"<details class='{kind}'{state}><summary>{html.escape(summary)}</summary>"
+        f"<pre>{html.escape(chr(10).join(lines))}</pre></details>"
+    )
+    return {"output_type": "display_data", "metadata": {}, "data": {"text/html": page, "text/plain": summary}}
+
+
+def collapse_logs(notebook: Any) -> Any:
+    """Replace each run of consecutive stderr stream outputs of a cell (log lines, progress bars, warnings)
+    by one collapsed <details> block; tracebacks (error outputs) and stdout are left as they are.
+    Works on an nbformat notebook in place and returns it."""
+    import nbformat
+
+    for cell in notebook.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        outputs, run = [], []
+        for output in [*cell.get("outputs", []), None]:
+            if output is not None and output.get("output_type") == "stream" and output.get("name") == "stderr":
+                run.append(output["text"])
+                continue
+            if run:
+                outputs.append(nbformat.from_dict(_log_block("".join(run))))
+                run = []
+            if output is not None:
+                outputs.append(output)
+        cell["outputs"] = outputs
+    return notebook

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from raftsuite.report import format_headline_value
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,10 +121,21 @@ def parse_cli_parameters(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_notebook(
-    name: str, profile: str, extra: dict[str, Any] | None = None, results: Path | None = None, runs: Path | None = None
+    name: str,
+    profile: str,
+    extra: dict[str, Any] | None = None,
+    results: Path | None = None,
+    runs: Path | None = None,
+    progress: bool = False,
 ) -> Outcome:
-    """Execute one notebook with a profile's parameters; always render the report, even of a failure."""
+    """Execute one notebook with a profile's parameters; always render the report, even of a failure.
+
+    progress: show a bar per notebook on stderr naming the cell that runs (off by default: tests stay quiet).
+    """
     import papermill
+
+    from raftsuite import header as run_header
+    from raftsuite.report import STAGES_FILE, read_stages
 
     results = results or RESULTS
     runs = runs or ROOT / "runs"
@@ -133,7 +146,7 @@ def run_notebook(
     values |= check_parameters(name, extra or {}, "command line")
     out_dir = results / profile / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("headline.json", "status.json"):
+    for stale in ("headline.json", "status.json", "header.json", STAGES_FILE):
         (out_dir / stale).unlink(missing_ok=True)
     work_dir = runs / profile / name
     values |= {
@@ -142,6 +155,8 @@ def run_notebook(
         "work_dir": str(work_dir.relative_to(ROOT) if work_dir.is_relative_to(ROOT) else work_dir),
         "show_progress": False,
     }
+    # Before the run: the dirty flag describes the code that runs, not the results it is about to write.
+    header = run_header.collect(ROOT, profile, values)
     executed = out_dir / f"{name}.ipynb"
     # The kernel is "python3" of the interpreter running this: put it first on PATH so a kernelspec
     # that says plain `python` finds this environment, not the system's.
@@ -155,8 +170,9 @@ def run_notebook(
             parameters=values,
             kernel_name="python3",
             cwd=str(ROOT),
-            progress_bar=False,
+            progress_bar={"desc": name, "leave": True} if progress else False,
             log_output=False,
+            engine_name=_register_progress_engine(),
         )
     except papermill.PapermillExecutionError as exc:
         # Name the cell the way a reader of the executed copy finds it: its In [n] and its first line
@@ -166,7 +182,9 @@ def run_notebook(
     seconds = time.perf_counter() - started
     report = out_dir / "report.html"
     caption = f"profile {profile} · {time.strftime('%Y-%m-%d %H:%M')} · {seconds / 60:.1f} min"
-    render_report(executed, report, caption)
+    header |= {"stages": read_stages(out_dir), "wall_seconds": seconds}
+    (out_dir / "header.json").write_text(json.dumps(header, indent=2, default=str) + "\n")
+    render_report(executed, report, caption, header)
     status = {
         "ok": error is None,
         "error": error,
@@ -178,14 +196,51 @@ def run_notebook(
     return Outcome(name, error is None, seconds, report, error)
 
 
-def render_report(executed: Path, report: Path, caption: str = "") -> None:
-    """HTML with images embedded and no external script: it opens from a USB stick with no network."""
+def render_report(executed: Path, report: Path, caption: str = "", header: dict[str, Any] | None = None) -> None:
+    """HTML with images embedded and no external script: it opens from a USB stick with no network.
+
+    The run's header (`raftsuite.header`) opens the page; stderr (log lines, progress bars, warnings) is
+    folded into closed blocks by `report.collapse_logs` (a block holding an error opens by itself).
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
+    from raftsuite import header as run_header
+    from raftsuite.report import collapse_logs
+
     exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)], embed_images=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4), resources={"raft_caption": caption})
+    notebook = collapse_logs(nbformat.read(executed, as_version=4))
+    resources = {"raft_caption": caption, "raft_header_html": run_header.to_html(header) if header else ""}
+    body, _ = exporter.from_notebook_node(notebook, resources=resources)
     report.write_text(body, encoding="utf-8")
+
+
+def _describe_cell(name: str, notebook: Any, cell: Any) -> str:
+    """The progress bar's label while a cell runs: the notebook, the cell's In-number among code cells and
+    its first line of code ("hh_rlhf cell 7/21: result = raftlib.run(config)")."""
+    if cell.cell_type != "code":  # papermill walks markdown cells too: show the section being entered
+        first = next((line.strip("# ").strip() for line in cell.source.splitlines() if line.strip()), "")
+        return f"{name} § {first[:48]}"
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    number = next((i for i, c in enumerate(code, 1) if c is cell), 0)
+    first = next((line.strip() for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")
+    return f"{name} cell {number}/{len(code)}: {first[:48]}"
+
+
+def _register_progress_engine() -> str:
+    """papermill's own engine, with its progress bar labelled by the running cell (papermill labels a cell
+    only when its source holds a `papermill_description=` comment). Engines are papermill's plug-in point."""
+    from papermill.engines import Engine, NBClientEngine, papermill_engines
+
+    class RaftsuiteEngine(Engine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            name = Path(nb_man.output_path).stem if nb_man.output_path else "notebook"
+            nb_man.get_cell_description = lambda cell, **_: _describe_cell(name, nb_man.nb, cell)
+            return NBClientEngine.execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("raftsuite", RaftsuiteEngine)
+    return "raftsuite"
 
 
 def write_index(results: Path | None = None) -> Path:
@@ -198,7 +253,7 @@ def write_index(results: Path | None = None) -> Path:
         headline_path = directory / "headline.json"
         headline = json.loads(headline_path.read_text()) if headline_path.is_file() else {}
         numbers = "".join(
-            f"<li>{html.escape(str(label))}: <b>{html.escape(_fmt(value))}</b></li>"
+            f"<li>{html.escape(str(label))}: <b>{html.escape(format_headline_value(value))}</b></li>"
             for label, value in headline.get("numbers", {}).items()
         )
         state = "ok" if status["ok"] else f"FAILED: {status['error']}"
@@ -230,10 +285,6 @@ paper's and each report says where the setting differs. Regenerate with <code>ma
     return index
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m raftsuite.runner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("notebooks", nargs="+")
         sub.add_argument("--profile", default="tiny")
         sub.add_argument("-p", "--parameter", action="append", default=[], help="key=value (YAML value)")
+        if command != "check":
+            sub.add_argument(
+                "--progress",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="a bar per notebook naming the running cell (default: on when stderr is a terminal)",
+            )
     commands.add_parser("index")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -272,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = []
         for name in names:
             logger.info("running notebooks/%s.ipynb (profile %s)", name, args.profile)
-            outcome = run_notebook(name, args.profile, extra)
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            outcome = run_notebook(name, args.profile, extra, progress=progress)
             outcomes.append(outcome)
             if outcome.ok:
                 logger.info("%s: done in %.1f min -> %s", name, outcome.seconds / 60, outcome.report)

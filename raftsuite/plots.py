@@ -1,0 +1,245 @@
+"""Figures with their uncertainty, drawn with seaborn: per-seed curves with a 95 % band over iterations, and
+sweeps as a mean with its 95 % interval per setting beside the paper's values.
+
+Each figure stands alone: a title that says what was measured and on what, axis labels with units, a legend
+naming every mark (seeds, mean, interval, paper), and seaborn's "colorblind" palette. The intervals are
+`stats.mean_ci`'s (percentile bootstrap over seeds), so a figure and its table show the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raftsuite import stats
+from raftsuite.report import read_metrics
+
+PALETTE = "colorblind"
+PAPER_COLOR = "black"
+
+
+def use_style() -> None:
+    """seaborn's whitegrid theme with the colour-blind-safe palette (call once per notebook, or rely on the
+    functions below, which call it)."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", palette=PALETTE, context="notebook")
+
+
+def runs_frame(runs: Mapping[str, Mapping[int, str | Path]], metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Several runs' metrics.jsonl as one tidy frame: columns label, seed, iteration and the metrics.
+
+    runs: {label: {seed: run directory}}, e.g. {"RAFT": {0: "runs/tiny/hh/raft_s0", 1: ...}, "random": {...}}.
+    """
+    frames = []
+    for label, by_seed in runs.items():
+        for seed, run_dir in by_seed.items():
+            metrics_frame = read_metrics(run_dir).reset_index()
+            if metrics:
+                missing = [m for m in metrics if m not in metrics_frame]
+                if missing:
+                    raise KeyError(
+                        f"{Path(run_dir) / 'metrics.jsonl'}: no metric {missing} (has {list(metrics_frame)})"
+                    )
+                metrics_frame = metrics_frame[["iteration", *metrics]]
+            frames.append(metrics_frame.assign(label=label, seed=seed))
+    if not frames:
+        raise ValueError("runs_frame: no runs")
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["label", "seed", "iteration", *(c for c in frame if c not in ("label", "seed", "iteration"))]]
+
+
+def _interval_rows(frame: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    rows = []
+    for key, group in frame.dropna(subset=[metric]).groupby(keys, sort=False):
+        interval = stats.mean_ci(group[metric])
+        rows.append(
+            dict(zip(keys, key, strict=True)) | {"mean": interval.mean, "low": interval.low, "high": interval.high}
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_iteration_bands(
+    frame: pd.DataFrame,
+    metric: str,
+    title: str,
+    ylabel: str,
+    hue: str = "label",
+    xlabel: str = "RAFT iteration",
+    ax: Any = None,
+):
+    """One colour per `hue` value: each seed's curve as a thin line, the mean over seeds as a thick one, and
+    its 95 % interval as a band. `frame` is `runs_frame(...)` (columns hue, seed, iteration, metric)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    use_style()
+    for column in (hue, "seed", "iteration", metric):
+        if column not in frame:
+            raise KeyError(f"plot_iteration_bands: no column {column!r} (columns: {', '.join(frame)})")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4.2))
+    labels = list(dict.fromkeys(frame[hue]))
+    colors = dict(zip(labels, sns.color_palette(PALETTE, len(labels)), strict=True))
+    summary = _interval_rows(frame, [hue, "iteration"], metric)
+    handles = []
+    for label in labels:
+        color = colors[label]
+        runs = frame[frame[hue] == label]
+        sns.lineplot(
+            data=runs,
+            x="iteration",
+            y=metric,
+            units="seed",
+            estimator=None,
+            color=color,
+            alpha=0.35,
+            linewidth=0.8,
+            ax=ax,
+            legend=False,
+        )
+        band = summary[summary[hue] == label].sort_values("iteration")
+        ax.fill_between(band["iteration"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0)
+        ax.plot(band["iteration"], band["mean"], color=color, linewidth=2.2, marker="o", markersize=4)
+        handles.append(
+            Line2D([], [], color=color, linewidth=2.2, marker="o", label=f"{label} (n={runs['seed'].nunique()} seeds)")
+        )
+    handles += [
+        Line2D([], [], color="grey", linewidth=0.8, alpha=0.6, label="one seed"),
+        Patch(color="grey", alpha=0.25, label="95% CI of the mean (bootstrap over seeds)"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if pd.api.types.is_integer_dtype(frame["iteration"]):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(
+    rows: pd.DataFrame,
+    setting: str,
+    metric: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    paper: Mapping[Any, float] | None = None,
+    paper_label: str = "paper (its own reward scale, right axis)",
+    paper_twin_axis: bool = True,
+    ax: Any = None,
+):
+    """A sweep: settings on x in the order they first appear, each seed as a small dot, the mean as a marker
+    with its 95 % interval as an error bar, and the paper's value per setting as a separate marker series.
+
+    paper_twin_axis: the paper's numbers on a right-hand axis of their own (the default: its reward model's
+    scale is not ours; a shared axis would flatten one of the two). False puts them on our axis.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+
+    use_style()
+    for column in (setting, "seed", metric):
+        if column not in rows:
+            raise KeyError(f"plot_sweep: no column {column!r} (columns: {', '.join(rows)})")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4.2))
+    ours_color = sns.color_palette(PALETTE)[0]
+    order = list(dict.fromkeys(rows[setting]))
+    position = {value: i for i, value in enumerate(order)}
+    x = rows[setting].map(position).to_numpy(dtype=float)
+    # Seeds just left of their setting (seeded jitter: the figure is reproducible), clear of the error bar.
+    jitter = np.random.default_rng(0).uniform(-0.05, 0.05, size=len(x))
+    ax.scatter(x - 0.18 + jitter, rows[metric], s=16, color=ours_color, alpha=0.5, linewidth=0, zorder=2)
+    summary = _interval_rows(rows, [setting], metric).set_index(setting).loc[order]
+    xs = np.arange(len(order))
+    yerr = np.vstack([summary["mean"] - summary["low"], summary["high"] - summary["mean"]])
+    ax.errorbar(
+        xs,
+        summary["mean"],
+        yerr=np.nan_to_num(yerr),
+        fmt="o",
+        color=ours_color,
+        markersize=8,
+        capsize=5,
+        linewidth=1.8,
+        zorder=3,
+    )
+    n = rows.groupby(setting)["seed"].nunique()
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=ours_color,
+            marker="o",
+            markersize=8,
+            linewidth=1.8,
+            label=f"ours: mean and 95% CI ({n.min()}–{n.max()} seeds)"
+            if n.min() != n.max()
+            else f"ours: mean and 95% CI ({n.min()} seeds)",
+        ),
+        Line2D([], [], color=ours_color, marker="o", markersize=4, alpha=0.45, linewidth=0, label="ours: one seed"),
+    ]
+    ax.set_xticks(xs, [str(v) for v in order])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if paper:
+        unknown = [k for k in paper if k not in position]
+        if unknown:
+            raise KeyError(f"plot_sweep: paper values for settings {unknown} that the rows lack (settings: {order})")
+        target = ax.twinx() if paper_twin_axis else ax
+        keys = [k for k in order if k in paper]
+        target.plot(
+            [position[k] for k in keys],
+            [paper[k] for k in keys],
+            linestyle="--",
+            marker="D",
+            color=PAPER_COLOR,
+            markersize=7,
+            linewidth=1,
+            zorder=4,
+        )
+        if paper_twin_axis:
+            target.set_ylabel("paper's value")
+            target.grid(False)
+        handles.append(
+            Line2D(
+                [], [], color=PAPER_COLOR, marker="D", linestyle="--", label=paper_label if paper_twin_axis else "paper"
+            )
+        )
+    # Below the axes: inside, it would cover a point of one of the two series.
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paired_differences(
+    intervals: Mapping[str, stats.Interval], title: str, xlabel: str, verdicts: Mapping[str, str] | None = None, ax=None
+):
+    """A forest plot: each comparison's paired difference with its 95 % interval, and the line at 0 that an
+    interval must clear to say anything. Each row's label carries its numbers and, given verdicts
+    ({label: stats.verdict(...)}), its verdict."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    use_style()
+    labels = list(intervals)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 0.8 * len(labels) + 1.6))
+    colors = sns.color_palette(PALETTE)
+    ticks = []
+    for row, label in enumerate(labels):
+        interval = intervals[label]
+        color = colors[0] if interval.excludes_zero() else colors[7]  # blue: clears 0; grey: does not
+        xerr = np.nan_to_num([[interval.mean - interval.low], [interval.high - interval.mean]])
+        ax.errorbar([interval.mean], [row], xerr=xerr, fmt="o", color=color, capsize=5, markersize=7)
+        verdict = f" · {verdicts[label]}" if verdicts and label in verdicts else ""
+        ticks.append(f"{label}\n{interval} (n={interval.n}){verdict}")
+    ax.axvline(0, color="black", linewidth=1, linestyle=":")
+    ax.set_yticks(range(len(labels)), ticks, fontsize=9)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first comparison on top, half a row of margin
+    ax.set(title=title, xlabel=xlabel)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,153 @@
+"""The report header (code, machine, software, parameters, seeds, stage times), collapsed run logs, headline
+intervals on the index, and the runner's progress bar, through a real papermill run of a small notebook."""
+
+import json
+import os
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from raftsuite import header, report, runner
+
+ROOT = Path(__file__).parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def test_stage_records_wall_time_in_order_and_failures(tmp_path):
+    with report.stage("setup", tmp_path):
+        pass
+    with pytest.raises(RuntimeError), report.stage("RAFT", tmp_path):
+        raise RuntimeError("diverged")
+    assert list(report.read_stages(tmp_path)) == ["setup", "RAFT"]
+    assert report.read_stages(tmp_path)["RAFT"]["failed"] is True
+    with report.stage("setup", tmp_path):  # the cell run again: its entry is replaced and moves last
+        pass
+    stages = report.read_stages(tmp_path)
+    assert list(stages) == ["RAFT", "setup"] and stages["setup"]["failed"] is False
+    assert all(s["seconds"] >= 0 for s in stages.values())
+    assert report.read_stages(tmp_path / "nowhere") == {}
+    (tmp_path / "stages.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"stages\.json: not valid JSON"):
+        report.read_stages(tmp_path)
+
+
+def test_header_describes_this_checkout_and_machine():
+    collected = header.collect(ROOT, "smoke", {"seeds": [0, 1, 2], "eval_seed": 7, "iterations": 2})
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert collected["git"]["commit"] == head.strip() and isinstance(collected["git"]["dirty"], bool)
+    assert collected["versions"]["torch"] == metadata.version("torch")
+    assert collected["versions"]["papermill"] == metadata.version("papermill")
+    assert set(header.PACKAGES) <= set(collected["versions"])
+    assert collected["machine"]["cores"] == os.cpu_count() and collected["machine"]["memory_gib"] > 0
+    assert collected["seeds"] == {"seeds": [0, 1, 2], "eval_seed": 7}
+    page = header.to_html(collected | {"parameters": {"prompt": "<script>x</script>"}})
+    assert "<script>x" not in page and "&lt;script&gt;x" in page  # a parameter is text, never markup
+    assert header.git_state(Path("/"))["commit"] is None  # not a checkout: said, not crashed
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One real `python -m raftsuite.runner all` over a notebook that times a stage, logs to stderr and prints."""
+    tmp = tmp_path_factory.mktemp("header")
+    notebooks = tmp / "notebooks"
+    notebooks.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            'profile = "smoke"\noutput_dir = ""\nwork_dir = ""\nshow_progress = True\nseeds = [0, 1, 2]',
+            metadata={"tags": ["parameters"]},
+        ),
+        nbformat.v4.new_markdown_cell("## Train\nA stage that logs."),
+        nbformat.v4.new_code_cell(
+            "import logging, sys\nfrom raftsuite import report\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            'with report.stage("RAFT", output_dir):\n'
+            "    for i in range(40):\n"
+            '        logging.getLogger("raftlib").info("iter %d reward 0.5", i)\n'
+            '    print("the per-iteration table")'
+        ),
+        nbformat.v4.new_code_cell('logging.getLogger("raftlib").error("reward model returned NaN")'),
+        nbformat.v4.new_code_cell(
+            'report.write_headline(output_dir, "small", {"reward": (0.45, 0.40, 0.51), "steps": 3})'
+        ),
+    ]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, notebooks / "small.ipynb")
+    (notebooks / "profiles.yaml").write_text("smoke:\n  small: {seeds: [3, 4, 5]}\n")
+    patch = pytest.MonkeyPatch()
+    for name, value in {"NOTEBOOKS": notebooks, "PROFILES": notebooks / "profiles.yaml", "ROOT": tmp,
+                        "RESULTS": tmp / "results"}.items():  # fmt: skip
+        patch.setattr(runner, name, value)
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = runner.main(["all", "--profile", "smoke", "--progress"])
+    patch.undo()
+    assert code == 0
+    return tmp / "results" / "smoke" / "small", stderr.getvalue()
+
+
+def test_progress_bar_names_the_notebook_and_cell(small_run):
+    _, stderr = small_run
+    assert "small cell 5/5: report.write_headline(output_dir" in stderr  # papermill injects one cell
+    assert "small § Train" in stderr  # a markdown cell names the section being entered
+    assert "cell/s" in stderr or "s/cell" in stderr  # tqdm's bar, counted in cells
+
+
+def test_report_opens_with_the_header_and_logs_collapsed(small_run):
+    directory, _ = small_run
+    saved = json.loads((directory / "header.json").read_text())
+    assert saved["seeds"] == {"seeds": [3, 4, 5]} and saved["parameters"]["seeds"] == [3, 4, 5]
+    assert list(saved["stages"]) == ["RAFT"] and saved["wall_seconds"] > 0
+    page = (directory / "report.html").read_text()
+    assert 'id="raft-header"' in page and saved["git"]["commit"] is None  # the temp root is not a checkout
+    assert "RAFT</td>" in page and "seeds = [3, 4, 5]" in page
+    assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page  # no red stderr box left
+    # (nbconvert re-serialises the HTML: double quotes, open="")
+    assert '<details class="raft-log"><summary>log (stderr) · 40 lines</summary>' in page
+    assert '<details class="raft-log raft-log-error" open=""><summary>log (stderr) · 1 line · 1 error' in page
+
+
+def test_index_shows_headline_intervals(small_run):
+    directory, _ = small_run
+    index = (directory.parent.parent / "index.html").read_text()
+    assert "reward: <b>0.450 [0.400, 0.510]</b>" in index and "steps: <b>3</b>" in index
+
+
+@needs_chromium
+def test_collapsed_logs_stay_out_of_view_and_errors_in_view(small_run):
+    from playwright.sync_api import sync_playwright
+
+    directory, _ = small_run
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.route("**/*", lambda route: route.abort() if route.request.url.startswith("http") else route.continue_())
+        page.goto((directory / "report.html").as_uri())
+        text = page.inner_text("body")
+        assert "the per-iteration table" in text and "iter 7 reward" not in text  # closed: not shown
+        assert "reward model returned NaN" in text  # the error's block is open
+        assert "code" in text and "stages" in text and "RAFT" in text  # the header
+        page.click("details.raft-log:not(.raft-log-error) > summary")
+        assert "iter 7 reward" in page.inner_text("body")  # one click shows the log
+        browser.close()
+
+
+COMMITTED = ROOT / "results" / "tiny" / "ablations" / "ablations.ipynb"
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed ablations report")
+def test_committed_ablations_report_rerenders_without_stderr_boxes(tmp_path):
+    runner.render_report(COMMITTED, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page
+    assert '<details class="raft-log' in page
