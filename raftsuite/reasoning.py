@@ -288,7 +288,7 @@ def evaluate_policy(model, tokenizer, prompts: Sequence[Prompt], verifier: str, 
 
     generation = GenerationSection(
         samples_per_prompt=settings.samples_per_prompt, temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens, prompts_per_batch=settings.prompts_per_batch, chat_template="never",
+        max_new_tokens=settings.max_new_tokens, prompts_per_batch=settings.prompts_per_batch, chat_template="auto",
     )  # fmt: skip
     samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM,
                                progress=False)  # fmt: skip
@@ -354,7 +354,7 @@ def raft_config(method: str, model: str, train_prompts: Path, budget: Budget, ve
         "model": {"path": model, "dtype": budget.model_dtype},
         "data": {"prompts": str(train_prompts), "eval_prompts": 0},  # scored by evaluate_sets on held-out sets
         "generation": {"samples_per_prompt": k, "temperature": budget.temperature,
-                       "max_new_tokens": budget.max_new_tokens, "prompts_per_batch": 16, "chat_template": "never"},
+                       "max_new_tokens": budget.max_new_tokens, "prompts_per_batch": 16, "chat_template": "auto"},
         "reward": reward | {"batch_size": 16 * k},  # whole prompts per batch: the random control needs them
         "selection": {"strategy": "threshold", "threshold": 1.0},
         "training": {"learning_rate": budget.learning_rate, "epochs": budget.epochs,
@@ -419,7 +419,8 @@ def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, 
     verify = VERIFIERS[verifier]
 
     def correct(prompts, completions, answer, **kwargs):  # TRL logs reward functions by __name__
-        return [0.0 if r is None else r for r in verify(prompts, completions, answer)]  # TRL needs a number
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational: messages
+        return [0.0 if r is None else r for r in verify(prompts, texts, answer)]  # TRL needs a number
 
     rows = [base_row | {"method": "GRPO", "seed": seed, "iteration": 0, "samples": 0}]
     started = time.perf_counter()
@@ -463,7 +464,10 @@ def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, 
         bf16=not use_cpu,  # fp32 on a CPU, as RAFT's tiny runs
         model_init_kwargs={"dtype": budget.model_dtype},
     )
-    dataset = Dataset.from_list([json.loads(line) for line in Path(train_prompts).read_text().splitlines()])
+    records = [json.loads(line) for line in Path(train_prompts).read_text().splitlines()]
+    if getattr(tokenizer, "chat_template", None):  # as raftlib's chat_template "auto": a user turn in the template
+        records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
+    dataset = Dataset.from_list(records)
     trainer = GRPOTrainer(model=model, reward_funcs=[correct], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Evaluate()])  # fmt: skip
     trainer.remove_callback(PrinterCallback)
