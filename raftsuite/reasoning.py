@@ -226,7 +226,7 @@ def math_prompts(
 
     `answer_column` may hold the final answer (MATH-500's `answer`), a list of answers (OlympiadBench's
     `final_answer`: the first is used) or a worked solution ending in \\boxed{} (NuminaMath-CoT's
-    `solution`: the boxed part is used; rows without one are dropped, they cannot be verified).
+    `solution`: the boxed part is used; a solution without one is dropped, it cannot be verified).
     `limit` keeps a seeded random subset.
     """
     rows = read_rows(source, split)
@@ -237,8 +237,8 @@ def math_prompts(
         answer = row[answer_column]
         if isinstance(answer, list):
             answer = answer[0] if answer else None
-        if isinstance(answer, str) and "\\boxed" in answer:
-            answer = last_boxed(answer)
+        if isinstance(answer, str) and ("\\boxed" in answer or answer_column == "solution"):
+            answer = last_boxed(answer)  # a worked solution: its boxed final answer, None when it has none
         if answer is None or str(answer).strip() == "":
             continue
         out.append({"prompt": str(row[problem_column]) + QWEN_MATH_SUFFIX, "answer": str(answer).strip()})
