@@ -119,7 +119,9 @@ def test_one_raftpp_step_equals_one_sft_step(gpt2_dir):
     for loss in ("sft", "raftpp"):
         model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
         section = TrainingSection(learning_rate=1e-2, epochs=1, micro_batch_size=8, loss=loss, clip_range_high=0.28)
-        model, stats = finetune(model, kept, section, pad_id=tokenizer.eos_token_id, seed=0, iteration=1, progress=False)
+        model, stats = finetune(
+            model, kept, section, pad_id=tokenizer.eos_token_id, seed=0, iteration=1, progress=False
+        )
         assert stats.optimizer_steps == 1
         weights[loss] = model.state_dict()
     for name, value in weights["sft"].items():
@@ -143,7 +145,7 @@ def test_raftpp_config_is_checked():
     for bad in (dict(packing=True), dict(loss_chunk_tokens=64)):
         with pytest.raises(ConfigError, match="not supported with loss raftpp"):
             TrainingSection(loss="raftpp", **bad).validate("training")
-    with pytest.raises(ConfigError, match="training.clip_range_high = -0.1"):
+    with pytest.raises(ConfigError, match=r"training\.clip_range_high = -0\.1"):
         TrainingSection(clip_range_high=-0.1).validate("training")
     with pytest.raises(ConfigError, match=r"loop.pass_k = 5: must be in \[1, eval_samples_per_prompt = 4\]"):
         LoopSection(eval_samples_per_prompt=4, pass_k=5).validate("loop")
@@ -209,3 +211,38 @@ def test_threshold_keeps_every_correct_sample_and_local_keeps_one():
     best = select("local", rewards, pids, sidx, samples_per_prompt=4)
     # best of K keeps one per prompt even when it is wrong (prompt 1): why RAFT on a verifier uses threshold
     assert best.kept.tolist() == [True, False, False, False, True, False, False, False]
+
+
+# ---- the loop with a verifier-style reward -------------------------------------------------------------
+
+
+def has_letter_a(prompts, completions, **columns):
+    """A 0/1 'verifier' for the random tiny model: does the completion contain an 'a'? (None when empty)."""
+    return [None if not c.strip() else float("a" in c) for c in completions]
+
+
+def test_loop_with_raftpp_threshold_selection_and_pass_at_k(gpt2_dir, prompts_file, tmp_path):
+    from pathlib import Path
+
+    from conftest import base_config
+    from raftlib import RAFTConfig, run
+
+    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run")
+    raw |= {
+        "reward": {"fn": "test_raftpp:has_letter_a"},
+        "selection": {"strategy": "threshold", "threshold": 1.0},
+        "training": {"learning_rate": 1e-3, "epochs": 2, "micro_batch_size": 4, "loss": "raftpp"},
+        "loop": {"iterations": 1, "prompts_per_iteration": 8, "eval_samples_per_prompt": 4, "pass_threshold": 1.0,
+                 "pass_k": 2},
+    }  # fmt: skip
+    rows = run(RAFTConfig.from_dict(raw)).metrics
+    documented = set((Path(__file__).parent.parent / "docs" / "metrics.md").read_text().split("`")[1::2])
+    for row in rows:
+        assert {"eval_pass_at_1", "eval_pass_at_k", "eval_token_entropy"} <= set(row)
+        assert 0.0 <= row["eval_pass_at_1"] <= row["eval_pass_at_k"] <= 1.0
+        assert row["eval_token_entropy"] > 0
+        assert not {k for k in row if k not in documented and not k.startswith("reward/")}
+    assert rows[1]["sample_token_entropy"] > 0
+    assert rows[1]["kept_count"] == round(
+        rows[1]["reward_mean"] * (rows[1]["reward_count"] - rows[1]["reward_invalid"])
+    )
