@@ -185,6 +185,10 @@ def frame_of(values: dict[str, list[tuple[float, float]]]) -> pd.DataFrame:
 def test_verdict_finds_the_pattern_and_its_absence():
     pattern = frame_of({"RAFT++": [(0.2, 0.9), (0.4, 0.6), (0.5, 0.3)], "GRPO": [(0.2, 0.9), (0.3, 0.85), (0.55, 0.8)]})
     assert R.entropy_verdict(pattern)["verdict"] == "appears"
+    over_two = R.entropy_verdict(pattern, early=2)["intervals"][
+        "RAFT++ ahead of GRPO over iterations 1-2 (mean pass@1)"
+    ]
+    assert over_two["mean"] == pytest.approx(((0.4 + 0.5) - (0.3 + 0.55)) / 2)  # each seed's mean over 1..2
     no_lead = frame_of({"RAFT++": [(0.2, 0.9), (0.2, 0.6), (0.5, 0.3)], "GRPO": [(0.2, 0.9), (0.3, 0.85), (0.55, 0.8)]})
     assert R.entropy_verdict(no_lead)["verdict"] == "does not appear"
     noisy = pattern.copy()
