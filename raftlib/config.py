@@ -230,8 +230,26 @@ class TrainingSection:
     recomputed in the backward pass, so a large vocabulary's logits never sit in memory at once; 0 = off."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    loss: Literal["sft", "raftpp"] = "sft"
+    """sft: cross-entropy on the kept set (RAFT); raftpp: RAFT++'s per-token ratio to the sampling policy,
+    PPO-clipped (`raftlib.losses`; the sampling policy's log-probabilities are computed once per stage)."""
+    clip_range: float = 0.2
+    """raftpp: clip the ratio below at 1 - clip_range (and above at 1 + clip_range unless clip_range_high)."""
+    clip_range_high: float | None = None
+    """raftpp: upper clip 1 + clip_range_high ("clip-higher", e.g. 0.28 with clip_range 0.2); None = clip_range."""
 
     def validate(self, key: str) -> None:
+        _require(self.clip_range >= 0.0, f"{key}.clip_range", self.clip_range, "must be >= 0")
+        if self.clip_range_high is not None:
+            _require(self.clip_range_high >= 0.0, f"{key}.clip_range_high", self.clip_range_high, "must be >= 0")
+        if self.loss == "raftpp":
+            _require(not self.packing, f"{key}.packing", self.packing, "is not supported with loss raftpp")
+            _require(
+                self.loss_chunk_tokens == 0,
+                f"{key}.loss_chunk_tokens",
+                self.loss_chunk_tokens,
+                "is not supported with loss raftpp (set 0)",
+            )
         _require(self.loss_chunk_tokens >= 0, f"{key}.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
         _require(self.learning_rate > 0.0, f"{key}.learning_rate", self.learning_rate, "must be > 0")
         _require(self.epochs >= 1, f"{key}.epochs", self.epochs, "must be >= 1")
@@ -261,6 +279,12 @@ class LoopSection:
     """Several processes: how long a process waits at a collective for the others (torch.distributed timeout).
     The others wait while the main process alone selects (KL reference log-probs) and evaluates, so this must
     exceed those stages (`python -m raftlib plan` estimates them); NCCL's own default is 10 minutes."""
+    pass_threshold: float | None = None
+    """A held-out sample counts as correct when its reward is >= this (1.0 for a 0/1 verifier); when set, the
+    evaluation reports eval_pass_at_1 and eval_pass_at_k (a None reward, e.g. an unparsable answer, is wrong)."""
+    pass_k: int | None = None
+    """k of eval_pass_at_k, at most eval_samples_per_prompt (None: eval_samples_per_prompt); the unbiased
+    estimator of Chen et al. 2021 from the n = eval_samples_per_prompt samples of each prompt."""
 
     def validate(self, key: str) -> None:
         _require(
@@ -281,6 +305,13 @@ class LoopSection:
         )
         if self.keep_checkpoints is not None:
             _require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        if self.pass_k is not None:
+            _require(
+                1 <= self.pass_k <= self.eval_samples_per_prompt,
+                f"{key}.pass_k",
+                self.pass_k,
+                f"must be in [1, eval_samples_per_prompt = {self.eval_samples_per_prompt}]",
+            )
 
 
 @dataclass(frozen=True)

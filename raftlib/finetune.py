@@ -128,6 +128,45 @@ def output_head(model) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def completion_token_logprobs(
+    model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 16
+) -> list[list[float]]:
+    """log p(token | prefix) of every completion token of each example, in eval mode (no dropout).
+
+    RAFT++ takes these once per stage from the sampling policy, before its first update: they are pi_old.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            logp, mask = token_logprobs(logits, batch["labels"].to(device))
+            out.extend(row[m].cpu().tolist() for row, m in zip(logp, mask, strict=True))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def collate_with_old(items: Sequence[tuple[list[int], list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` plus old_logprobs (B, T-1), aligned with the shifted labels that `token_logprobs` scores."""
+    batch = collate([(p, c) for p, c, _ in items], pad_id)
+    old = torch.zeros((len(items), batch["input_ids"].shape[1] - 1), dtype=torch.float32)  # (B, T-1)
+    for row, (prompt, completion, logprobs) in enumerate(items):
+        if len(logprobs) != len(completion):
+            raise ValueError(f"{len(logprobs)} old log-probabilities for a completion of {len(completion)} tokens")
+        start = len(prompt) - 1  # the position whose next token is the completion's first
+        old[row, start : start + len(completion)] = torch.tensor(logprobs)
+    batch["old_logprobs"] = old
+    return batch
+
+
+@torch.no_grad()
 def completion_logprobs(
     model, examples: Sequence[Example], pad_id: int, *, batch_size: int = 16
 ) -> tuple[list[float], list[int]]:
@@ -241,6 +280,11 @@ def finetune(
     `section.packing`, `section.loss_chunk_tokens` and `section.gradient_checkpointing` choose how each
     micro-batch is laid out and how its loss is computed; the loss itself is the same.
     """
+    if section.loss == "raftpp":
+        return _finetune_raftpp(
+            model, examples, section, pad_id=pad_id, seed=seed, iteration=iteration, accelerator=accelerator,
+            progress=progress,
+        )  # fmt: skip
     head = output_head(model) if section.loss_chunk_tokens else None
 
     def loss_of(model, batch) -> tuple[torch.Tensor, int]:
@@ -266,6 +310,30 @@ def finetune(
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
+
+
+def _finetune_raftpp(model, examples, section: TrainingSection, *, pad_id, seed, iteration, accelerator, progress):
+    """RAFT++: the kept set with each token's ratio to the sampling policy, PPO-clipped (`raftlib.losses`)."""
+    from raftlib.losses import clipped_ratio_loss
+
+    # pi_old: the policy that generated the kept samples is the one entering this stage; take its
+    # per-token log-probabilities now, once, before any update moves it.
+    old = completion_token_logprobs(model, list(examples), pad_id)
+    items = [(p, c, lp) for (p, c), lp in zip(examples, old, strict=True)]
+
+    def loss_of(model, batch) -> tuple[torch.Tensor, int]:
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logp, mask = token_logprobs(logits, labels)  # (B, T-1) each
+        result = clipped_ratio_loss(
+            logp, batch["old_logprobs"], mask, clip_low=section.clip_range, clip_high=section.clip_range_high
+        )
+        return result.loss, int(mask.sum())
+
+    return train_stage(
+        model, items, lambda batch: collate_with_old(batch, pad_id), loss_of, section,
+        seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+    )  # fmt: skip
 
 
 def train_stage(

@@ -199,6 +199,7 @@ def generate_batch(
         stop_at: list[int | None] = [None] * rows  # index of the last kept token per row
         tokens: list[torch.Tensor] = []
         logprobs: list[torch.Tensor] = []
+        entropies: list[torch.Tensor] = []  # of the model's own distribution: the policy-entropy metric
         stop_window = max((len(s) for s in settings.stop_strings), default=0) + 8
         for step in range(settings.max_new_tokens):
             token = sample_next_token(
@@ -208,10 +209,13 @@ def generate_batch(
                 top_p=settings.top_p,
                 generator=generator,
             )  # (P*K,)
-            token_logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            log_dist = torch.log_softmax(logits.float(), dim=-1)  # (P*K, V)
+            token_logprob = log_dist.gather(-1, token[:, None]).squeeze(-1)
+            token_entropy = -(log_dist.exp() * log_dist).sum(-1)  # (P*K,)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             tokens.append(token)
             logprobs.append(torch.where(finished, torch.zeros_like(token_logprob), token_logprob))
+            entropies.append(torch.where(finished, torch.zeros_like(token_entropy), token_entropy))
 
             hit_eos = torch.isin(token, eos_tensor) & ~finished
             for row in hit_eos.nonzero().flatten().tolist():
@@ -242,11 +246,15 @@ def generate_batch(
 
     token_matrix = torch.stack(tokens, dim=1).cpu()  # (P*K, T)
     logprob_matrix = torch.stack(logprobs, dim=1).cpu()  # (P*K, T)
+    entropy_matrix = torch.stack(entropies, dim=1).cpu()  # (P*K, T)
     return _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at, tokenizer,
-                          settings)  # fmt: skip
+                          settings, entropy_matrix)  # fmt: skip
 
 
-def _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at, tokenizer, settings):
+def _build_samples(
+    prompts, prompt_token_ids, k, token_matrix, logprob_matrix, reasons, stop_at, tokenizer, settings,
+    entropy_matrix=None,
+):  # fmt: skip
     """Sample records from (P*K, T) decoded tokens, cutting each row after its last kept token."""
     samples = []
     for row in range(token_matrix.shape[0]):
@@ -266,6 +274,7 @@ def _build_samples(prompts, prompt_token_ids, k, token_matrix, logprob_matrix, r
                 completion_token_ids=completion_ids,
                 logprob=float(logprob_matrix[row, :end].sum()),
                 finish_reason=reasons[row],
+                entropy=None if entropy_matrix is None else float(entropy_matrix[row, :end].sum()),
             )
         )
     return samples

@@ -410,6 +410,9 @@ def _evaluate(iteration, policy, modality, prompts, reward, config, store, proce
     )  # fmt: skip
     metrics: dict[str, Any] = M.reward_stats(scores.reward, "eval_reward")
     metrics |= modality.sample_metrics(samples, "eval")
+    if config.loop.pass_threshold is not None:  # a verifier's reward: pass@1 and pass@k of the held-out split
+        k = config.loop.pass_k or config.loop.eval_samples_per_prompt
+        metrics |= M.pass_at_k_metrics([s.prompt_id for s in samples], scores.reward, config.loop.pass_threshold, k)
     extra_metrics, extra_columns = modality.eval_metrics(policy, samples, prompts, iteration)
     metrics |= extra_metrics
     metrics["time_eval_s"] = time.perf_counter() - started

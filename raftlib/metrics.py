@@ -104,3 +104,47 @@ def text_metrics(completions: Sequence[str], prefix: str) -> dict[str, float]:
         f"{prefix}_msttr_100": msttr(completions, 100),
         f"{prefix}_length_words": float(np.mean([len(words(c)) for c in completions])) if completions else math.nan,
     }
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem from n samples of which c are correct (Chen et al. 2021, Eq. 1).
+
+    1 - C(n - c, k) / C(n, k): the chance that k samples drawn without replacement from the n hold at
+    least one correct one. Computed as a running product, as in the paper's numpy snippet, to stay exact
+    for large n.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_metrics(
+    prompt_ids: Sequence[int], rewards: Sequence[float | None], threshold: float, k: int, prefix: str = "eval"
+) -> dict[str, float]:
+    """Mean over prompts of pass@1 and pass@k; a sample is correct when its reward is >= threshold.
+
+    None, NaN and ±inf rewards count as incorrect (a verifier that cannot parse an answer says None).
+    Every prompt must have the same number of samples n >= k.
+    """
+    correct: dict[int, list[bool]] = {}
+    for pid, reward in zip(prompt_ids, rewards, strict=True):
+        ok = reward is not None and math.isfinite(reward) and reward >= threshold
+        correct.setdefault(int(pid), []).append(ok)
+    if not correct:
+        return {f"{prefix}_pass_at_1": math.nan, f"{prefix}_pass_at_k": math.nan}
+    sizes = {len(v) for v in correct.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"pass@k needs the same number of samples per prompt, got sizes {sorted(sizes)}")
+    return {
+        f"{prefix}_pass_at_1": float(np.mean([pass_at_k(len(v), sum(v), 1) for v in correct.values()])),
+        f"{prefix}_pass_at_k": float(np.mean([pass_at_k(len(v), sum(v), k) for v in correct.values()])),
+    }
+
+
+def token_entropy_mean(entropy_sums: Sequence[float | None], token_counts: Sequence[int]) -> float:
+    """Token-level mean entropy: sum of per-token entropies over all tokens / number of tokens (None skipped)."""
+    pairs = [(e, n) for e, n in zip(entropy_sums, token_counts, strict=True) if e is not None]
+    tokens = sum(n for _, n in pairs)
+    return sum(e for e, _ in pairs) / tokens if tokens else math.nan

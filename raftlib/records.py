@@ -42,6 +42,9 @@ class Sample:
     finish_reason: FinishReason
     source: str = "policy"
     """"policy" or the name of an external pool."""
+    entropy: float | None = None
+    """Sum over the completion of the entropy (nats) of the model's own next-token distribution (temperature 1)
+    at each sampled position; None where the backend does not record it (static, vLLM, external)."""
 
     @property
     def completion_token_count(self) -> int:
@@ -65,6 +68,7 @@ class Sample:
             logprob=float(row["logprob"]),
             finish_reason=row["finish_reason"],
             source=row.get("source", "policy"),
+            entropy=None if row.get("entropy") is None else float(row["entropy"]),
         )
 
 

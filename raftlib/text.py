@@ -168,6 +168,9 @@ class TextModality:
     def sample_metrics(samples: list[Sample], prefix: str) -> dict[str, Any]:
         metrics = M.text_metrics([s.completion for s in samples], prefix)
         metrics[f"{prefix}_length_tokens"] = M.completion_length_mean([s.completion_token_count for s in samples])
+        metrics[f"{prefix}_token_entropy"] = M.token_entropy_mean(
+            [s.entropy for s in samples], [s.completion_token_count for s in samples]
+        )
         if prefix == "sample":
             metrics["sample_eos_fraction"] = float(np.mean([s.finish_reason == "eos" for s in samples]))
         return metrics

@@ -108,13 +108,13 @@ def smoke_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     outcomes = {
         name: runner.run_notebook(name, "smoke", results=root / "results", runs=root / "runs")
-        for name in ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency")
+        for name in ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency", "reasoning")
     }
     runner.write_index(root / "results")
     return root / "results", outcomes
 
 
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency", "reasoning"])
 def test_notebook_runs_under_papermill(smoke_results, name):
     results, outcomes = smoke_results
     assert outcomes[name].ok, outcomes[name].error
@@ -139,6 +139,22 @@ def test_hh_tables_hold_every_row(smoke_results):
     assert any(r.startswith("GRPO") for r in ours) and any(r.startswith("best-of-") for r in ours)
     assert "paper: RAFT-K32, lambda=1.0" in table.index
     assert table.loc[ours, ["proxy_reward", "gold_reward", "perplexity", "distinct_2"]].notna().all().all()
+
+
+def test_reasoning_reports_four_methods_with_intervals(smoke_results):
+    import pandas as pd
+
+    results, _ = smoke_results
+    directory = results / "smoke" / "reasoning"
+    accuracy = pd.read_csv(directory / "accuracy.csv")
+    assert set(accuracy["method"]) == {"RAFT", "RAFT++", "GRPO", "random"}
+    assert accuracy[["ci95_low", "ci95_high"]].notna().all().all()
+    seeds = pd.read_csv(directory / "accuracy_seeds.csv")
+    assert seeds["seed"].nunique() >= 2 and {"method", "iteration", "pass_at_1"} <= set(seeds.columns)
+    table = pd.read_csv(directory / "table_with_paper.csv", index_col=0)
+    assert "paper v2: RAFT++" in table.index and "ours: GRPO" in table.index
+    verdict = json.loads((directory / "verdict.json").read_text())
+    assert verdict["RAFT++"]["verdict"] in ("appears", "does not appear", "not resolved")
 
 
 def test_efficiency_compares_both_methods_from_one_run(smoke_results):
@@ -238,7 +254,7 @@ def open_page(path: Path):
 
 
 @needs_chromium
-@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency"])
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency", "reasoning"])
 def test_report_opens_offline_without_errors(smoke_results, name):
     results, _ = smoke_results
     facts, errors, requests = open_page(results / "smoke" / name / "report.html")
