@@ -61,8 +61,8 @@ def main() -> int:
 
         original_save = text.save_model
 
-        def save_model(model, tokenizer, directory):
-            original_save(model, tokenizer, directory)
+        def save_model(model, tokenizer, directory, state_dict=None):
+            original_save(model, tokenizer, directory, state_dict)
             weights = next(Path(directory).glob("*.safetensors"))
             with open(weights, "r+b") as handle:  # leave a torn file behind, as a kill mid-write would
                 handle.truncate(weights.stat().st_size // 2)
