@@ -416,25 +416,37 @@ def method_run(
     seed: int,
     *,
     echo: Callable[[str], None] | None = None,
+    link: str | Path | None = None,
 ) -> dict[str, Any]:
     """One run of `method` at `learning_rate` with `seed`, in its own process(es) (`run_in_child`), cached.
 
     Returns (and stores as ROOT/NAME.json, written atomically once the run has finished) its held-out curve
     (completions, training seconds without evaluation, proxy reward on the plan's curve prompts), peak memory,
     wall time and where its final model is. A second call reads the record back; a run killed before its record
-    was written is started again from scratch (its directory removed), so its timing is one process's.
+    was written is started again: RAFT (and the random control) resumes its run directory as raftlib does, GRPO
+    starts from scratch. `link`: a symlink made to point at this run's directory (e.g. WORK_DIR/raft).
     Every run trains on the plan's fit prompts only (never on validation or curve prompts).
     """
     root = Path(root)
     name = run_name(method, learning_rate, seed)
     record_path, run_dir = root / f"{name}.json", root / name
     params = {"method": method, "learning_rate": learning_rate, "seed": seed}
+    if link is not None:  # a stable name in the notebook's work dir for the run most recently started
+        link = Path(link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp_link = link.with_name(f".{link.name}.tmp")
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(run_dir.resolve(), target_is_directory=True)
+        os.replace(tmp_link, link)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record["params"] != params:
             raise ValueError(f"{record_path} holds {record['params']}, not {params}: delete it to recompute")
         return record
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if method == "grpo":  # TRL keeps no resumable state here: an unfinished GRPO run starts again
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif (run_dir / "config.yaml").is_file():  # raftlib resumes its own run: no sample lost or drawn twice
+        (echo or launch._echo)(f"{run_dir} already holds this run: resuming it\n")
     prompts_file = hh.seed_prompts_file(plan, seed, root)
     launch_settings = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
     if echo is not None:
@@ -530,6 +542,7 @@ def learning_rate_sweep(
     seed: int,
     *,
     echo: Callable[[str], None] | None = None,
+    links: dict[str, str | Path] | None = None,
 ) -> pd.DataFrame:
     """Each method at each of its learning rates, one seed, scored on the validation prompts.
 
@@ -542,7 +555,8 @@ def learning_rate_sweep(
         if not rates:
             raise ValueError(f"learning_rate_sweep: no learning rates for {method}")
         for rate in rates:
-            record = method_run(root, settings, plan, method, float(rate), seed, echo=echo)
+            link = (links or {}).get(method)
+            record = method_run(root, settings, plan, method, float(rate), seed, echo=echo, link=link)
             rows.append(
                 {
                     "method": method,
