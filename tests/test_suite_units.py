@@ -324,3 +324,30 @@ def test_method_runs_are_cached_per_setting_and_refuse_a_stale_record(tmp_path):
         efficiency.method_run(root, settings, plan, "grpo", 1e-5, 0)
     with pytest.raises(ValueError, match="method 'ppo'"):
         efficiency.method_run(root, settings, plan, "ppo", 1e-5, 0)
+
+
+SHARED_RUN_PARAMETERS = (
+    "eval_prompts", "validation_prompts", "samples_per_prompt", "temperature", "max_new_tokens",
+    "prompts_per_iteration", "iterations", "learning_rates", "grpo_learning_rates", "epochs", "micro_batch_size",
+    "eval_samples_per_prompt", "grpo_prompts_per_step", "grpo_eval_every_steps", "grpo_gradient_accumulation_steps",
+    "policy_dtype", "reward_dtype", "mixed_precision", "lora_rank", "gradient_checkpointing", "generation_backend",
+    "prompts_per_batch", "reward_batch_size", "num_processes", "accelerate_config", "setup_samples_per_prompt",
+    "rm_epochs", "base_model", "openings",
+)  # fmt: skip
+"""What `efficiency.MethodSettings`, the prompt plan and the sweep are built from in both notebooks."""
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke"])
+def test_hh_rlhf_and_efficiency_share_one_sweep_and_one_set_of_runs(profile):
+    """Equal values give one runs/PROFILE/method_runs/<hash> directory: the sweep is computed once, used twice."""
+    from raftsuite import runner
+
+    entries = runner.load_profile(profile)
+
+    def values(name):
+        defaults = runner.notebook_parameters(name)
+        return {key: entries.get(name, {}).get(key, defaults[key]) for key in SHARED_RUN_PARAMETERS}
+
+    assert values("hh_rlhf") == values("efficiency")
+    assert len(values("hh_rlhf")["learning_rates"]) >= (3 if profile == "tiny" else 1)
+    assert len(values("hh_rlhf")["grpo_learning_rates"]) == len(values("hh_rlhf")["learning_rates"])
