@@ -239,7 +239,7 @@ def change_sentence(sweep: str, label: str, table: pd.DataFrame, summary: pd.Dat
     else:
         theirs = "the paper reports no numbers for these settings"
     return (
-        f"{label} = {settings}: {theirs}; ours (mean over {interval.n} seeds) {ours}, "
+        f"{label} = {settings}: {theirs}; ours (mean over {interval.n} seed(s)) {ours}, "
         f"last − first {interval} → **{first['verdict']}**."
     )
 

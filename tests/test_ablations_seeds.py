@@ -80,7 +80,7 @@ def test_changes_are_paired_by_seed_with_verdicts_against_the_paper():
         "kl_coef", "β", beta, stats.summarize(beta_rows, ["proxy_reward"], by="kl_coef"), ablations.PAPER["kl_coef"]
     )
     assert sentence == (
-        "β = 0 / 0.005 / 0.1: the paper's final reward falls (2.143 / 2.087 / 2.029); ours (mean over 3 seeds) "
+        "β = 0 / 0.005 / 0.1: the paper's final reward falls (2.143 / 2.087 / 2.029); ours (mean over 3 seed(s)) "
         "0.600 / 0.600 / 0.517, last − first -0.083 [-0.100, -0.050] → **reproduces**."
     )
 
