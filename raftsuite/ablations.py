@@ -6,7 +6,9 @@ notebook asks for several processes); its final model is evaluated on the accele
 
 from __future__ import annotations
 
-import copy
+import itertools
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import numpy as np
 import pandas as pd
 
 import raftlib
-from raftsuite import hh, launch, report
+from raftlib.data import Prompt
+from raftsuite import hh, launch, report, stats
+from raftsuite import seeds as seeds_mod
 
 PAPER: dict[str, dict[float, float]] = {
     "K": {8: 2.180, 16: 2.251, 32: 2.329},  # Table 5, lambda = 0.85
@@ -28,110 +32,231 @@ EVAL_TEMPERATURE = 1.0
 """Every final model is evaluated at this temperature, so the columns compare models, not samplers."""
 
 
-def run_name(k: int, temperature: float, kl_coef: float) -> str:
-    return f"K{k}_T{temperature:g}_beta{kl_coef:g}"
+def run_name(k: int, temperature: float, kl_coef: float = 0.0, selection: str = "RAFT") -> str:
+    """'K8_T0.85_beta0' (RAFT) or 'random_K8_T0.85_beta0' (the matched random-selection control)."""
+    return ("random_" if selection == "random" else "") + f"K{k}_T{temperature:g}_beta{kl_coef:g}"
 
 
-def sweep_settings(
-    k_values: list[int],
-    k_temperature: float,
-    temperatures: list[float],
-    temperature_k: int,
-    kl_coefs: list[float],
-    kl_k: int,
-    kl_temperature: float,
-) -> dict[str, dict[float, str]]:
-    """{sweep: {setting value: run name}}; runs shared between sweeps get one name (run once)."""
+def setting_overrides(k: int, temperature: float, kl_coef: float = 0.0) -> list[str]:
+    """The dotted overrides of one sweep setting, for `RAFTConfig.replace`."""
+    return [
+        f"generation.samples_per_prompt={k}",
+        f"generation.temperature={temperature}",
+        "selection.strategy=local",
+        f"selection.kl_coef={kl_coef}",
+    ]
+
+
+RANDOM_SELECTION = ["reward.fn=raftsuite.hh:random_reward", "reward.args={}"]
+"""Overrides that turn a RAFT run into its matched control: the same loop, K and sample count, but the kept
+sample of each prompt is chosen by a hash of its text (uniform, unrelated to the reward): SFT on random samples."""
+
+
+def train_only_prompts(prompts_file: str | Path, held_out: list[Prompt], destination: str | Path) -> Path:
+    """The prompts file without the held-out prompts (rows whose text is a held-out prompt's text).
+
+    Each RAFT run splits its prompts file with its own seed; on the full file a seed other than the setup's
+    would train on some of the prompts the tables evaluate on. On this file no seed can.
+    """
+    texts = {p.text for p in held_out}
+    rows = [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["prompt"] not in texts]
+    if len(rows) - len(kept) != len(texts):
+        raise ValueError(
+            f"train_only_prompts: {len(texts)} held-out prompts but {len(rows) - len(kept)} rows of {prompts_file} match"
+        )
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(kept) + "\n"
+    if not destination.is_file() or destination.read_text(encoding="utf-8") != text:
+        tmp = destination.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, destination)
+    return destination
+
+
+def describe(config: raftlib.RAFTConfig) -> dict[str, Any]:
+    """A run's setting as table columns: K, temperature, kl_coef and selection (RAFT | random)."""
+    random = config.reward.fn == RANDOM_SELECTION[0].partition("=")[2]
     return {
-        "K": {k: run_name(k, k_temperature, 0.0) for k in k_values},
-        "temperature": {t: run_name(temperature_k, t, 0.0) for t in temperatures},
-        "kl_coef": {b: run_name(kl_k, kl_temperature, b) for b in kl_coefs},
+        "K": config.generation.samples_per_prompt,
+        "temperature": config.generation.temperature,
+        "kl_coef": config.selection.kl_coef,
+        "selection": "random" if random else "RAFT",
     }
 
 
-def _parse(name: str) -> tuple[int, float, float]:
-    k, t, b = name.split("_")
-    return int(k[1:]), float(t[1:]), float(b[4:])
-
-
-def run_sweeps(
-    base: dict[str, Any],
-    settings: dict[str, dict[float, str]],
+def run_settings(
+    configs: dict[str, raftlib.RAFTConfig],
+    seeds: list[int],
     work: Path,
     held_out,
     scorer,
     *,
     max_new_tokens: int,
-    seed: int,
     num_processes: int = 1,
     accelerate_config: str = "",
     policy_dtype: str = "float32",
     gold: bool = True,
     prompts_per_batch: int = 16,
+    eval_samples_per_prompt: int = 2,
 ) -> pd.DataFrame:
-    """Run every distinct setting once (resuming unfinished and reusing finished ones) and evaluate its final model.
+    """Run every setting with every seed and evaluate each final model: one row per (run, seed).
 
-    `num_processes` / `accelerate_config`: as `raftsuite.launch.run`. The evaluation loads each final model on
-    the accelerator in `policy_dtype`; `gold=False` where there is no hidden gold preference (HH-RLHF).
+    Run `name` with seed s lives in WORK/name/seed_s (an unfinished run resumes, a finished one is reused);
+    its evaluation is kept in WORK/name/seed_s.json (`seeds.for_each_seed`), so a rerun after a kill redoes
+    at most one evaluation. Seed s sets the run's config seed (prompt order, sampling, fine-tuning) and the
+    evaluation's sampling seed: two settings with the same seed are scored on the same held-out prompts with
+    the same sampling seed, so differences between settings are paired by seed.
+    `num_processes` / `accelerate_config`: as `raftsuite.launch.run`; `gold=False` where there is no hidden
+    gold preference (HH-RLHF).
     """
-    names = sorted({name for sweep in settings.values() for name in sweep.values()})
-    rows = {}
-    for name in names:
-        k, temperature, kl_coef = _parse(name)
-        raw = copy.deepcopy(base)
-        raw["generation"] |= {"samples_per_prompt": k, "temperature": temperature}
-        raw["selection"] = {"strategy": "local", "kl_coef": kl_coef}
-        raw["output_dir"] = str(work / name)
-        started = time.perf_counter()
-        result = launch.run(raftlib.RAFTConfig.from_dict(raw), num_processes, accelerate_config)
-        minutes = (time.perf_counter() - started) / 60
-        model, tokenizer = hh.load_causal_lm(result.final_dir, policy_dtype)
-        evaluation = hh.evaluate(
-            model,
-            tokenizer,
-            held_out,
-            scorer,
-            temperature=EVAL_TEMPERATURE,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            gold=gold,
-            prompts_per_batch=prompts_per_batch,
-        )
-        del model  # one final model on the device at a time
-        metrics = report.read_metrics(result.run_dir)
-        rows[name] = {
-            "K": k,
-            "temperature": temperature,
-            "kl_coef": kl_coef,
-            **evaluation,
-            "eval_kl": float(metrics["eval_kl"].iloc[-1]),
-            "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]),
-            "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]),
-            "minutes": minutes,
+    frames = []
+    for name, config in configs.items():
+        setting = describe(config)
+
+        def one_seed(seed: int, name=name, config=config, setting=setting) -> dict[str, Any]:
+            run_config = config.replace([f"seed={seed}", f"output_dir={work / name / f'seed_{seed}'}"])
+            started = time.perf_counter()
+            result = launch.run(run_config, num_processes, accelerate_config)
+            minutes = (time.perf_counter() - started) / 60
+            model, tokenizer = hh.load_causal_lm(result.final_dir, policy_dtype)
+            evaluation = hh.evaluate(
+                model,
+                tokenizer,
+                held_out,
+                scorer,
+                temperature=EVAL_TEMPERATURE,
+                max_new_tokens=max_new_tokens,
+                samples_per_prompt=eval_samples_per_prompt,
+                seed=seed,
+                gold=gold,
+                prompts_per_batch=prompts_per_batch,
+            )
+            del model  # one final model on the device at a time
+            metrics = report.read_metrics(result.run_dir)
+            ranked = setting["selection"] == "RAFT"  # a random run's own rewards are hashes, not the RM's
+            return {
+                "run": name,
+                **setting,
+                **evaluation,
+                "eval_kl": float(metrics["eval_kl"].iloc[-1]),
+                "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]) if ranked else float("nan"),
+                "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]),
+                "minutes": minutes,
+            }
+
+        params = {
+            "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
+            "held_out": [p.text for p in held_out],
+            "max_new_tokens": max_new_tokens,
+            "eval_samples_per_prompt": eval_samples_per_prompt,
+            "eval_temperature": EVAL_TEMPERATURE,
         }
-    return pd.DataFrame.from_dict(rows, orient="index")
+        frames.append(seeds_mod.for_each_seed(seeds, one_seed, cache_dir=work / name, params=params))
+    return pd.concat(frames, ignore_index=True)
 
 
-def sweep_table(
-    results: pd.DataFrame, sweep: str, mapping: dict[float, str], paper: dict[float, float]
+def sweep_rows(results: pd.DataFrame, sweep: str, mapping: dict[float, str]) -> pd.DataFrame:
+    """The per-seed rows of one sweep, in the sweep's order, with the swept value as column `sweep`."""
+    parts = []
+    for value, name in mapping.items():
+        rows = results[results["run"] == name]
+        if rows.empty:
+            raise KeyError(f"sweep {sweep}: no results for run {name!r}")
+        parts.append(rows.assign(**{sweep: value}))
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[[sweep, "seed", *(c for c in frame if c not in (sweep, "seed"))]]
+
+
+TABLE_METRICS = [
+    "proxy_reward",
+    "gold_reward",
+    "perplexity",
+    "msttr_100",
+    "distinct_2",
+    "length_words",
+    "eval_kl",
+    "start_best_of_k",
+]
+
+
+def changes(
+    rows: pd.DataFrame, sweep: str, metric: str, paper: dict[float, float], adjacent: bool = True
 ) -> pd.DataFrame:
-    columns = [
-        "proxy_reward",
-        "gold_reward",
-        "perplexity",
-        "msttr_100",
-        "distinct_2",
-        "length_words",
-        "eval_kl",
-        "start_best_of_k",
-    ]
-    table = results.loc[[mapping[v] for v in mapping], columns].copy()
-    table.index = pd.Index(list(mapping), name=sweep)
-    table["paper_reward"] = [paper.get(v, np.nan) for v in mapping]
-    return table
+    """Paired changes along a sweep, seed by seed: last minus first, then (given `adjacent`) each adjacent pair
+    when the sweep has more than two settings. Each with its 95 % interval, the paper's change between the
+    same two settings and `stats.verdict` of ours against the paper's direction."""
+    order = list(dict.fromkeys(rows[sweep]))
+    pairs = [(order[0], order[-1])]
+    if adjacent and len(order) > 2:
+        pairs += list(itertools.pairwise(order))
+    out = []
+    for first, last in pairs:
+        chosen = rows[rows[sweep].isin([first, last])].dropna(subset=[metric])
+        both = chosen.groupby("seed")[sweep].nunique() == 2
+        chosen = chosen[chosen["seed"].isin(both[both].index)]
+        if chosen.empty:
+            continue
+        interval = stats.trend(chosen, sweep, metric, first, last)
+        if first in paper and last in paper and paper[first] != paper[last]:
+            paper_change = paper[last] - paper[first]
+            verdict = stats.verdict(interval, stats.paper_direction(paper[first], paper[last]))
+        else:
+            paper_change, verdict = float("nan"), "no paper value to compare"
+        out.append(
+            {
+                "change": f"{sweep} {first:g} → {last:g}",
+                "mean": interval.mean,
+                "ci95_low": interval.low,
+                "ci95_high": interval.high,
+                "n_seeds": interval.n,
+                "paper_change": paper_change,
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(out).set_index("change")
+
+
+def control_difference(results: pd.DataFrame, raft: str, random: str, metric: str = "proxy_reward") -> stats.Interval:
+    """RAFT minus its matched random-selection control, paired by seed (same prompts, same sampling seeds)."""
+    ours = results[results["run"] == raft].set_index("seed")[metric]
+    control = results[results["run"] == random].set_index("seed")[metric]
+    return stats.paired_difference(ours, control)
+
+
+def change_sentence(sweep: str, label: str, table: pd.DataFrame, summary: pd.DataFrame, paper: dict) -> str:
+    """One sentence per sweep, every word of it from the numbers: the paper's direction, our per-setting means,
+    the paired last-minus-first change with its interval, and the verdict."""
+    values = list(summary.index)
+    ours = " / ".join(f"{v:.3f}" for v in summary["proxy_reward"])
+    settings = " / ".join(f"{v:g}" for v in values)
+    first = table.iloc[0]
+    interval = stats.Interval(first["mean"], first["ci95_low"], first["ci95_high"], int(first["n_seeds"]))
+    if values[0] in paper and values[-1] in paper:
+        direction = "rises" if paper[values[-1]] > paper[values[0]] else "falls"
+        theirs = f"the paper's final reward {direction} ({' / '.join(f'{paper[v]:.3f}' for v in values if v in paper)})"
+    else:
+        theirs = "the paper reports no numbers for these settings"
+    return (
+        f"{label} = {settings}: {theirs}; ours (mean over {interval.n} seed(s)) {ours}, "
+        f"last − first {interval} → **{first['verdict']}**."
+    )
+
+
+def control_sentence(label: str, interval: stats.Interval) -> str:
+    verdict = stats.verdict(interval, "up")
+    meaning = {
+        stats.REPRODUCES: "ranking by the reward beats keeping a random sample",
+        stats.OPPOSITE: "keeping a random sample beats ranking by the reward",
+        stats.NOT_RESOLVED: "ranking is not distinguishable from random selection",
+    }[verdict]
+    return f"{label}: RAFT − random selection (same K, same sample count) {interval} → **{verdict}**: {meaning} here."
 
 
 def trend_word(values) -> str:
+    """Legacy (one run per setting; tests/test_suite_units.py still calls it): the shape of a sequence. The
+    notebook's verdicts come from `changes`, over seeds."""
     values = np.asarray(values, dtype=float)
     steps = np.diff(values)
     if len(steps) == 0:
@@ -144,7 +269,8 @@ def trend_word(values) -> str:
 
 
 def trend_sentence(sweep: str, table: pd.DataFrame, paper: dict[float, float]) -> str:
-    """One sentence, computed from the numbers: does our trend of the final reward match the paper's?"""
+    """Legacy, one run per setting (tests/test_suite_units.py still calls it); the notebook uses `changes` and
+    `change_sentence`, whose verdicts come from intervals over seeds."""
     ours = table["proxy_reward"].to_numpy()
     theirs = np.array([paper[v] for v in table.index if v in paper])
     settings = " / ".join(f"{v:g}" for v in table.index)
@@ -170,40 +296,52 @@ def trend_sentence(sweep: str, table: pd.DataFrame, paper: dict[float, float]) -
     )
 
 
-def start_best_of_k_sentence(table: pd.DataFrame) -> str:
-    values = table["start_best_of_k"].to_numpy()
+def start_best_of_k_sentence(rows: pd.DataFrame, sweep: str = "temperature") -> str:
+    """The paper's second temperature claim: the best-of-K reward of the first iteration's samples falls as λ
+    rises (3.41 → 2.48); ours as a paired last-minus-first change with its interval and verdict."""
+    table = changes(rows, sweep, "start_best_of_k", {0.7: 3.41, 1.0: 2.48}, adjacent=False)
+    if table.empty:
+        return "Best-of-K reward of the first iteration's samples: no RAFT rows to compare."
+    row = table.iloc[0]
+    interval = stats.Interval(row["mean"], row["ci95_low"], row["ci95_high"], int(row["n_seeds"]))
+    means = rows.groupby(sweep, sort=False)["start_best_of_k"].mean()
     return (
-        f"Best-of-K reward of the first iteration's samples: {' / '.join(f'{v:.3f}' for v in values)} "
-        f"({trend_word(values)} with temperature; the paper: falls 3.41 → 2.48)."
+        f"Best-of-K reward of the first iteration's samples: {' / '.join(f'{v:.3f}' for v in means)} "
+        f"(λ = {' / '.join(f'{v:g}' for v in means.index)}); {row.name}: {interval} "
+        f"(the paper: falls 3.41 → 2.48 from λ = 0.7 to 1.0) → **{row['verdict']}**."
     )
 
 
-def plot_sweeps(tables: dict[str, pd.DataFrame]):
+def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: dict[str, str]):
+    """One column per sweep, one row per metric: each seed as a dot, the mean with its 95 % interval, and on
+    the top row the paper's final reward on its own right-hand axis (its reward model's scale is not ours)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(tables), figsize=(5 * len(tables), 6.4))
-    for column, (name, table) in enumerate(tables.items()):
-        x = [str(v) for v in table.index]
-        top, bottom = axes[0, column], axes[1, column]
-        top.plot(x, table["proxy_reward"], marker="o", label="ours: proxy reward")
-        top.plot(x, table["gold_reward"], marker="s", label="ours: gold reward")
-        twin = top.twinx()
-        twin.plot(x, table["paper_reward"], marker="^", color="grey", linestyle="--", label="paper reward (right axis)")
-        top.set_title(name)
-        top.legend(fontsize=8, loc="upper left")
-        twin.legend(fontsize=8, loc="lower right")
-        bottom.plot(x, table["distinct_2"], marker="o", label="distinct-2")
-        bottom.plot(x, table["msttr_100"], marker="s", label="MSTTR-100")
-        bottom.set_xlabel(name)
-        bottom.legend(fontsize=8)
-        top.grid(alpha=0.3)
-        bottom.grid(alpha=0.3)
+    from raftsuite import plots
+
+    plots.use_style()
+    fig, axes = plt.subplots(len(metrics), len(rows), figsize=(5.4 * len(rows), 4.0 * len(metrics)), squeeze=False)
+    for column, (sweep, frame) in enumerate(rows.items()):
+        for row, (metric, ylabel) in enumerate(metrics.items()):
+            if frame[metric].isna().all():
+                axes[row, column].set_axis_off()
+                continue
+            plots.plot_sweep(
+                frame.dropna(subset=[metric]),
+                sweep,
+                metric,
+                title=f"{labels[sweep]}: {ylabel}",
+                xlabel=labels[sweep],
+                ylabel=ylabel,
+                paper={v: p for v, p in PAPER.get(sweep, {}).items() if v in set(frame[sweep])} if row == 0 else None,
+                ax=axes[row, column],
+            )
     fig.tight_layout()
     return fig
 
 
 def kept_overlap(run_dir: Path, reference_dir: Path | None) -> float:
-    """Mean over iterations of the Jaccard overlap of two runs' kept (prompt, completion) sets.
+    """Mean over iterations of the Jaccard overlap of two runs' kept (prompt, completion) sets (same seed).
 
     1.0 means the two runs kept exactly the same samples: e.g. a KL coefficient too small to flip
     any best-of-K ranking, so the run is the beta = 0 run.

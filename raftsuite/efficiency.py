@@ -12,21 +12,24 @@ training wall time; evaluation time is left out of the training time of both.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from raftsuite import launch
+from raftsuite import hh, launch
 
 # ----------------------------------------------------------------------------------------------
 # A function in its own process(es)
@@ -294,6 +297,288 @@ def comparison(curves: dict[str, pd.DataFrame], peaks: dict[str, float]) -> tupl
             "peak_rss_mib": peaks[name],
         }
     return target, pd.DataFrame.from_dict(rows, orient="index")
+
+
+# ----------------------------------------------------------------------------------------------
+# Method runs shared by hh_rlhf and efficiency: one cache per setting, a learning-rate sweep on validation
+# ----------------------------------------------------------------------------------------------
+
+METHODS = ("raft", "grpo", "random")
+"""raft: RAFT on the proxy reward; grpo: TRL's GRPO on it; random: RAFT whose reward ranks at random (the matched
+random-selection control: the same loop, the same number of kept samples)."""
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Everything a RAFT, GRPO or random-control run depends on besides the method, learning rate and seed.
+
+    hh_rlhf and efficiency build this from their parameters; equal settings give the same cache directory, so
+    a run (and its timing and peak memory, measured in its own process when it was made) is made once and read
+    by both notebooks.
+    """
+
+    sft_model: str
+    reward_model: str
+    reward_formatter: str = "raw"
+    reward_dtype: str = "float32"
+    reward_batch_size: int = 64
+    policy_dtype: str = "float32"
+    lora_rank: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    generation_backend: str = "eager"
+    prompts_per_batch: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    max_prompt_tokens: int | None = None
+    reference_column: str | None = "reference"
+    prompts_per_iteration: int = 32
+    iterations: int = 6
+    epochs: int = 2
+    micro_batch_size: int = 16
+    eval_samples_per_prompt: int = 2
+    grpo_prompts_per_step: int = 6
+    grpo_eval_every_steps: int = 4
+    grpo_gradient_accumulation_steps: int = 1
+    num_processes: int = 1
+    accelerate_config: str = ""
+
+    @property
+    def budget(self) -> int:
+        """Completions each method draws: RAFT's iterations x b x K; GRPO stops at the same count."""
+        return self.iterations * self.prompts_per_iteration * self.samples_per_prompt
+
+
+def runs_root(parent: str | Path, settings: MethodSettings, plan: hh.PromptPlan) -> Path:
+    """runs/PROFILE/method_runs/<hash of settings and prompt plan>: the cache both notebooks share."""
+    key = json.dumps({"settings": asdict(settings), "plan": asdict(plan)}, sort_keys=True)
+    root = Path(parent) / "method_runs" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(json.loads(key), indent=1) + "\n")
+    return root
+
+
+def run_name(method: str, learning_rate: float, seed: int) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
+    return f"{method}_lr{learning_rate:g}_seed{seed}"
+
+
+def raft_run_config(
+    settings: MethodSettings, prompts_file: str | Path, curve_prompts: int, learning_rate: float, seed: int,
+    output_dir: str | Path, reward: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The RAFT config (as a dict) of one run; `reward` replaces the proxy reward section (the random control)."""
+    s = settings
+    return {
+        "model": {"path": s.sft_model, "dtype": s.policy_dtype}
+        | ({"lora": {"r": s.lora_rank, "alpha": 2 * s.lora_rank}} if s.lora_rank else {}),
+        "data": {
+            "prompts": str(prompts_file),
+            "eval_prompts": curve_prompts,
+            "reference_column": s.reference_column,
+            "max_prompt_tokens": s.max_prompt_tokens,
+        },
+        "generation": {
+            "samples_per_prompt": s.samples_per_prompt,
+            "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens,
+            "prompts_per_batch": s.prompts_per_batch,
+            "backend": s.generation_backend,
+        },
+        "reward": reward or hh.reward_section(s.reward_model, s.reward_formatter, s.reward_dtype, s.reward_batch_size),
+        "selection": {"strategy": "local", "kl_coef": 0.0},
+        "training": {
+            "learning_rate": learning_rate,
+            "epochs": s.epochs,
+            "micro_batch_size": s.micro_batch_size,
+            "mixed_precision": s.mixed_precision,
+            "gradient_checkpointing": s.gradient_checkpointing,
+        },
+        "loop": {
+            "iterations": s.iterations,
+            "prompts_per_iteration": s.prompts_per_iteration,
+            "eval_samples_per_prompt": s.eval_samples_per_prompt,
+        },
+        "logging": {"progress_bars": False, "tensorboard": False},
+        "seed": seed,
+        "output_dir": str(output_dir),
+    }
+
+
+def method_run(
+    root: str | Path,
+    settings: MethodSettings,
+    plan: hh.PromptPlan,
+    method: str,
+    learning_rate: float,
+    seed: int,
+    *,
+    echo: Callable[[str], None] | None = None,
+    link: str | Path | None = None,
+) -> dict[str, Any]:
+    """One run of `method` at `learning_rate` with `seed`, in its own process(es) (`run_in_child`), cached.
+
+    Returns (and stores as ROOT/NAME.json, written atomically once the run has finished) its held-out curve
+    (completions, training seconds without evaluation, proxy reward on the plan's curve prompts), peak memory,
+    wall time and where its final model is. A second call reads the record back; a run killed before its record
+    was written is started again: RAFT (and the random control) resumes its run directory as raftlib does, GRPO
+    starts from scratch. `link`: a symlink made to point at this run's directory (e.g. WORK_DIR/raft).
+    Every run trains on the plan's fit prompts only (never on validation or curve prompts).
+    """
+    root = Path(root)
+    name = run_name(method, learning_rate, seed)
+    record_path, run_dir = root / f"{name}.json", root / name
+    params = {"method": method, "learning_rate": learning_rate, "seed": seed}
+    if link is not None:  # a stable name in the notebook's work dir for the run most recently started
+        link = Path(link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp_link = link.with_name(f".{link.name}.tmp")
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(run_dir.resolve(), target_is_directory=True)
+        os.replace(tmp_link, link)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["params"] != params:
+            raise ValueError(f"{record_path} holds {record['params']}, not {params}: delete it to recompute")
+        return record
+    if method == "grpo":  # TRL keeps no resumable state here: an unfinished GRPO run starts again
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif (run_dir / "config.yaml").is_file():  # raftlib resumes its own run: no sample lost or drawn twice
+        (echo or launch._echo)(f"{run_dir} already holds this run: resuming it\n")
+    prompts_file = hh.seed_prompts_file(plan, seed, root)
+    launch_settings = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
+    if echo is not None:
+        launch_settings["echo"] = echo
+    child_out, log = root / f"{name}.child.json", root / f"{name}.log"
+    if method == "grpo":
+        kwargs = {
+            "sft_model": settings.sft_model,
+            "reward_model": settings.reward_model,
+            "prompts": str(prompts_file),
+            "eval_prompts": len(plan.curve),
+            "eval_samples_per_prompt": settings.eval_samples_per_prompt,
+            "samples_budget": settings.budget,
+            "eval_every_steps": settings.grpo_eval_every_steps,
+            "num_generations": settings.samples_per_prompt,
+            "prompts_per_step": settings.grpo_prompts_per_step,
+            "learning_rate": learning_rate,
+            "max_new_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "seed": seed,
+            "output_dir": str(run_dir),
+            "max_prompt_tokens": settings.max_prompt_tokens,
+            "gradient_accumulation_steps": settings.grpo_gradient_accumulation_steps,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "reward_formatter": settings.reward_formatter,
+            "reward_dtype": settings.reward_dtype,
+            "reward_batch_size": settings.reward_batch_size,
+            "prompts_per_batch": settings.prompts_per_batch,
+        }
+        child = run_in_child("raftsuite.efficiency:grpo_curve", kwargs, child_out, log, **launch_settings)
+        model_dir = run_dir
+    else:
+        reward = {"fn": "raftsuite.hh:random_reward", "args": {}} if method == "random" else None
+        config = raft_run_config(settings, prompts_file, len(plan.curve), learning_rate, seed, run_dir, reward)
+        child = run_in_child("raftsuite.efficiency:raft_curve", {"config": config}, child_out, log, **launch_settings)
+        model_dir = run_dir / "final"
+    record = {
+        "params": params,
+        "curve": child["result"],
+        "peak_rss_mib": child["peak_rss_mib"],
+        "peak_cuda_mib": child["peak_cuda_mib"],
+        "processes": child["processes"],
+        "process_seconds": child["process_seconds"],
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, record_path)  # the record is the commit point: no record, no run
+    return record
+
+
+def validation_reward(root: str | Path, settings: MethodSettings, plan: hh.PromptPlan, record: dict[str, Any]) -> float:
+    """Mean proxy reward of a run's final model on the plan's validation prompts (sampling seed 0, drawn as
+    raftlib's evaluation draws), cached beside the run's record. This, never a held-out score, picks the rates."""
+    from raftlib.config import RewardSection
+    from raftlib.rewards import build_reward
+
+    params = record["params"]
+    path = Path(root) / f"{run_name(params['method'], params['learning_rate'], params['seed'])}.validation.json"
+    if path.is_file():
+        return json.loads(path.read_text())["validation_reward"]
+    reward = build_reward(
+        RewardSection(
+            **hh.reward_section(
+                settings.reward_model, settings.reward_formatter, settings.reward_dtype, settings.reward_batch_size
+            )
+        )
+    )
+    reward.setup()
+    try:
+        model, tokenizer = hh.load_causal_lm(record["model_dir"], settings.policy_dtype)
+        value = held_out_reward(
+            model, tokenizer, hh.plan_prompts(plan, "validation"), reward,
+            samples_per_prompt=settings.eval_samples_per_prompt, temperature=settings.temperature,
+            max_new_tokens=settings.max_new_tokens, seed=0, max_prompt_tokens=settings.max_prompt_tokens,
+            prompts_per_batch=settings.prompts_per_batch, reward_batch_size=settings.reward_batch_size,
+        )  # fmt: skip
+    finally:
+        reward.teardown()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"validation_reward": value}))
+    os.replace(tmp, path)
+    return value
+
+
+def learning_rate_sweep(
+    root: str | Path,
+    settings: MethodSettings,
+    plan: hh.PromptPlan,
+    learning_rates: dict[str, Sequence[float]],
+    seed: int,
+    *,
+    echo: Callable[[str], None] | None = None,
+    links: dict[str, str | Path] | None = None,
+) -> pd.DataFrame:
+    """Each method at each of its learning rates, one seed, scored on the validation prompts.
+
+    Returns one row per (method, learning_rate): seed, validation_reward, final curve reward, wall seconds and
+    `chosen` (the highest validation reward of its method). Cheap by design: one seed per value; the chosen
+    rate then runs with every seed (the sweep's own run is that seed's run, the same process, not a rerun).
+    """
+    rows = []
+    for method, rates in learning_rates.items():
+        if not rates:
+            raise ValueError(f"learning_rate_sweep: no learning rates for {method}")
+        for rate in rates:
+            link = (links or {}).get(method)
+            record = method_run(root, settings, plan, method, float(rate), seed, echo=echo, link=link)
+            rows.append(
+                {
+                    "method": method,
+                    "learning_rate": float(rate),
+                    "seed": seed,
+                    "validation_reward": validation_reward(root, settings, plan, record),
+                    "process_seconds": record["process_seconds"],
+                }
+            )
+    return mark_chosen(pd.DataFrame(rows))
+
+
+def mark_chosen(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Add `chosen`: per method, the row with the highest validation reward (a tie keeps the first listed rate)."""
+    sweep = sweep.reset_index(drop=True)
+    best = sweep.groupby("method", sort=False)["validation_reward"].idxmax()
+    return sweep.assign(chosen=sweep.index.isin(best.tolist()))
+
+
+def chosen_rates(sweep: pd.DataFrame) -> dict[str, float]:
+    """{method: the learning rate the sweep chose on validation}."""
+    return {row.method: float(row.learning_rate) for row in sweep[sweep["chosen"]].itertuples()}
 
 
 # ----------------------------------------------------------------------------------------------

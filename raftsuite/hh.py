@@ -507,3 +507,84 @@ def run_grpo(
         "seconds": seconds,
         "reward_per_step": [h["reward"] for h in history],
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt splits shared by every seed: curve/held-out prompts, validation prompts, fitting prompts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """Row indices of a prompts file, fixed for every seed and method.
+
+    `curve`: the prompts every run is evaluated on during training (RAFT's per-iteration evaluation, the GRPO
+    callback); in the tiny setting they are also the reported held-out prompts of Table 3. `validation`: train
+    prompts kept out of training, on which the learning rates are chosen. `fit`: the prompts runs train on.
+    """
+
+    source: str
+    curve: tuple[int, ...]
+    validation: tuple[int, ...]
+    fit: tuple[int, ...]
+
+
+def prompt_plan(prompts_file: str | Path, curve_prompts: int, validation_prompts: int) -> PromptPlan:
+    """Split a prompts file into curve, validation and fit rows (one fixed shuffle, the split seed 0).
+
+    `curve` is exactly what `load_prompts(prompts_file, eval_prompts=curve_prompts, seed=0).eval` holds (the
+    tiny Table 3's held-out openings, as before seeds); `validation` is the next `validation_prompts` rows of
+    the same shuffle, so it shares no row with `curve`.
+    """
+    rows = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+    if curve_prompts < 1 or validation_prompts < 1:
+        raise ValueError(f"prompt_plan: curve_prompts {curve_prompts} and validation_prompts {validation_prompts} >= 1")
+    if curve_prompts + validation_prompts >= len(rows):
+        raise ValueError(
+            f"prompt_plan: {curve_prompts} curve + {validation_prompts} validation prompts leave no training prompt "
+            f"of the {len(rows)} in {prompts_file}"
+        )
+    order = np.random.default_rng([0, 7]).permutation(len(rows))  # load_prompts' shuffle for seed 0
+    curve = sorted(order[:curve_prompts].tolist())
+    validation = sorted(order[curve_prompts : curve_prompts + validation_prompts].tolist())
+    taken = set(curve) | set(validation)
+    fit = [i for i in range(len(rows)) if i not in taken]
+    return PromptPlan(str(prompts_file), tuple(curve), tuple(validation), tuple(fit))
+
+
+def plan_prompts(plan: PromptPlan, part: str) -> list[Prompt]:
+    """The `curve`, `validation` or `fit` prompts of a plan as records (prompt_id = row in the source file)."""
+    rows = Path(plan.source).read_text(encoding="utf-8").splitlines()
+    out = []
+    for index in getattr(plan, part):
+        record = json.loads(rows[index])
+        text = record.pop("prompt")
+        out.append(Prompt(prompt_id=index, text=text, columns=record))
+    return out
+
+
+def seed_prompts_file(plan: PromptPlan, seed: int, directory: str | Path) -> Path:
+    """A prompts file for a run with `seed`: the curve and fit rows only (no validation row), placed so that
+    raftlib's own split for that seed (`load_prompts(..., eval_prompts=len(curve), seed)`) holds out exactly
+    the curve prompts and trains on exactly the fit prompts. Written once (atomically), then reused."""
+    path = Path(directory) / f"prompts_seed{seed}.jsonl"
+    if path.is_file():
+        return path
+    rows = Path(plan.source).read_text(encoding="utf-8").splitlines()
+    size = len(plan.curve) + len(plan.fit)
+    order = np.random.default_rng([seed, 7]).permutation(size)  # load_prompts' shuffle for this seed
+    placed: list[str | None] = [None] * size
+    for position, index in zip(sorted(order[: len(plan.curve)].tolist()), plan.curve, strict=True):
+        placed[position] = rows[index]
+    rest = iter(plan.fit)
+    placed = [rows[next(rest)] if line is None else line for line in placed]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(placed) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    split = load_prompts(DataSection(prompts=str(path), eval_prompts=len(plan.curve)), seed)
+    curve_texts = {json.loads(rows[i])["prompt"] for i in plan.curve}
+    if {p.text for p in split.eval} != curve_texts:  # the placement is the contract: check it, not trust it
+        path.unlink()
+        raise RuntimeError(f"{path}: raftlib's split for seed {seed} does not hold out the curve prompts")
+    return path

@@ -1,11 +1,16 @@
-"""What the two diffusion notebooks show: per-iteration measures of the held-out images, and image grids.
+"""What the two diffusion notebooks show: per-iteration measures of the held-out images over seeds, RAFT against
+its matched random-selection control, changes with their intervals and verdicts, and image grids.
 
-Reads only the run directory raftlib wrote (metrics.jsonl, iter_*/samples.parquet, iter_*/eval_samples.parquet).
+Reads only the run directories raftlib wrote (config.yaml, iter_*/samples.parquet, iter_*/eval_samples.parquet).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -13,8 +18,11 @@ import torch
 
 from raftlib.diffusion.metrics import within_prompt_diversity
 from raftlib.diffusion.pipelines import ImageSample
-from raftlib.store import RunStore, read_parquet
-from raftsuite import digits
+from raftlib.store import read_parquet
+from raftsuite import digits, stats
+
+if TYPE_CHECKING:
+    from raftlib.rewards import WeightedReward
 
 
 def eval_images(run_dir: Path, iteration: int) -> list[ImageSample]:
@@ -29,68 +37,281 @@ def iterations_of(run_dir: Path) -> list[int]:
     )
 
 
-def digit_measures(run_dir: Path, classifier: Path) -> pd.DataFrame:
-    """Per iteration, on the held-out images: reward, diversity, distance to the real digits, accuracy.
+ARMS = ("RAFT", "random selection")
+"""The two arms of each notebook: RAFT's ranking, and the matched control that keeps as many images at random."""
 
-    - `eval_reward_mean`: the reward RAFT optimised, on held-out prompts (from metrics.jsonl);
+
+def run_name(arm: str, seed: int) -> str:
+    """A run's directory under the notebook's work dir: `raft`, `raft_seed1`, ..., `random`, `random_seed1`, ...
+
+    Seed 0 keeps the name a single-seed run had, so a run made before seeds existed is resumed, not redone.
+    """
+    stem = {"RAFT": "raft", "random selection": "random"}.get(arm)
+    if stem is None:
+        raise ValueError(f"run_name: arm must be one of {ARMS}, got {arm!r}")
+    return stem if seed == 0 else f"{stem}_seed{seed}"
+
+
+def random_reward(images: list, prompts: list[str], **columns: Any) -> list[float]:
+    """The matched random-selection control: a uniform number in [0, 1) per image, from a hash of its prompt
+    and pixels (not of its quality).
+
+    RAFT run with it keeps what RAFT keeps (one image per prompt, capped by `max_kept` alike) but chosen at
+    random, then fine-tunes the same way: any gain it shows comes from fine-tuning on the model's own images,
+    not from ranking. Deterministic, so a resumed run re-scores an image to the same value.
+    """
+    values = []
+    for image, prompt in zip(images, prompts, strict=True):
+        digest = hashlib.sha256(prompt.encode() + b"\x00" + np.asarray(image).tobytes()).hexdigest()
+        values.append(int(digest[:8], 16) / 16**8)
+    return values
+
+
+def heldout_rewards(run_dir: Path, reward: WeightedReward, batch_size: int = 64) -> dict[int, float]:
+    """{iteration: mean reward over the run's held-out images}, re-scored with `reward` (the experiment's real
+    reward) from eval_samples.parquet.
+
+    The random-selection control ranks by a random reward, so its own eval_reward_mean is random too; both
+    arms are compared on this re-scoring instead (for a RAFT run it equals metrics.jsonl's eval_reward_mean).
+    The prompts' columns (a prompt's label, say) come from the run's own config and held-out split.
+    """
+    from raftlib.config import load_config
+    from raftlib.data import columns_by_prompt, load_prompts
+    from raftlib.diffusion.modality import ImageModality
+    from raftlib.rewards import score_samples
+
+    config = load_config(Path(run_dir) / "config.yaml")
+    columns = columns_by_prompt(load_prompts(config.data, config.seed).eval)
+    means = {}
+    for iteration in iterations_of(run_dir):
+        scores = score_samples(
+            reward, eval_images(run_dir, iteration), columns, inputs=ImageModality.reward_inputs,
+            batch_size=batch_size, progress=False,
+        )  # fmt: skip
+        values = np.array([np.nan if r is None else r for r in scores.reward], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        means[iteration] = float(finite.mean()) if finite.size else math.nan
+    return means
+
+
+MEASURES = {
+    "eval_reward": "held-out reward (the experiment's reward, re-scored)",
+    "diversity": "diversity: RMS pixel distance between images of one prompt",
+    "frechet_distance": "Fréchet distance to real held-out digits (classifier features)",
+    "nearest_real_distance": "RMS pixel distance to the nearest real digit",
+    "p_prompted_digit": "p(prompted digit) under the digit classifier",
+    "prompted_digit_accuracy": "share of images the classifier reads as the prompted digit",
+}
+"""Every per-iteration measure `measures` can give, with the label the tables and figures use."""
+
+
+def measures(run_dir: Path, reward: WeightedReward, classifier: Path | None = None) -> pd.DataFrame:
+    """Per iteration (0 = the base model), on the held-out images: the reward, diversity and, with the digit
+    classifier (tiny profile), the distances to the real digits and the prompted digit's probability.
+
+    - `eval_reward`: `heldout_rewards` (the same scorer for RAFT and the control);
     - `diversity`: mean RMS pixel distance between images of the same prompt (0 = collapsed);
     - `frechet_distance`: between digit-classifier features of these images and of the real held-out digits
       (FID's formula in the classifier's 64-d feature space; lower = closer to the data);
     - `nearest_real_distance`: mean RMS distance of each image to its nearest real digit at the same size;
+    - `p_prompted_digit`: the classifier's mean probability of the prompted digit (p(prompted class));
     - `prompted_digit_accuracy`: how often the classifier reads the prompted digit.
     Reward hacking shows as reward up while the distances grow.
     """
-    held_x, _ = digits.real_digits("heldout")
-    model = digits.load_classifier(classifier)
-    real_features = digits.classifier_features(held_x, model)
-    metrics = {row["iteration"]: row for row in RunStore(run_dir).read_metrics()}
+    rewards = heldout_rewards(run_dir, reward)
+    if classifier is not None:
+        held_x, _ = digits.real_digits("heldout")
+        model = digits.load_classifier(classifier)
+        real_features = digits.classifier_features(held_x, model)
     rows = []
     for iteration in iterations_of(run_dir):
         samples = eval_images(run_dir, iteration)
         images = [s.image for s in samples]
-        features = digits.classifier_features(images, model)
-        with torch.no_grad():
-            predicted = model(digits.as_tensor(images)).argmax(-1).numpy()
-        rows.append(
-            {
-                "iteration": iteration,
-                "eval_reward_mean": metrics.get(iteration, {}).get("eval_reward_mean"),
-                "diversity": within_prompt_diversity(images, [s.prompt for s in samples]),
-                "frechet_distance": digits.frechet_distance(features, real_features),
-                "nearest_real_distance": digits.nearest_real_distance(images, held_x),
-                "prompted_digit_accuracy": float(np.mean(predicted == np.array([s.class_label for s in samples]))),
-            }
-        )
-    return pd.DataFrame(rows).set_index("iteration")
-
-
-def generic_measures(run_dir: Path) -> pd.DataFrame:
-    """Per iteration: held-out reward and diversity (the paper profile: no real-data reference here)."""
-    rows = [
-        {
-            "iteration": row["iteration"],
-            "eval_reward_mean": row.get("eval_reward_mean"),
-            "diversity": row.get("eval_diversity"),
+        row = {
+            "iteration": iteration,
+            "eval_reward": rewards[iteration],
+            "diversity": within_prompt_diversity(images, [s.prompt for s in samples]),
         }
-        for row in RunStore(run_dir).read_metrics()
+        if classifier is not None:
+            with torch.no_grad():
+                probabilities = model(digits.as_tensor(images)).softmax(-1).numpy()  # (N, 10)
+            labels = np.array([s.class_label for s in samples])
+            row |= {
+                "frechet_distance": digits.frechet_distance(digits.classifier_features(images, model), real_features),
+                "nearest_real_distance": digits.nearest_real_distance(images, held_x),
+                "p_prompted_digit": float(probabilities[np.arange(len(labels)), labels].mean()),
+                "prompted_digit_accuracy": float(np.mean(probabilities.argmax(-1) == labels)),
+            }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def measure_runs(
+    runs: Mapping[str, Mapping[int, Path]], reward: WeightedReward, classifier: Path | None = None
+) -> pd.DataFrame:
+    """`measures` of every run, stacked: columns arm, seed, iteration and the measures (one row per
+    arm x seed x iteration). runs: {arm: {seed: run directory}}."""
+    frames = [
+        measures(run_dir, reward, classifier).assign(arm=arm, seed=seed)
+        for arm, by_seed in runs.items()
+        for seed, run_dir in by_seed.items()
     ]
-    return pd.DataFrame(rows).set_index("iteration")
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["arm", "seed", "iteration", *(c for c in frame if c not in ("arm", "seed", "iteration"))]]
 
 
-def plot_measures(table: pd.DataFrame, title: str = ""):
-    """One panel per measure against the iteration (0 = the base model)."""
+def plot_measures(rows: pd.DataFrame, metrics: Sequence[str], title: str):
+    """One panel per measure against the iteration: each arm's seeds as thin lines, their mean as a thick one
+    and its 95 % interval (bootstrap over seeds) as a band; the legend sits in the first panel."""
     import matplotlib.pyplot as plt
 
-    columns = [c for c in table.columns if table[c].notna().any()]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 2.8), squeeze=False)
-    for axis, column in zip(axes[0], columns, strict=True):
-        axis.plot(table.index, table[column], marker="o")
-        axis.set_title(column.replace("_", " "), fontsize=9)
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
+    from raftsuite import plots
+
+    plots.use_style()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.0), squeeze=False)
+    for index, (axis, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+        plots.plot_iteration_bands(rows, metric, MEASURES.get(metric, metric), metric.replace("_", " "), hue="arm",
+                                   xlabel="iteration (0 = base model)", ax=axis)  # fmt: skip
+        axis.title.set_fontsize(9)
+        if index:
+            axis.get_legend().remove()
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Changes with their intervals, and verdicts read from them
+# ----------------------------------------------------------------------------------------------
+
+BEFORE_AFTER = "RAFT: after - before"
+CONTROL_BEFORE_AFTER = "random selection: after - before"
+AGAINST_CONTROL = "RAFT - random selection (after)"
+
+
+def changes(rows: pd.DataFrame, metrics: Sequence[str], first: int, last: int) -> pd.DataFrame:
+    """Per seed and measure, three paired differences (one row each, column `change`):
+
+    - RAFT after - before: the last iteration minus the base model, on the same held-out prompts and image
+      seeds (the eval images of iteration 0 and of the last one share their seeds);
+    - the same for the random-selection control;
+    - RAFT - random selection at the last iteration: the two arms of one seed share the base model, the
+      prompts and every image seed, so the difference is the ranking's own effect.
+    """
+    out = []
+    for metric in metrics:
+        table = rows.pivot_table(index="seed", columns=["arm", "iteration"], values=metric, aggfunc="first")
+        pairs = {
+            BEFORE_AFTER: (("RAFT", last), ("RAFT", first)),
+            CONTROL_BEFORE_AFTER: (("random selection", last), ("random selection", first)),
+            AGAINST_CONTROL: (("RAFT", last), ("random selection", last)),
+        }
+        for comparison, (ours, baseline) in pairs.items():
+            if ours not in table or baseline not in table:
+                continue
+            for seed, value in (table[ours] - table[baseline]).items():
+                out.append({"measure": metric, "comparison": comparison, "seed": seed, "change": float(value)})
+    return pd.DataFrame(out)
+
+
+def reading(interval: stats.Interval, expected: str | None) -> str:
+    """A change's verdict: against the expected direction ("up" / "down") where the paper claims one
+    (stats.verdict: reproduces / opposite), otherwise whether the interval says the measure rose or fell;
+    "not resolved at this sample size" when the interval holds 0 or could not be computed (one seed)."""
+    if expected is not None:
+        return stats.verdict(interval, expected)
+    word = stats.verdict(interval, "up")
+    return {stats.REPRODUCES: "rises", stats.OPPOSITE: "falls"}.get(word, word)
+
+
+def change_summary(per_seed: pd.DataFrame, expected: Mapping[str, str]) -> pd.DataFrame:
+    """`changes` rows -> one row per (measure, comparison): mean change, ci95_low / ci95_high (percentile
+    bootstrap over seeds of the paired differences), IQM, n_seeds, the expected direction and the verdict.
+
+    expected: {measure: "up" | "down"} for the measures whose direction the paper claims (RAFT raises its
+    reward; the alignment notebook, p(prompted class)); for RAFT - random selection the same direction is
+    the claim that ranking, not fine-tuning alone, does the work.
+    """
+    summary = stats.summarize(per_seed, ["change"], by=["measure", "comparison"])
+    summary["expected"] = [expected.get(measure, "") for measure, _ in summary.index]
+    summary["verdict"] = [
+        reading(stats.Interval(r.change, r.change_ci95_low, r.change_ci95_high, int(r.n_seeds)), r.expected or None)
+        for _, r in summary.iterrows()
+    ]
+    return summary
+
+
+def interval_of(summary: pd.DataFrame, measure: str, comparison: str) -> stats.Interval:
+    row = summary.loc[(measure, comparison)]
+    return stats.Interval(float(row.change), float(row.change_ci95_low), float(row.change_ci95_high), int(row.n_seeds))
+
+
+def _cell(mean: float, low: float, high: float, n: float) -> str:
+    if pd.isna(mean):
+        return "—"
+    if pd.isna(n):  # a reference row (the paper's number): no seeds, no interval
+        return f"{mean:g}"
+    return stats.format_interval(mean, low, high)
+
+
+def interval_table(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """A `stats.summarize` table as text for reading: each metric as "mean [ci95_low, ci95_high]", plus n_seeds.
+    Rows without seeds (the paper's reference numbers) show their value alone; a missing value shows "—"."""
+    n = summary["n_seeds"] if "n_seeds" in summary else pd.Series(float("nan"), index=summary.index)
+    table = pd.DataFrame(index=summary.index)
+    for metric in metrics:
+        values = summary.reindex(columns=[metric, f"{metric}_ci95_low", f"{metric}_ci95_high"])
+        table[metric] = [_cell(*row, count) for row, count in zip(values.itertuples(index=False), n, strict=True)]
+    table["n_seeds"] = ["" if pd.isna(count) else str(int(count)) for count in n]
+    return table
+
+
+def change_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """`change_summary` as text for reading: measure label, comparison, the change with its interval, the claimed
+    direction and the verdict."""
+    table = interval_table(summary, ["change"])
+    table["expected"] = summary["expected"].replace("", "—")
+    table["verdict"] = summary["verdict"]
+    table.index = table.index.set_levels([MEASURES.get(m, m) for m in table.index.levels[0]], level=0)
+    return table
+
+
+def _said(summary: pd.DataFrame, measure: str, comparison: str) -> str:
+    interval = interval_of(summary, measure, comparison)
+    return f"{interval} ({interval.n} seed{'s' * (interval.n != 1)}; {summary.loc[(measure, comparison), 'verdict']})"
+
+
+def verdict(summary: pd.DataFrame) -> str:
+    """Paragraphs read off `change_summary`'s intervals, never off one run: the reward's change under RAFT and
+    under the random control, RAFT against the control, and what the distances say about reward hacking."""
+    measures_there = list(dict.fromkeys(summary.index.get_level_values(0)))
+    lines = []
+    for measure in measures_there:
+        said = [f"RAFT after − before {_said(summary, measure, BEFORE_AFTER)}"]
+        if (measure, CONTROL_BEFORE_AFTER) in summary.index:
+            said.append(f"random selection after − before {_said(summary, measure, CONTROL_BEFORE_AFTER)}")
+        if (measure, AGAINST_CONTROL) in summary.index:
+            said.append(f"RAFT − random selection after the last iteration {_said(summary, measure, AGAINST_CONTROL)}")
+        lines.append(f"- **{MEASURES.get(measure, measure)}**: " + "; ".join(said) + ".")
+    reward = summary.loc[("eval_reward", BEFORE_AFTER), "verdict"]
+    text = "\n".join(lines)
+    if (reward == stats.REPRODUCES) and ("frechet_distance", BEFORE_AFTER) in summary.index:
+        distance = summary.loc[("frechet_distance", BEFORE_AFTER), "verdict"]
+        diversity = summary["verdict"].get(("diversity", BEFORE_AFTER), stats.NOT_RESOLVED)
+        if distance == "falls":
+            text += ("\n\nThe reward rose while the images moved toward the real digits in the classifier's feature"
+                     " space: adaptation, not reward hacking.")  # fmt: skip
+        elif distance == "rises" and diversity == "falls":
+            text += ("\n\nThe reward rose while the Fréchet distance grew and diversity fell: the model concentrated"
+                     " on fewer modes (a narrower feature distribution is farther in Fréchet distance even when"
+                     " each image is a plausible digit; the nearest-real distance says whether images left the"
+                     " data).")  # fmt: skip
+        elif distance == "rises":
+            text += "\n\nThe reward rose while the images moved away from the data: look for reward hacking."
+        else:
+            text += ("\n\nThe reward rose; the change of the Fréchet distance is not resolved at this sample size,"
+                     " so these seeds cannot say whether the images moved toward the data or away from it.")  # fmt: skip
+    return text
 
 
 def _show(axis, image: np.ndarray, caption: str, color: str = "black") -> None:
@@ -135,19 +356,22 @@ def kept_vs_rejected(run_dir: Path, iteration: int, prompts: int = 6, rejected: 
     return fig
 
 
-def before_after(run_dir: Path, first: int, last: int, count: int = 10):
-    """The same held-out prompts and the same seeds, before (top) and after RAFT (bottom)."""
+def before_after(run_dir: Path, first: int, last: int, count: int = 10, control_dir: Path | None = None):
+    """The same held-out prompts and image seeds: the base model (top), after RAFT (middle) and, given the
+    control run of the same seed, after random selection (bottom)."""
     import matplotlib.pyplot as plt
 
-    before, after = eval_images(run_dir, first), eval_images(run_dir, last)
-    pairs = list(zip(before, after, strict=True))[:count]
-    fig, axes = plt.subplots(2, len(pairs), figsize=(1.2 * len(pairs), 2.9), squeeze=False)
-    for column, (a, b) in enumerate(pairs):
-        _show(axes[0][column], a.image, a.prompt.rsplit(" ", 1)[-1])
-        _show(axes[1][column], b.image, "")
-    axes[0][0].set_ylabel(f"iter {first}", fontsize=8)
-    axes[1][0].set_ylabel(f"iter {last}", fontsize=8)
-    fig.suptitle("held-out prompts, same seeds: before (top) and after (bottom)", fontsize=9)
+    rows = [(f"iter {first}", eval_images(run_dir, first)), (f"RAFT, iter {last}", eval_images(run_dir, last))]
+    if control_dir is not None:
+        rows.append((f"random, iter {last}", eval_images(control_dir, last)))
+    shown = min(count, len(rows[0][1]))
+    fig, axes = plt.subplots(len(rows), shown, figsize=(1.2 * shown, 1.45 * len(rows) + 0.5), squeeze=False)
+    for line, (label, samples) in enumerate(rows):
+        for column, sample in enumerate(samples[:shown]):
+            _show(axes[line][column], sample.image, sample.prompt.rsplit(" ", 1)[-1] if line == 0 else "")
+        axes[line][0].set_ylabel(label, fontsize=8)
+    arms = "base (top), RAFT (middle), random selection (bottom)" if control_dir else "before (top), after (bottom)"
+    fig.suptitle(f"held-out prompts, same image seeds: {arms}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -165,39 +389,3 @@ def real_examples(size: int, count: int = 10):
     fig.suptitle(f"real digits at {size}x{size}", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def _direction(first: float, last: float, tolerance: float = 0.02) -> str:
-    if abs(last - first) <= tolerance * max(abs(first), 1e-9):
-        return "about unchanged"
-    return "up" if last > first else "down"
-
-
-def verdict(table: pd.DataFrame) -> str:
-    """One paragraph read off the table (first row = base model, last = after RAFT), not written in advance."""
-    first, last = table.iloc[0], table.iloc[-1]
-    parts = [f"Held-out reward went {_direction(first.eval_reward_mean, last.eval_reward_mean)} "
-             f"({first.eval_reward_mean:.3f} → {last.eval_reward_mean:.3f}); diversity "
-             f"{_direction(first.diversity, last.diversity)} ({first.diversity:.3f} → {last.diversity:.3f})"]  # fmt: skip
-    if "frechet_distance" in table:
-        parts.append(
-            f"the Fréchet distance to the real digits went {_direction(first.frechet_distance, last.frechet_distance)} "
-            f"({first.frechet_distance:.1f} → {last.frechet_distance:.1f}) and the nearest-real pixel distance "
-            f"{_direction(first.nearest_real_distance, last.nearest_real_distance)} "
-            f"({first.nearest_real_distance:.3f} → {last.nearest_real_distance:.3f})"
-        )
-    text = "; ".join(parts) + "."
-    if "frechet_distance" in table and last.eval_reward_mean > first.eval_reward_mean:
-        if last.frechet_distance < first.frechet_distance:
-            text += " The reward rose while the images moved toward the data in the classifier's feature space."
-        elif last.diversity < 0.8 * first.diversity:
-            text += (" The reward rose while the feature distance grew and diversity fell: the model concentrated on"
-                     " fewer modes (a narrower feature distribution is farther in Fréchet distance even when each"
-                     " image is a plausible digit; the nearest-real distance says whether images left the data).")  # fmt: skip
-        else:
-            text += " The reward rose while the images moved away from the data: look for reward hacking."
-    if "prompted_digit_accuracy" in table:
-        a, b = first.prompted_digit_accuracy, last.prompted_digit_accuracy
-        text += f" The classifier reads the prompted digit in {a:.0%} → {b:.0%} of the images"
-        text += "." if b > a + 0.05 else ": the images did not become the prompted digits."
-    return text

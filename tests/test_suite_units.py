@@ -247,3 +247,107 @@ def test_comparison_finds_the_common_target_and_the_first_points_reaching_it():
     assert table.loc["fast", "seconds_to_target"] == 10 and table.loc["fast", "samples_to_target"] == 20
     assert table.loc["slow", "seconds_to_target"] == 60 and table.loc["slow", "samples_to_target"] == 30
     assert efficiency.first_reaching(slow, 0.95) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14: one prompt plan for every seed; the learning-rate sweep chooses on validation only
+# ----------------------------------------------------------------------------------------------
+
+OPENINGS = "notebooks/data/openings.jsonl"
+
+
+def test_validation_prompts_never_overlap_the_held_out_prompts_nor_train():
+    """The tiny sizes on the real openings: validation, held-out (curve) and fit prompts are disjoint and cover
+    the file; the held-out prompts are the tiny setup's own held-out split (load_prompts, seed 0)."""
+    from raftlib.config import DataSection
+    from raftlib.data import load_prompts
+
+    plan = hh.prompt_plan(OPENINGS, 64, 32)
+    held_out, validation, fit = (hh.plan_prompts(plan, part) for part in ("curve", "validation", "fit"))
+    texts = [{p.text for p in part} for part in (held_out, validation, fit)]
+    assert [len(t) for t in texts] == [64, 32, 400 - 96]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    assert {p.text for p in load_prompts(DataSection(prompts=OPENINGS, eval_prompts=64), 0).eval} == texts[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_seed_prompts_file_makes_raftlib_hold_out_the_plan_for_any_seed(tmp_path, seed):
+    from raftlib.config import DataSection
+    from raftlib.data import load_prompts
+
+    plan = hh.prompt_plan(OPENINGS, 20, 10)
+    path = hh.seed_prompts_file(plan, seed, tmp_path)
+    split = load_prompts(DataSection(prompts=str(path), eval_prompts=20), seed)
+    assert {p.text for p in split.eval} == {p.text for p in hh.plan_prompts(plan, "curve")}
+    assert {p.text for p in split.train} == {p.text for p in hh.plan_prompts(plan, "fit")}
+    assert not {p.text for p in split.train + split.eval} & {p.text for p in hh.plan_prompts(plan, "validation")}
+    assert hh.seed_prompts_file(plan, seed, tmp_path).read_text() == path.read_text()  # written once, reused
+
+
+def test_prompt_plan_refuses_sizes_that_leave_nothing_to_train_on():
+    with pytest.raises(ValueError, match="no training prompt"):
+        hh.prompt_plan(OPENINGS, 300, 100)
+
+
+def test_sweep_chooses_each_methods_best_validation_rate_first_on_ties():
+    import pandas as pd
+
+    from raftsuite import efficiency
+
+    sweep = pd.DataFrame(
+        {
+            "method": ["raft", "raft", "raft", "grpo", "grpo", "grpo"],
+            "learning_rate": [1e-4, 2e-4, 4e-4, 2e-5, 5e-5, 1e-4],
+            "validation_reward": [0.3, 0.7, 0.5, 0.4, 0.4, 0.1],
+        }
+    )
+    marked = efficiency.mark_chosen(sweep)
+    assert marked["chosen"].tolist() == [False, True, False, True, False, False]
+    assert efficiency.chosen_rates(marked) == {"raft": 2e-4, "grpo": 2e-5}
+
+
+def test_method_runs_are_cached_per_setting_and_refuse_a_stale_record(tmp_path):
+    from raftsuite import efficiency
+
+    plan = hh.prompt_plan(OPENINGS, 20, 10)
+    settings = efficiency.MethodSettings(sft_model="sft", reward_model="rm")
+    root = efficiency.runs_root(tmp_path, settings, plan)
+    assert root == efficiency.runs_root(tmp_path, settings, plan)
+    assert root != efficiency.runs_root(
+        tmp_path, efficiency.MethodSettings(sft_model="sft", reward_model="rm", iterations=2), plan
+    )
+    record = {"params": {"method": "raft", "learning_rate": 2e-4, "seed": 1}, "curve": [], "model_dir": "m"}
+    (root / "raft_lr0.0002_seed1.json").write_text(json.dumps(record))
+    assert efficiency.method_run(root, settings, plan, "raft", 2e-4, 1) == record  # read back, nothing run
+    (root / "grpo_lr1e-05_seed0.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="delete it to recompute"):
+        efficiency.method_run(root, settings, plan, "grpo", 1e-5, 0)
+    with pytest.raises(ValueError, match="method 'ppo'"):
+        efficiency.method_run(root, settings, plan, "ppo", 1e-5, 0)
+
+
+SHARED_RUN_PARAMETERS = (
+    "eval_prompts", "validation_prompts", "samples_per_prompt", "temperature", "max_new_tokens",
+    "prompts_per_iteration", "iterations", "learning_rates", "grpo_learning_rates", "epochs", "micro_batch_size",
+    "eval_samples_per_prompt", "grpo_prompts_per_step", "grpo_eval_every_steps", "grpo_gradient_accumulation_steps",
+    "policy_dtype", "reward_dtype", "mixed_precision", "lora_rank", "gradient_checkpointing", "generation_backend",
+    "prompts_per_batch", "reward_batch_size", "num_processes", "accelerate_config", "setup_samples_per_prompt",
+    "rm_epochs", "base_model", "openings",
+)  # fmt: skip
+"""What `efficiency.MethodSettings`, the prompt plan and the sweep are built from in both notebooks."""
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke"])
+def test_hh_rlhf_and_efficiency_share_one_sweep_and_one_set_of_runs(profile):
+    """Equal values give one runs/PROFILE/method_runs/<hash> directory: the sweep is computed once, used twice."""
+    from raftsuite import runner
+
+    entries = runner.load_profile(profile)
+
+    def values(name):
+        defaults = runner.notebook_parameters(name)
+        return {key: entries.get(name, {}).get(key, defaults[key]) for key in SHARED_RUN_PARAMETERS}
+
+    assert values("hh_rlhf") == values("efficiency")
+    assert len(values("hh_rlhf")["learning_rates"]) >= (3 if profile == "tiny" else 1)
+    assert len(values("hh_rlhf")["grpo_learning_rates"]) == len(values("hh_rlhf")["learning_rates"])
