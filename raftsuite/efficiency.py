@@ -75,8 +75,9 @@ def run_in_child(
         env.pop("RANK", None)  # a plain child is rank 0 whatever launched the kernel
         with open(log, "w") as handle:
             done = subprocess.run(
-                [sys.executable, "-m", *module_args], stdout=handle, stderr=subprocess.STDOUT, env=env, check=False
-            )
+                [sys.executable, "-m", *module_args], stdout=handle, stderr=subprocess.STDOUT, env=env, check=False,
+                preexec_fn=launch.die_with_parent,
+            )  # fmt: skip
         if done.returncode != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{function} failed in its process (exit {done.returncode}); end of {log}:\n{tail}")

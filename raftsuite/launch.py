@@ -96,8 +96,9 @@ def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callab
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace"
-        )
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -220,6 +221,21 @@ def launch_grpo(
     )
     stream(command, env, launch_dir / "grpo.log", echo)
     return json.loads(result.read_text(encoding="utf-8"))
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` of a child run: on Linux the child gets SIGKILL when the process that started it dies.
+
+    A notebook kernel killed mid-run (an OOM kill, a closed laptop) must not leave its child training on and
+    holding the run directory's lock, or re-executing the notebook could not resume the run. Elsewhere: no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _grpo_worker(arguments: Path, result: Path) -> None:

@@ -125,8 +125,8 @@ def test_disk_full_is_a_clear_error_and_resume_loses_nothing(
     else:
         original_save = text.save_model
 
-        def save_model(model, tokenizer, directory):
-            original_save(model, tokenizer, directory)
+        def save_model(model, tokenizer, directory, state_dict=None):
+            original_save(model, tokenizer, directory, state_dict)
             fill_disk(next(Path(directory).glob("*.safetensors")))
 
         monkeypatch.setattr(text, "save_model", save_model)

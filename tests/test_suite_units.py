@@ -110,12 +110,14 @@ def test_hh_dialogue_split_and_local_dataset(tmp_path):
 
 
 def write_hh_dataset(directory, rows=12):
-    """A local dir in the layout of Anthropic/hh-rlhf (train/test JSONL of chosen/rejected dialogues)."""
-    directory.mkdir(parents=True)
+    """A local dir in the layout of Anthropic/hh-rlhf (a data dir with train/test JSONL of chosen/rejected
+    dialogues; test dialogues differ from train ones, since evaluation drops prompts also in train)."""
+    (directory / "helpful-base").mkdir(parents=True)
     for split in ("train", "test"):
-        with open(directory / f"{split}.jsonl", "w") as handle:
+        with open(directory / "helpful-base" / f"{split}.jsonl", "w") as handle:
             for i in range(rows):
                 human = "the cat sat " * (1 if i % 4 else 40)  # every 4th prompt is too long and is dropped
+                human += "" if split == "train" else "x"
                 handle.write(json.dumps({
                     "chosen": f"\n\nHuman: {human}{i}\n\nAssistant: a kind answer {i}",
                     "rejected": f"\n\nHuman: {human}{i}\n\nAssistant: a rude answer {i}",
@@ -127,7 +129,7 @@ def test_paper_setup_runs_on_local_dirs_standing_in_for_hub_ids(tmp_path, gpt2_d
     dataset = write_hh_dataset(tmp_path / "hh-rlhf")
     setup = hh_paper.prepare_paper_setup(
         tmp_path / "setup", policy_model=str(gpt2_dir), dataset=str(dataset), reward_model=str(gpt2_dir),
-        max_prompt_tokens=32, eval_prompts=5, progress=False,
+        max_prompt_tokens=32, eval_prompts=5, progress=False, subset="helpful-base",
     )  # fmt: skip
     rows = [json.loads(line) for line in setup.prompts.read_text().splitlines()]
     # 3 of 12 prompts are over 32 tokens and dropped; the test split is then capped at 5
