@@ -15,6 +15,7 @@ samples an uninterrupted run keeps.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -205,8 +206,7 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
             logger.info(summary_line(row, config.loop.iterations))
 
     store.save_model_dir(store.final_dir, lambda d: modality.save(policy, d))
-    processes.wait()
-    accelerator.end_training()
+    processes.close()
     return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
 
 
@@ -238,6 +238,18 @@ class Processes:
     def wait(self) -> None:
         if self.count > 1:
             self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Meet, then end the process group while the interpreter is whole.
+
+        Modules that went through FSDP2 sit in reference cycles holding gloo/NCCL work objects; if the process
+        group is destroyed first and those are collected only at interpreter exit, the backend's threads are torn
+        down with the interpreter and a finished worker aborts ("terminate called without an active exception",
+        SIGABRT: seen once in CI after a LoRA run under FSDP had written everything). Collect them first.
+        """
+        gc.collect()
+        self.wait()
+        self.accelerator.end_training()
 
     def gather(self, mine: dict[int, list]) -> list:
         """Every process's batches, on every process, flattened in batch order."""
