@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from raftlib import metrics as M
+from raftlib.batches import Batches
 from raftlib.config import DataSection, GenerationSection, ModelSection, TrainingSection
 from raftlib.data import load_prompts
-from raftlib.finetune import finetune, reference_perplexity
-from raftlib.generate import generate_samples
-from raftlib.models import load_tokenizer, save_model
 from raftlib.records import Prompt, Sample
+from raftlib.text.finetune import finetune, reference_perplexity
+from raftlib.text.generate import generate_samples
+from raftlib.text.models import load_tokenizer, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,13 @@ def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings
     # 1. pairs: K continuations per opening from the base model, paired (0,1), (2,3), ... and labelled by gold
     all_prompts = splits.train + splits.eval
     samples = generate_samples(
-        base, tokenizer, all_prompts, generation, seed=settings.seed, stream=1, progress=progress, description="pairs"
+        base,
+        tokenizer,
+        all_prompts,
+        generation,
+        seed=settings.seed,
+        stream=1,
+        batches=Batches(progress=progress, description="pairs"),
     )
     gold = gold_reward([s.prompt for s in samples], [s.completion for s in samples])
     eval_ids = {p.prompt_id for p in splits.eval}
@@ -367,7 +374,9 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         prompts_per_batch=prompts_per_batch,
     )
-    samples = generate_samples(model, tokenizer, prompts, generation, seed=seed, stream=424_242, progress=False)
+    samples = generate_samples(
+        model, tokenizer, prompts, generation, seed=seed, stream=424_242, batches=Batches(progress=False)
+    )
     proxy = scorer([s.prompt for s in samples], [s.completion for s in samples])
     if best_of > 1:
         chosen = []

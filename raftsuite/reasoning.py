@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raftlib.batches import Batches
 from raftlib.records import Prompt
 
 logger = logging.getLogger(__name__)
@@ -283,15 +284,14 @@ def evaluate_policy(model, tokenizer, prompts: Sequence[Prompt], verifier: str, 
     """pass@1 (avg@n), pass@n, unparsable share and token entropy of n samples per held-out problem."""
     from raftlib import metrics as M
     from raftlib.config import GenerationSection
-    from raftlib.generate import generate_samples
     from raftlib.loop import EVAL_STREAM
+    from raftlib.text.generate import generate_samples
 
     generation = GenerationSection(
         samples_per_prompt=settings.samples_per_prompt, temperature=settings.temperature,
         max_new_tokens=settings.max_new_tokens, prompts_per_batch=settings.prompts_per_batch, chat_template="auto",
     )  # fmt: skip
-    samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM,
-                               progress=False)  # fmt: skip
+    samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM, batches=Batches(progress=False))  # fmt: skip
     answers = {p.prompt_id: p.columns["answer"] for p in prompts}
     rewards = VERIFIERS[verifier]([s.prompt for s in samples], [s.completion for s in samples],
                                   [answers[s.prompt_id] for s in samples])  # fmt: skip
@@ -374,8 +374,8 @@ def run_raftlib_method(method: str, model: str, train_prompts: Path, eval_sets, 
     from transformers import AutoModelForCausalLM
 
     from raftlib import RAFTConfig, run
-    from raftlib.models import load_tokenizer
     from raftlib.store import RunStore
+    from raftlib.text.models import load_tokenizer
 
     started = time.perf_counter()
     config = RAFTConfig.from_dict(raft_config(method, model, train_prompts, budget, verifier, seed, run_dir))
