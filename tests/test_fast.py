@@ -13,10 +13,10 @@ from test_generate import PROMPTS, load
 from transformers import AutoModelForCausalLM
 
 from conftest import LOGPROB_ATOL, TIE_MARGIN, assert_same_draws
-from raftlib.text import fastgen
 from raftlib.batches import Batches
 from raftlib.config import GenerationSection, TrainingSection
 from raftlib.records import Sample
+from raftlib.text import fastgen
 from raftlib.text.fastgen import StaticDecoder, decision_scores, gumbel_sample, hashed_uniform
 from raftlib.text.finetune import (
     chunked_completion_loss,
