@@ -192,7 +192,12 @@ class PaperSetup:
 
 def test_prompts(setup: PaperSetup) -> list[Prompt]:
     """The evaluation prompts (test split) as raftlib Prompt records with their `reference` column."""
-    rows = [json.loads(line) for line in setup.eval_prompts_file.read_text(encoding="utf-8").splitlines()]
+    return read_test_prompts(setup.eval_prompts_file)
+
+
+def read_test_prompts(path: Path) -> list[Prompt]:
+    """A setup's eval_prompts.jsonl as Prompt records (prompt_id = row, the `reference` column kept)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return [Prompt(prompt_id=i, text=r["prompt"], columns={"reference": r["reference"]}) for i, r in enumerate(rows)]
 
 
