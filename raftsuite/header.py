@@ -79,6 +79,8 @@ def machine() -> dict[str, Any]:
         "memory_gib": None if (m := _memory_gib()) is None else round(m, 1),
         "gpus": _gpus(),
         "os": platform.platform(),
+        # CPU results depend on the thread count; the kernels inherit these (unset: torch uses every core)
+        "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }
 
 
@@ -130,6 +132,7 @@ def to_html(header: Mapping[str, Any]) -> str:
             e(
                 f"{box.get('cpu', '?')} · {box.get('cores', '?')} cores ({box.get('usable_cores', '?')} usable)"
                 f" · {memory} memory · GPU: {gpus} · {box.get('os', '')}"
+                + "".join(f" · {k}={v}" for k, v in (box.get("threads") or {}).items())
             ),
         ),
         ("software", e(" · ".join(f"{k} {v}" for k, v in ver.items()))),
