@@ -31,12 +31,16 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state(root: str | Path) -> dict[str, Any]:
-    """Commit, branch and whether tracked files differ from it (untracked files do not count)."""
+    """Commit, branch and whether tracked files differ from it (untracked files do not count).
+
+    `results/` does not count either: the runner itself rewrites it (a notebook's old report is removed as it
+    starts, and with two lanes the other lane is writing), so it says nothing about the code that runs.
+    """
     root = Path(root)
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "branch": None, "dirty": None}
-    changes = _git(root, "status", "--porcelain", "--untracked-files=no")
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"commit": commit, "branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD"), "dirty": bool(changes)}
 
 

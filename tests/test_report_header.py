@@ -176,3 +176,19 @@ def test_the_thread_setting_reaches_the_header(monkeypatch):
     collected = header.collect(ROOT, "tiny", {})
     assert collected["machine"]["threads"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "unset"}
     assert "OMP_NUM_THREADS=1" in header.to_html(collected)
+
+
+def test_the_dirty_flag_counts_code_not_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "headline.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "results" / "headline.json").unlink()  # what the runner does as a notebook starts
+    assert header.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert header.git_state(tmp_path)["dirty"] is True
