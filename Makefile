@@ -66,9 +66,13 @@ test: lint browser
 # ---- the main job: every experiment notebook of a profile, executed by papermill ---------------------
 # Goes on after a failed notebook (its partial executed copy and report stay) and exits non-zero at the end.
 # Fresh by default: runs/PROFILE is cleared so every number is recomputed; RESUME=1 picks up the runs there.
+# tiny: two notebooks at a time, one torch thread each. CPU results depend on the thread count (a reduction splits
+# differently), and the committed tiny numbers were made this way; `make hh_rlhf` etc. use the same one thread.
+THREADS_tiny := --threads 1
+JOBS_tiny := --jobs 2
 reproduce-all: setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(if $(RESUME),,rm -rf runs/$(PROFILE))
-	$(PY) -m raftsuite.runner all --profile $(PROFILE)
+	$(PY) -m raftsuite.runner all --profile $(PROFILE) $(THREADS_$(PROFILE)) $(JOBS_$(PROFILE))
 
 # The dryrun profile's local stand-ins for every hub repo (built in code, not committed; a few seconds).
 standins: setup
@@ -81,10 +85,10 @@ laion-head: setup
 	$(PY) -m raftlib.diffusion.fetch_laion assets/laion
 
 hh_rlhf ablations sd_resolution sd_alignment efficiency: setup $(if $(filter dryrun,$(PROFILE)),standins)
-	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
+	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE) $(THREADS_$(PROFILE))
 
 reasoning: setup
-	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE)
+	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE) $(THREADS_$(PROFILE))
 
 report: setup
 	$(PY) -m raftsuite.runner index

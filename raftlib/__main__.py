@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from raftlib.config import ConfigError, load_config
     from raftlib.data import DataError
     from raftlib.diffusion.pipelines import PipelineError
-    from raftlib.generate import GenerationError
+    from raftlib.hub import ModelLoadError
     from raftlib.loop import resume, run
-    from raftlib.models import ModelLoadError
     from raftlib.rewards import RewardError
     from raftlib.store import RunDirError
+    from raftlib.text.prompts import GenerationError
 
     user_errors = (ConfigError, DataError, GenerationError, ModelLoadError, PipelineError, RewardError, RunDirError)
     try:

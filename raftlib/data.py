@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from raftlib.config import DataSection
 from raftlib.records import Prompt
+from raftlib.sections import DataSection
 
 logger = logging.getLogger(__name__)
 

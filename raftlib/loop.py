@@ -3,9 +3,12 @@
     for t in 1..T:  prompts --generate K each--> samples --score--> rewards --select--> kept --fine-tune--> model_t
                     then evaluate model_t on held-out prompts
 
-What is generated, scored and trained comes from a *modality*: `raftlib.text.TextModality` for a causal
-language model (RAFTConfig), `raftlib.diffusion.modality.ImageModality` for a diffusion model
-(DiffusionConfig). Prompts, selection, the run store, resume and the metrics rows are the same for both.
+What is generated, scored and trained comes from a *modality* (`raftlib.modality.Modality`):
+`raftlib.text.modality.TextModality` for a causal language model (RAFTConfig),
+`raftlib.diffusion.modality.ImageModality` for a diffusion model (DiffusionConfig). Prompts, selection, the run
+store, resume and the metrics rows are the same for both. Every stage takes the run in progress (`Run`: config,
+store, processes, modality, reward) and the iteration; only the main process writes run-level files, and each
+such write says so (`if run.is_main`).
 
 Every stage persists its output and then writes a marker, so `resume(run_dir)` skips finished stages,
 reuses finished generation and scoring batches, and reruns an unfinished fine-tune from the previous
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raftlib import metrics as M
+from raftlib.batches import Batches
 from raftlib.bookkeeping import (
     config_diff,
     quiet_transformers,
@@ -37,23 +40,25 @@ from raftlib.bookkeeping import (
     summary_line,
     track,
 )
-from raftlib.config import RAFTConfig, load_config
-from raftlib.data import columns_by_prompt, load_prompts, prompts_for_iteration
+from raftlib.config import load_config
+from raftlib.data import PromptSplits, columns_by_prompt, load_prompts, prompts_for_iteration
+from raftlib.modality import Modality, modality_for
 from raftlib.plan import Hardware, check_fits
-from raftlib.rewards import WeightedReward, build_reward, score_samples
+from raftlib.records import Scores
+from raftlib.rewards import WeightedReward, build_reward
+from raftlib.scoring import score_samples
 from raftlib.select import kl_ranking_key, select
 from raftlib.sharding import build_accelerator, full_state_dict, is_sharded, process_state
 from raftlib.store import RunDirError, RunStore
 
 if TYPE_CHECKING:
     from raftlib.diffusion.config import DiffusionConfig
+    from raftlib.text.config import RAFTConfig
 
 logger = logging.getLogger("raftlib")
 
 EVAL_STREAM = 999_983
 """Seed stream of evaluation: the same random numbers at every iteration, so eval curves are less noisy."""
-EXTERNAL_BATCH = 99_999
-"""Batch index under which an iteration's external (e.g. teacher) samples are stored."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,7 @@ def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None =
     try:
         if main_process:
             store.lock()
-            if store.has_run():
-                saved = load_config(store.config_path)
-                if saved != config:
-                    changed = config_diff(saved.to_dict(), config.to_dict())
-                    raise RunDirError(
-                        f"{store.root} holds a run with a different config ({', '.join(changed)}); "
-                        "use another output_dir, or resume it with `python -m raftlib resume`"
-                    )
+            if holds_same_run(store, config):
                 logger.info("%s already holds this run: resuming it", store.root)
             else:
                 store.write_config(config.to_yaml())
@@ -93,6 +91,24 @@ def run(config: RAFTConfig | DiffusionConfig, *, reward: WeightedReward | None =
     finally:
         if main_process:
             store.unlock()
+
+
+def holds_same_run(store: RunStore, config) -> bool:
+    """Whether `store` already holds a run of this config (then it is resumed, not restarted).
+
+    A run directory holding a different config raises RunDirError naming the keys that differ: a run is
+    never continued under settings it did not start with.
+    """
+    if not store.has_run():
+        return False
+    saved = load_config(store.config_path)
+    if saved != config:
+        changed = config_diff(saved.to_dict(), config.to_dict())
+        raise RunDirError(
+            f"{store.root} holds a run with a different config ({', '.join(changed)}); "
+            "use another output_dir, or resume it with `python -m raftlib resume`"
+        )
+    return True
 
 
 def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunResult:
@@ -113,17 +129,97 @@ def resume(run_dir: str | Path, *, reward: WeightedReward | None = None) -> RunR
             store.unlock()
 
 
-def _modality(config, device):
-    if isinstance(config, RAFTConfig):
-        from raftlib.text import TextModality
-
-        return TextModality(config, device)
-    from raftlib.diffusion.modality import ImageModality
-
-    return ImageModality(config, device)
-
-
 def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResult:
+    run = _start(config, store, reward)
+    # The model entering the first unfinished iteration: the newest finished fine-tune, or the base.
+    trained = [t for t in range(1, config.loop.iterations + 1) if store.done(t, "finetune")]
+    last_trained = max(trained, default=0)
+    policy = run.modality.load_policy(store.checkpoint_dir(last_trained) if last_trained else None)
+
+    if not store.done(0, "eval"):
+        _record(run, 0, {"iteration": 0} | _evaluate(run, 0, policy))
+
+    for iteration in range(1, config.loop.iterations + 1):
+        if store.done(iteration, "eval"):
+            continue
+        started = time.perf_counter()
+        row: dict[str, Any] = {"iteration": iteration}
+        if not store.done(iteration, "finetune"):
+            # 1. the b prompts of this iteration
+            prompts = prompts_for_iteration(run.splits.train, iteration, config.loop.prompts_per_iteration, config.seed)
+            # 2. K samples per prompt (finished batches come back from the run directory)
+            samples, row_generate = _generate(run, iteration, policy, prompts)
+            # 3. rewards (finished batches come back from the run directory)
+            scores, row_score = _score(run, iteration, samples, prompts)
+            # 4. keep the best: local best-of-K, global top 1/K, or threshold; KL only changes the key
+            kept, row_select = _select(run, iteration, policy, samples, scores)
+            # 5. fine-tune on what was kept, from the model that generated it
+            policy, row_finetune = _finetune(run, iteration, policy, kept)
+            row |= row_generate | row_score | row_select | row_finetune
+        else:
+            row |= store.done(iteration, "finetune")["metrics"]
+        # 6. evaluate the new model on held-out prompts
+        row |= _evaluate(run, iteration, policy)
+        row["time_iteration_s"] = time.perf_counter() - started
+        _record(run, iteration, row)
+        if config.loop.keep_checkpoints and run.is_main:
+            store.prune_checkpoints(config.loop.keep_checkpoints, protect=[iteration])
+        if run.is_main:
+            logger.info(summary_line(row, config.loop.iterations))
+
+    if run.is_main:
+        store.save_model_dir(store.final_dir, lambda d: run.modality.save(policy, d))
+    run.processes.close()
+    return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run in progress
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run in progress, as every stage sees it."""
+
+    config: RAFTConfig | DiffusionConfig
+    store: RunStore
+    processes: Processes
+    modality: Modality
+    reward: WeightedReward
+    splits: PromptSplits
+    """The prompts: train (drawn from each iteration) and eval (held out)."""
+
+    @property
+    def is_main(self) -> bool:
+        """The main process: the one that selects and writes run-level files (the others write their batches)."""
+        return self.processes.is_main
+
+    def batches(
+        self, iteration: int, stage: str, count: int, completed: dict[int, Any], produced: dict[int, Any]
+    ) -> Batches:
+        """How a stage of `count` batches runs: reuse `completed`, draw only this process's share, and save each
+        new batch in the run directory (every process saves the batches it drew) and in `produced`."""
+
+        def on_batch(index: int, result) -> None:
+            self.store.save_batch(iteration, stage, index, _rows_of(result))
+            produced[index] = result
+
+        return Batches(
+            completed=completed, on_batch=on_batch, indices=self.processes.shard(count),
+            progress=self.config.logging.progress_bars, description=f"{stage} {iteration}",
+        )  # fmt: skip
+
+
+def _rows_of(result) -> list[dict[str, Any]]:
+    """A batch's run-store rows: samples as their rows, scores as one row per sample."""
+    if isinstance(result, list):
+        return [s.to_row() for s in result]
+    return scores_to_rows(result)
+
+
+def _start(config, store: RunStore, reward: WeightedReward | None) -> Run:
+    """The accelerator, processes, modality, prompts and reward of a run; logs what the run will do."""
     # The fine-tune's precision, accumulation and sharding (DDP or FSDP2, as the accelerate config file says).
     accelerator = build_accelerator(
         config.training,
@@ -136,10 +232,8 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
         check_fits(config, Hardware.detect(processes.count))
     if not processes.is_main:
         logger.setLevel(logging.WARNING)  # one process reports; the others only warn
-        store = _ReadOnlyRunStore(store)
     if config.logging.tensorboard:
         accelerator.init_trackers("tensorboard")
-    progress = config.logging.progress_bars
     logger.info("derived sizes: %s", config.derived())
     if processes.count > 1:
         logger.info(
@@ -153,66 +247,18 @@ def _execute(config, store: RunStore, reward: WeightedReward | None) -> RunResul
             "each stage the main process gathers the full weights and writes the checkpoint every process reloads",
             processes.count,
         )
-
     # What is generated and trained (text or images) is the modality's business; the loop is the same.
-    modality = _modality(config, accelerator.device)
+    modality = modality_for(config, accelerator.device)
     splits = load_prompts(config.data, config.seed)
-    reward = reward or build_reward(config.reward)
-
-    # The model entering the first unfinished iteration: the newest finished fine-tune, or the base.
-    trained = [t for t in range(1, config.loop.iterations + 1) if store.done(t, "finetune")]
-    last_trained = max(trained, default=0)
-    policy = modality.load_policy(store.checkpoint_dir(last_trained) if last_trained else None)
-
-    if not store.done(0, "eval"):
-        row0 = {"iteration": 0} | _evaluate(
-            0, policy, modality, splits.eval, reward, config, store, processes, progress
-        )
-        store.write_metrics(row0)
-        track(accelerator, row0)
-        store.mark_done(0, "eval", {"metrics": row0})
-
-    for iteration in range(1, config.loop.iterations + 1):
-        processes.wait()  # every process sees the same run directory before deciding what is left to do
-        if store.done(iteration, "eval"):
-            continue
-        started = time.perf_counter()
-        row: dict[str, Any] = {"iteration": iteration}
-        if not store.done(iteration, "finetune"):
-            # 1. the b prompts of this iteration
-            prompts = prompts_for_iteration(splits.train, iteration, config.loop.prompts_per_iteration, config.seed)
-            # 2. K samples per prompt (finished batches come back from the run directory)
-            samples, row_generate = _generate(iteration, policy, modality, prompts, config, store, processes, progress)
-            # 3. rewards (finished batches come back from the run directory)
-            scores, row_score = _score(
-                iteration, samples, prompts, modality, reward, config, store, processes, progress
-            )
-            # 4. keep the best: local best-of-K, global top 1/K, or threshold; KL only changes the key
-            kept, row_select = _select(iteration, policy, modality, samples, scores, reward, config, store, processes)
-            # 5. fine-tune on what was kept, from the model that generated it
-            policy, row_finetune = _finetune(iteration, policy, modality, kept, store, accelerator, progress)
-            row |= row_generate | row_score | row_select | row_finetune
-        else:
-            row |= store.done(iteration, "finetune")["metrics"]
-        # 6. evaluate the new model on held-out prompts
-        row |= _evaluate(iteration, policy, modality, splits.eval, reward, config, store, processes, progress)
-        row["time_iteration_s"] = time.perf_counter() - started
-        store.write_metrics(row)  # before the marker: a kill in between reruns the eval, never loses the row
-        track(accelerator, row)
-        store.mark_done(iteration, "eval", {"metrics": row})
-        if config.loop.keep_checkpoints:
-            store.prune_checkpoints(config.loop.keep_checkpoints, protect=[iteration])
-        if processes.is_main:
-            logger.info(summary_line(row, config.loop.iterations))
-
-    store.save_model_dir(store.final_dir, lambda d: modality.save(policy, d))
-    processes.close()
-    return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
+    return Run(config, store, processes, modality, reward or build_reward(config.reward), splits)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stages with persistence. Each returns its output and the metrics it contributes to the row.
-# ----------------------------------------------------------------------------------------------
+def _record(run: Run, iteration: int, row: dict[str, Any]) -> None:
+    """An iteration's metrics row, then its marker: a kill in between reruns the eval, never loses the row."""
+    if run.is_main:
+        run.store.write_metrics(row)
+        run.store.mark_done(iteration, "eval", {"metrics": row})
+    track(run.processes.accelerator, row)
 
 
 class Processes:
@@ -261,89 +307,74 @@ class Processes:
         return [item for index in sorted(merged) for item in merged[index]]
 
 
-class _ReadOnlyRunStore:
-    """The run store as a process other than the main one uses it: it reads, and writes only its own batches."""
-
-    _MAIN_ONLY = frozenset(
-        {"write_config", "write_metrics", "mark_done", "write_table", "save_model_dir", "prune_checkpoints"}
-    )
-
-    def __init__(self, store: RunStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str):
-        if name in self._MAIN_ONLY:
-            return lambda *args, **kwargs: None
-        return getattr(self._store, name)
+# ----------------------------------------------------------------------------------------------
+# Stages with persistence. Each takes the run and the iteration and returns its output and the
+# metrics it contributes to the row. A stage's marker follows its output and is the main process's.
+# ----------------------------------------------------------------------------------------------
 
 
-def _generate(iteration, policy, modality, prompts, config, store, processes, progress):
+def _generate(run: Run, iteration: int, policy, prompts) -> tuple[list, dict[str, Any]]:
+    store, modality = run.store, run.modality
+    saved = store.load_batches(iteration, "generate")
+    completed = {b: [modality.record.from_row(r) for r in rows] for b, rows in saved.items()}
     if (marker := store.done(iteration, "generate")) is not None:
-        parts = store.load_batches(iteration, "generate")
-        rows = [r for b in sorted(parts) for r in parts[b]]
-        return [modality.record.from_row(r) for r in rows], marker["metrics"]
+        return [s for b in sorted(completed) for s in completed[b]], marker["metrics"]
     started = time.perf_counter()
-    parts = store.load_batches(iteration, "generate")
-    completed = {b: [modality.record.from_row(r) for r in rows] for b, rows in parts.items() if b != EXTERNAL_BATCH}
     produced: dict[int, list] = {}
-
-    def on_batch(index, batch):  # every process persists the batches it drew
-        store.save_batch(iteration, "generate", index, [s.to_row() for s in batch])
-        produced[index] = batch
-
-    mine = processes.shard(math.ceil(len(prompts) / config.generation.prompts_per_batch))
-    samples = modality.generate(
-        policy, prompts, stream=iteration, completed=completed, progress=progress, description=f"generate {iteration}",
-        on_batch=on_batch, batch_indices=mine,
-    )  # fmt: skip
-    if mine is not None:
-        samples = processes.gather({b: produced[b] if b in produced else completed[b] for b in mine})
+    batches = run.batches(iteration, "generate", _count(prompts, run.config.generation.prompts_per_batch),
+                          completed, produced)  # fmt: skip
+    samples = modality.generate(policy, prompts, stream=iteration, candidates=True, batches=batches)
+    if batches.indices is not None:
+        samples = run.processes.gather({b: produced[b] if b in produced else completed[b] for b in batches.indices})
     seconds = time.perf_counter() - started
     new_units = modality.generated_units(samples) - sum(modality.generated_units(b) for b in completed.values())
-    if extra := modality.extra_candidates(policy, prompts):
-        store.save_batch(iteration, "generate", EXTERNAL_BATCH, [s.to_row() for s in extra])
-        samples = samples + extra
     metrics = {"time_generate_s": seconds, "generate_tokens_per_s": new_units / seconds if seconds else None}
     if completed:
         metrics["generate_resumed_batches"] = len(completed)
-    store.mark_done(iteration, "generate", {"metrics": metrics})
+    if run.is_main:
+        store.mark_done(iteration, "generate", {"metrics": metrics})
     return samples, metrics
 
 
-def _score(iteration, samples, prompts, modality, reward, config, store, processes, progress):
-    started = time.perf_counter()
+def _score(run: Run, iteration: int, samples, prompts) -> tuple[Scores, dict[str, Any]]:
+    store, reward = run.store, run.reward
 
-    def saved_batches():
+    def saved_batches() -> dict[int, Scores]:
         return {b: scores_from_rows(rows, reward.names) for b, rows in store.load_batches(iteration, "score").items()}
 
     score = dict(
-        reward=reward, samples=samples, columns_by_prompt=columns_by_prompt(prompts), inputs=modality.reward_inputs,
-        batch_size=config.reward.batch_size,
+        reward=reward, samples=samples, columns_by_prompt=columns_by_prompt(prompts),
+        inputs=run.modality.reward_inputs, batch_size=run.config.reward.batch_size,
     )  # fmt: skip
-    mine = processes.shard(math.ceil(len(samples) / config.reward.batch_size))
-    scores = score_samples(
-        **score, completed=saved_batches(), progress=progress, batch_indices=mine,
-        on_batch=lambda b, s: store.save_batch(iteration, "score", b, scores_to_rows(s)),
-    )  # fmt: skip
-    if mine is not None:  # every shard is on disk once all processes are here; assemble them (nothing is rescored)
-        processes.wait()
-        scores = score_samples(**score, completed=saved_batches(), progress=False)
-    return scores, {"time_score_s": time.perf_counter() - started}
-
-
-def _select(iteration, policy, modality, samples, scores, reward, config, store, processes):
-    if processes.is_main and store.done(iteration, "select") is None:
-        kept, metrics = _select_once(iteration, policy, modality, samples, scores, config, store)
-        processes.wait()
-        return kept, metrics
-    processes.wait()  # selection happens once, in the main process; the others read what it kept
-    rows = store.read_table(iteration, "samples")
-    kept = [modality.record.from_row(r) for r in rows if r["kept"]]
-    return kept, store.done(iteration, "select")["metrics"]
-
-
-def _select_once(iteration, policy, modality, samples, scores, config, store):
+    if (marker := store.done(iteration, "score")) is not None:  # every batch is on disk: assemble, score nothing
+        return score_samples(**score, batches=Batches(completed=saved_batches(), progress=False)), marker["metrics"]
     started = time.perf_counter()
+    batches = run.batches(iteration, "score", _count(samples, run.config.reward.batch_size), saved_batches(), {})
+    scores = score_samples(**score, batches=batches)
+    if batches.indices is not None:  # every shard is on disk once all processes are here; assemble them
+        run.processes.wait()
+        scores = score_samples(**score, batches=Batches(completed=saved_batches(), progress=False))
+    metrics = {"time_score_s": time.perf_counter() - started}
+    if run.is_main:
+        store.mark_done(iteration, "score", {"metrics": metrics})
+    return scores, metrics
+
+
+def _select(run: Run, iteration: int, policy, samples, scores: Scores) -> tuple[list, dict[str, Any]]:
+    """Selection happens once, in the main process; the others read what it kept."""
+    if run.is_main and run.store.done(iteration, "select") is None:
+        kept, metrics = _select_once(run, iteration, policy, samples, scores)
+        run.processes.wait()
+        return kept, metrics
+    run.processes.wait()
+    rows = run.store.read_table(iteration, "samples")
+    kept = [run.modality.record.from_row(r) for r in rows if r["kept"]]
+    return kept, run.store.done(iteration, "select")["metrics"]
+
+
+def _select_once(run: Run, iteration: int, policy, samples, scores: Scores) -> tuple[list, dict[str, Any]]:
+    started = time.perf_counter()
+    config, modality, store = run.config, run.modality, run.store
     section = config.selection
     ref_logprobs = modality.reference_logprobs(policy, samples) if section.kl_coef > 0 else None
     logprobs = [s.logprob for s in samples] if ref_logprobs is not None else None
@@ -367,19 +398,23 @@ def _select_once(iteration, policy, modality, samples, scores, config, store):
     return kept, metrics
 
 
-def _finetune(iteration, policy, modality, kept, store, accelerator, progress):
-    policy, stats = modality.finetune(policy, kept, iteration=iteration, accelerator=accelerator, progress=progress)
+def _finetune(run: Run, iteration: int, policy, kept) -> tuple[Any, dict[str, Any]]:
+    store, modality, accelerator = run.store, run.modality, run.processes.accelerator
+    policy, stats = modality.finetune(
+        policy, kept, iteration=iteration, accelerator=accelerator, progress=run.config.logging.progress_bars
+    )
     directory = store.checkpoint_dir(iteration)
     if is_sharded(accelerator):
         # FSDP left each process a shard. Gather the whole weights to the main process once, write the checkpoint
         # from them, and let every process load it: the policy that generates next is the checkpoint, exactly
         # what a resumed run would load, and generation runs no collectives (processes draw different batches).
         weights = full_state_dict(modality.trained_module(policy))
-        store.save_model_dir(directory, lambda d: modality.save(policy, d, state_dict=weights))
+        if run.is_main:
+            store.save_model_dir(directory, lambda d: modality.save(policy, d, state_dict=weights))
         del weights, policy
         accelerator.wait_for_everyone()
         policy = modality.load_policy(directory)
-    else:
+    elif run.is_main:
         store.save_model_dir(directory, lambda d: modality.save(policy, d))
     metrics = {
         "train_loss_first_epoch": stats.first_epoch_loss,
@@ -389,36 +424,41 @@ def _finetune(iteration, policy, modality, kept, store, accelerator, progress):
         "time_finetune_s": stats.seconds,
         "finetune_tokens_per_s": stats.tokens_per_second,
     }
-    # Earlier stages' metrics ride in this marker so a resumed run can still report them.
-    earlier = {
-        k: v for s in ("generate", "select") for k, v in (store.done(iteration, s) or {}).get("metrics", {}).items()
-    }
-    store.mark_done(iteration, "finetune", {"metrics": earlier | metrics})
+    if run.is_main:
+        # Earlier stages' metrics ride in this marker so a resumed run can still report them.
+        earlier = {
+            k: v
+            for stage in ("generate", "score", "select")
+            for k, v in (store.done(iteration, stage) or {}).get("metrics", {}).items()
+        }
+        store.mark_done(iteration, "finetune", {"metrics": earlier | metrics})
     return policy, metrics
 
 
-def _evaluate(iteration, policy, modality, prompts, reward, config, store, processes, progress) -> dict[str, Any]:
+def _evaluate(run: Run, iteration: int, policy) -> dict[str, Any]:
     """Held-out reward and the modality's own measures (KL, perplexity, diversity, distance) of `policy`.
 
     Generation is sharded across processes; the main process scores and measures (the others return {}).
     """
+    prompts, config, modality = run.splits.eval, run.config, run.modality
     if not prompts:
         return {}
     started = time.perf_counter()
     produced: dict[int, list] = {}
-    mine = processes.shard(math.ceil(len(prompts) / config.generation.prompts_per_batch))
-    samples = modality.generate(
-        policy, prompts, stream=EVAL_STREAM, samples_per_prompt=config.loop.eval_samples_per_prompt,
-        progress=progress, description=f"eval {iteration}", batch_indices=mine,
-        on_batch=lambda b, batch: produced.__setitem__(b, batch),
+    batches = Batches(
+        on_batch=produced.__setitem__, indices=run.processes.shard(_count(prompts, config.generation.prompts_per_batch)),
+        progress=config.logging.progress_bars, description=f"eval {iteration}",
     )  # fmt: skip
-    if mine is not None:
-        samples = processes.gather(produced)
-        if not processes.is_main:
+    samples = modality.generate(
+        policy, prompts, stream=EVAL_STREAM, samples_per_prompt=config.loop.eval_samples_per_prompt, batches=batches
+    )
+    if batches.indices is not None:
+        samples = run.processes.gather(produced)
+        if not run.is_main:
             return {}
     scores = score_samples(
-        reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
-        batch_size=config.reward.batch_size, progress=False,
+        run.reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
+        batch_size=config.reward.batch_size, batches=Batches(progress=False),
     )  # fmt: skip
     metrics: dict[str, Any] = M.reward_stats(scores.reward, "eval_reward")
     metrics |= modality.sample_metrics(samples, "eval")
@@ -431,5 +471,10 @@ def _evaluate(iteration, policy, modality, prompts, reward, config, store, proce
     rows = [
         s.to_row() | {"reward": r} | extra for s, r, extra in zip(samples, scores.reward, extra_columns, strict=True)
     ]
-    store.write_table(iteration, "eval_samples", rows)
+    run.store.write_table(iteration, "eval_samples", rows)
     return metrics
+
+
+def _count(items, batch_size: int) -> int:
+    """Batches of `batch_size` in `items`."""
+    return -(-len(items) // batch_size)

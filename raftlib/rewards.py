@@ -1,4 +1,4 @@
-"""Reward plug-ins and the scoring stage.
+"""Reward plug-ins: how a config's `reward` becomes one weighted scorer.
 
 A reward is a plain callable (TRL's contract):
 
@@ -12,6 +12,11 @@ callable (it can load a scorer once and return a closure).
 A callable may also define `setup()` and `teardown()`: the scoring stage calls them around each
 scoring pass, which is how the reward model is loaded to score and freed afterwards, so that only one
 large model is resident at a time.
+
+Built-in names resolve lazily through `BUILT_INS` (name -> `module:factory`): the text rewards live in
+`raftlib.text.rewards`, the image rewards in `raftlib.diffusion.rewards`, and this module imports neither, so
+scoring text never loads CLIP and neither side imports the other. The scoring stage, which runs a scorer over
+samples in resumable batches, is `raftlib.scoring`.
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raftlib.config import RewardComponentSection, RewardSection
-from raftlib.records import Sample, Scores
+from raftlib.records import Scores
+from raftlib.sections import RewardComponentSection, RewardSection
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +42,25 @@ class RewardError(ValueError):
     """A reward could not be resolved, or returned something unusable; the message names it."""
 
 
+BUILT_INS: dict[str, str] = {
+    "length": "raftlib.text.rewards:length_reward",
+    "exact_answer": "raftlib.text.rewards:exact_answer_reward",
+    "reward_model": "raftlib.text.rewards:reward_model",
+    "clip_score": "raftlib.diffusion.rewards:clip_score",
+    "aesthetic": "raftlib.diffusion.rewards:aesthetic",
+    "jpeg_compressibility": "raftlib.diffusion.rewards:jpeg_compressibility",
+    "classifier_probability": "raftlib.diffusion.rewards:classifier_probability",
+}
+"""The built-in reward factories by config name, imported on first use."""
+
 REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-"""Built-in reward factories by name: `REGISTRY[name](**args)` returns a reward callable."""
+"""Factories registered in code with `@register(name)`: `REGISTRY[name](**args)` returns a reward callable.
+A registered name shadows a built-in of the same name."""
 
 
 def register(name: str):
+    """Make `name` usable as `reward.fn` in a config, for a factory defined in your own code."""
+
     def decorate(factory):
         REGISTRY[name] = factory
         return factory
@@ -50,202 +68,9 @@ def register(name: str):
     return decorate
 
 
-# ----------------------------------------------------------------------------------------------
-# Built-in rewards
-# ----------------------------------------------------------------------------------------------
-
-
-@register("length")
-def length_reward(unit: str = "words", target: int | None = None) -> RewardFn:
-    """Completion length in words or characters; with `target`, minus the distance to it."""
-    if unit not in ("words", "chars"):
-        raise RewardError(f"length reward: unit must be 'words' or 'chars', got {unit!r}")
-
-    def length(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        sizes = [len(c.split()) if unit == "words" else len(c) for c in completions]
-        if target is None:
-            return [float(s) for s in sizes]
-        return [-float(abs(s - target)) for s in sizes]
-
-    return length
-
-
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-_ANSWER_LINE = re.compile(r"(?:answer is|answer:|####)\s*([^\n]+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a math-style completion: \\boxed{..}, else 'answer is ..'/'####', else None.
-
-    No fallback to 'the last number in the text': a completion that never states an answer must
-    not be credited for a number it happened to mention.
-    """
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1].strip()
-    lines = _ANSWER_LINE.findall(text)
-    if lines:
-        return lines[-1].strip().rstrip(".")
-    return None
-
-
-def normalize_answer(answer: str) -> str:
-    """Canonical form for comparison: strip $, spaces, thousands commas; numbers as numbers."""
-    text = answer.strip().strip("$").replace(" ", "").rstrip(".")
-    match = _NUMBER.fullmatch(text)
-    if match:
-        text = text.replace(",", "")
-        if "/" in text:
-            numerator, denominator = text.split("/")
-            if float(denominator) != 0:
-                return repr(float(numerator) / float(denominator))
-        return repr(float(text))
-    return text.lower()
-
-
-@register("exact_answer")
-def exact_answer_reward(answer_column: str = "answer") -> RewardFn:
-    """1.0 if the completion's final answer equals the `answer_column` value, 0.0 if it differs,
-    None if no answer could be parsed (a parse failure is never a reward of 1)."""
-
-    def exact_answer(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        if answer_column not in columns:
-            raise RewardError(
-                f"exact_answer reward: the data has no column {answer_column!r} "
-                f"(columns: {', '.join(sorted(columns)) or 'none'}); set reward.args.answer_column"
-            )
-        rewards: list[float | None] = []
-        for completion, expected in zip(completions, columns[answer_column], strict=True):
-            parsed = extract_answer(completion)
-            if parsed is None:
-                rewards.append(None)
-            else:
-                rewards.append(1.0 if normalize_answer(parsed) == normalize_answer(str(expected)) else 0.0)
-        return rewards
-
-    return exact_answer
-
-
-class RewardModelScorer:
-    """A Hugging Face sequence-classification reward model (one logit = the reward).
-
-    Loaded in `setup()` and freed in `teardown()`. When its tokenizer has a chat template the
-    (prompt, completion) pair is formatted as a user/assistant conversation, as such RMs were trained.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        batch_size: int = 16,
-        max_length: int | None = None,
-        device: str | None = None,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        use_chat_template: bool | None = None,
-    ) -> None:
-        self.path = path
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = device
-        self.dtype = dtype
-        self.trust_remote_code = trust_remote_code
-        self.use_chat_template = use_chat_template
-        self.model = None
-        self.tokenizer = None
-
-    def setup(self) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from raftlib.models import ModelLoadError, _check_local
-
-        _check_local(self.path, "reward model")
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                self.path,
-                dtype=getattr(torch, self.dtype),
-                trust_remote_code=self.trust_remote_code,
-                output_loading_info=True,
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"reward model {self.path!r} could not be loaded as a sequence classifier: {exc}"
-            ) from exc
-        if info.get("missing_keys"):
-            # A causal LM dir loads "fine" with a freshly initialised, untrained score head: refuse it.
-            missing = ", ".join(sorted(info["missing_keys"]))
-            raise ModelLoadError(
-                f"reward model {self.path!r} lacks trained weights for {missing}; "
-                "is it a causal LM or base model rather than a sequence-classification reward model?"
-            )
-        self.model = model.to(device)
-        if self.model.config.num_labels != 1:
-            raise ModelLoadError(
-                f"reward model {self.path!r} has {self.model.config.num_labels} labels; a reward model has exactly 1"
-            )
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.eval()
-
-    def teardown(self) -> None:
-        import gc
-
-        import torch
-
-        self.model = None
-        self.tokenizer = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _texts(self, prompts: list[str], completions: list[str]) -> list[str]:
-        templated = self.use_chat_template
-        if templated is None:
-            templated = bool(getattr(self.tokenizer, "chat_template", None))
-        if not templated:
-            return [p + c for p, c in zip(prompts, completions, strict=True)]
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
-            )
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        import torch
-
-        loaded_here = self.model is None
-        if loaded_here:
-            self.setup()
-        try:
-            texts = self._texts(prompts, completions)
-            scores: list[float | None] = []
-            device = next(self.model.parameters()).device
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=self.max_length is not None,
-                    max_length=self.max_length,
-                ).to(device)
-                with torch.no_grad():
-                    logits = self.model(**batch).logits[:, 0].float()  # (B,)
-                scores.extend(float(v) for v in logits.cpu())
-            return scores
-        finally:
-            if loaded_here:
-                self.teardown()
-
-
-@register("reward_model")
-def reward_model(path: str, **kwargs: Any) -> RewardFn:
-    """Built-in `reward_model`: args {path, batch_size, max_length, device, dtype, trust_remote_code}."""
-    return RewardModelScorer(path, **kwargs)
+def reward_names() -> list[str]:
+    """Every name `reward.fn` accepts without a `module:function` path."""
+    return sorted(set(BUILT_INS) | set(REGISTRY))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +83,7 @@ def import_object(path: str) -> Any:
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise RewardError(
-            f"reward {path!r} is neither a built-in ({', '.join(sorted(REGISTRY))}) nor a module:function path"
+            f"reward {path!r} is neither a built-in ({', '.join(reward_names())}) nor a module:function path"
         )
     try:
         module = importlib.import_module(module_name)
@@ -275,11 +100,12 @@ def import_object(path: str) -> Any:
 
 
 def resolve_component(component: RewardComponentSection) -> RewardFn:
-    if component.fn not in REGISTRY and ":" not in component.fn:
-        import raftlib.diffusion.rewards  # noqa: F401  (registers the image rewards on first use)
-    if component.fn in REGISTRY:
+    factory = REGISTRY.get(component.fn)
+    if factory is None and component.fn in BUILT_INS:
+        factory = import_object(BUILT_INS[component.fn])
+    if factory is not None:
         try:
-            return REGISTRY[component.fn](**component.args)
+            return factory(**component.args)
         except TypeError as exc:
             raise RewardError(f"reward {component.fn!r}: bad args {component.args}: {exc}") from exc
     target = import_object(component.fn)
@@ -418,70 +244,3 @@ def check_reward_output(name: str, values: Any, expected: int) -> list[float | N
 
 def is_valid_reward(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# The scoring stage
-# ----------------------------------------------------------------------------------------------
-
-
-def score_samples(
-    reward: WeightedReward,
-    samples: Sequence[Sample],
-    columns_by_prompt: dict[int, dict[str, Any]],
-    *,
-    inputs: Callable[[Sequence[Any]], tuple[list[Any], ...]] | None = None,
-    batch_size: int = 64,
-    completed: dict[int, Scores] | None = None,
-    on_batch=None,
-    progress: bool = True,
-    batch_indices: Sequence[int] | None = None,
-) -> Scores:
-    """Score samples in batches; batches in `completed` are reused, `on_batch(b, scores)` persists new ones.
-
-    `inputs(batch)` gives the reward's positional arguments; the default is (prompts, completions).
-    `batch_indices` scores only those batches (one process's shard); the result then holds only theirs.
-    """
-    inputs = inputs or (lambda batch: ([s.prompt for s in batch], [s.completion for s in batch]))
-    from tqdm.auto import tqdm
-
-    completed = completed or {}
-    column_names = sorted({name for cols in columns_by_prompt.values() for name in cols})
-    total: list[float | None] = []
-    components: dict[str, list[float | None]] = {name: [] for name in reward.names}
-    starts = range(0, len(samples), batch_size)
-    wanted = set(range(len(starts)) if batch_indices is None else batch_indices)
-    pending = [i for i, _ in enumerate(starts) if i not in completed and i in wanted]
-    if pending:
-        reward.setup()
-    try:
-        for index, start in enumerate(
-            tqdm(starts, desc="score", unit="batch", disable=None if progress else True, leave=False)
-        ):
-            batch = samples[start : start + batch_size]
-            if index not in wanted:
-                continue
-            if index in completed:
-                scores = completed[index]
-            else:
-                columns = {
-                    name: [columns_by_prompt.get(s.prompt_id, {}).get(name) for s in batch] for name in column_names
-                }
-                try:
-                    scores = reward.score(*inputs(batch), **columns)
-                except RewardError as exc:
-                    saved = index if on_batch is not None else sum(1 for i in completed if i < index)
-                    raise type(exc)(
-                        f"{exc} -- while scoring batch {index} (samples {start}..{start + len(batch) - 1}, "
-                        f"prompt ids {sorted({s.prompt_id for s in batch})[:8]}); "
-                        f"{saved} earlier batches are saved: fix the reward and resume"
-                    ) from exc
-                if on_batch is not None:
-                    on_batch(index, scores)
-            total.extend(scores.reward)
-            for name in reward.names:
-                components[name].extend(scores.components[name])
-    finally:
-        if pending:
-            reward.teardown()
-    return Scores(reward=total, components=components)

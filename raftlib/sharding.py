@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from raftlib.config import ConfigError, TrainingSection
+from raftlib.sections import ConfigError, TrainingSection
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from raftlib.batches import Batches
 from raftsuite import hh, launch
 
 # ----------------------------------------------------------------------------------------------
@@ -164,17 +165,17 @@ def held_out_reward(
 ):
     """Mean proxy reward on held-out prompts, drawn exactly as raftlib's loop draws its evaluation."""
     from raftlib.config import GenerationSection
-    from raftlib.generate import generate_samples
     from raftlib.loop import EVAL_STREAM
-    from raftlib.rewards import score_samples
+    from raftlib.scoring import score_samples
+    from raftlib.text.generate import generate_samples
 
     settings = GenerationSection(
         samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
         prompts_per_batch=prompts_per_batch,
     )  # fmt: skip
-    samples = generate_samples(model, tokenizer, prompts, settings, seed=seed, stream=EVAL_STREAM, progress=False,
-                               max_prompt_tokens=max_prompt_tokens)  # fmt: skip
-    scores = score_samples(reward, samples, {}, batch_size=reward_batch_size, progress=False)
+    samples = generate_samples(model, tokenizer, prompts, settings, seed=seed, stream=EVAL_STREAM,
+                               max_prompt_tokens=max_prompt_tokens, batches=Batches(progress=False))  # fmt: skip
+    scores = score_samples(reward, samples, {}, batch_size=reward_batch_size, batches=Batches(progress=False))
     return sum(scores.reward) / len(scores.reward)
 
 
@@ -606,8 +607,9 @@ def generation_speed(
     import torch
 
     from raftlib.config import GenerationSection
-    from raftlib.fastgen import StaticDecoder
-    from raftlib.generate import encode_prompts, generate_samples
+    from raftlib.text.fastgen import StaticDecoder
+    from raftlib.text.generate import generate_samples
+    from raftlib.text.prompts import encode_prompts
     from raftsuite.hh import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_dir, dtype)
@@ -620,10 +622,18 @@ def generation_speed(
             timings = {}
             for backend in ("raftlib eager", "raftlib static"):
                 decoder = StaticDecoder(model) if backend == "raftlib static" else None
-                generate_samples(model, tokenizer, chosen[:1], settings, seed=seed, progress=False, decoder=decoder)
+                generate_samples(
+                    model, tokenizer, chosen[:1], settings, seed=seed, decoder=decoder, batches=Batches(progress=False)
+                )
                 began = time.perf_counter()
                 samples = generate_samples(
-                    model, tokenizer, chosen, settings, seed=seed, progress=False, decoder=decoder
+                    model,
+                    tokenizer,
+                    chosen,
+                    settings,
+                    seed=seed,
+                    decoder=decoder,
+                    batches=Batches(progress=False),
                 )
                 timings[backend] = (sum(s.completion_token_count for s in samples), time.perf_counter() - began)
             ids = encode_prompts(tokenizer, chosen, chat_template="never")

@@ -31,12 +31,16 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state(root: str | Path) -> dict[str, Any]:
-    """Commit, branch and whether tracked files differ from it (untracked files do not count)."""
+    """Commit, branch and whether tracked files differ from it (untracked files do not count).
+
+    `results/` does not count either: the runner itself rewrites it (a notebook's old report is removed as it
+    starts, and with two lanes the other lane is writing), so it says nothing about the code that runs.
+    """
     root = Path(root)
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "branch": None, "dirty": None}
-    changes = _git(root, "status", "--porcelain", "--untracked-files=no")
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"commit": commit, "branch": _git(root, "rev-parse", "--abbrev-ref", "HEAD"), "dirty": bool(changes)}
 
 
@@ -79,6 +83,8 @@ def machine() -> dict[str, Any]:
         "memory_gib": None if (m := _memory_gib()) is None else round(m, 1),
         "gpus": _gpus(),
         "os": platform.platform(),
+        # CPU results depend on the thread count; the kernels inherit these (unset: torch uses every core)
+        "threads": {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }
 
 
@@ -130,6 +136,7 @@ def to_html(header: Mapping[str, Any]) -> str:
             e(
                 f"{box.get('cpu', '?')} · {box.get('cores', '?')} cores ({box.get('usable_cores', '?')} usable)"
                 f" · {memory} memory · GPU: {gpus} · {box.get('os', '')}"
+                + "".join(f" · {k}={v}" for k, v in (box.get("threads") or {}).items())
             ),
         ),
         ("software", e(" · ".join(f"{k} {v}" for k, v in ver.items()))),

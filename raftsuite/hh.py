@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from raftlib import metrics as M
+from raftlib.batches import Batches
 from raftlib.config import DataSection, GenerationSection, ModelSection, TrainingSection
 from raftlib.data import load_prompts
-from raftlib.finetune import finetune, reference_perplexity
-from raftlib.generate import generate_samples
-from raftlib.models import load_tokenizer, save_model
 from raftlib.records import Prompt, Sample
+from raftlib.text.finetune import finetune, reference_perplexity
+from raftlib.text.generate import generate_samples
+from raftlib.text.models import load_tokenizer, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,13 @@ def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings
     # 1. pairs: K continuations per opening from the base model, paired (0,1), (2,3), ... and labelled by gold
     all_prompts = splits.train + splits.eval
     samples = generate_samples(
-        base, tokenizer, all_prompts, generation, seed=settings.seed, stream=1, progress=progress, description="pairs"
+        base,
+        tokenizer,
+        all_prompts,
+        generation,
+        seed=settings.seed,
+        stream=1,
+        batches=Batches(progress=progress, description="pairs"),
     )
     gold = gold_reward([s.prompt for s in samples], [s.completion for s in samples])
     eval_ids = {p.prompt_id for p in splits.eval}
@@ -367,7 +374,9 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         prompts_per_batch=prompts_per_batch,
     )
-    samples = generate_samples(model, tokenizer, prompts, generation, seed=seed, stream=424_242, progress=False)
+    samples = generate_samples(
+        model, tokenizer, prompts, generation, seed=seed, stream=424_242, batches=Batches(progress=False)
+    )
     proxy = scorer([s.prompt for s in samples], [s.completion for s in samples])
     if best_of > 1:
         chosen = []
@@ -419,6 +428,17 @@ def gold_over_iterations(run_dir: str | Path) -> list[dict[str, float]]:
 # ----------------------------------------------------------------------------------------------
 
 
+def grpo_config(output_dir: str | Path, *, seed: int, use_cpu: bool, **settings: Any):
+    """TRL's GRPOConfig as every GRPO baseline of the suite runs it: logged every step, nothing saved, no bars,
+    no reporting service; `settings` are the experiment's own (batch, generations, learning rate, clipping...)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir), seed=seed, use_cpu=use_cpu, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, **settings,
+    )  # fmt: skip
+
+
 def run_grpo(
     sft_model: str | Path,
     prompts: Sequence[Prompt],
@@ -449,7 +469,7 @@ def run_grpo(
     loads and trains in bf16 autocast.
     """
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     scorer = load_scorer(reward_model, formatter=reward_formatter, dtype=reward_dtype)
 
@@ -467,8 +487,8 @@ def run_grpo(
             f"into {processes} processes x gradient_accumulation_steps {gradient_accumulation_steps}"
         )
     bf16 = (not use_cpu) if bf16 is None else bf16
-    args = GRPOConfig(
-        output_dir=str(output_dir),
+    args = grpo_config(
+        output_dir, seed=seed, use_cpu=use_cpu,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=gradient_accumulation_steps,
         num_generations=num_generations,
@@ -477,17 +497,11 @@ def run_grpo(
         learning_rate=learning_rate,
         beta=beta,
         max_steps=steps,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=use_cpu,
-        save_strategy="no",
-        seed=seed,
-        disable_tqdm=True,
         gradient_checkpointing=gradient_checkpointing,  # TRL turns it on by default; we follow the RAFT setting
         # TRL defaults to bf16, which on a CPU is bf16 autocast: slower there, and RAFT's tiny runs are fp32
         bf16=bf16,
         model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
-    )
+    )  # fmt: skip
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()
     trainer = GRPOTrainer(

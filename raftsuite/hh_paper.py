@@ -27,10 +27,10 @@ import torch
 
 from raftlib.config import ModelSection, TrainingSection
 from raftlib.data import DataError
-from raftlib.finetune import finetune
-from raftlib.models import load_policy, load_tokenizer, save_model
 from raftlib.records import Prompt
 from raftlib.store import atomic_write_text
+from raftlib.text.finetune import finetune
+from raftlib.text.models import load_policy, load_tokenizer, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FormattedRewardModel:
     """raftlib's `RewardModelScorer` fed texts built by a named formatter (never the tokenizer's chat template)."""
 
     def __init__(self, path: str, formatter: str = "open_llama_hh", **kwargs: Any) -> None:
-        from raftlib.rewards import RewardModelScorer
+        from raftlib.text.rewards import RewardModelScorer
 
         if formatter not in FORMATTERS:
             raise ValueError(f"reward.args.formatter = {formatter!r}: known formatters {', '.join(FORMATTERS)}")
@@ -192,7 +192,12 @@ class PaperSetup:
 
 def test_prompts(setup: PaperSetup) -> list[Prompt]:
     """The evaluation prompts (test split) as raftlib Prompt records with their `reference` column."""
-    rows = [json.loads(line) for line in setup.eval_prompts_file.read_text(encoding="utf-8").splitlines()]
+    return read_test_prompts(setup.eval_prompts_file)
+
+
+def read_test_prompts(path: Path) -> list[Prompt]:
+    """A setup's eval_prompts.jsonl as Prompt records (prompt_id = row, the `reference` column kept)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return [Prompt(prompt_id=i, text=r["prompt"], columns={"reference": r["reference"]}) for i, r in enumerate(rows)]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from raftlib.batches import Batches
 from raftlib.diffusion.metrics import within_prompt_diversity
 from raftlib.diffusion.pipelines import ImageSample
 from raftlib.store import read_parquet
@@ -78,7 +79,7 @@ def heldout_rewards(run_dir: Path, reward: WeightedReward, batch_size: int = 64)
     from raftlib.config import load_config
     from raftlib.data import columns_by_prompt, load_prompts
     from raftlib.diffusion.modality import ImageModality
-    from raftlib.rewards import score_samples
+    from raftlib.scoring import score_samples
 
     config = load_config(Path(run_dir) / "config.yaml")
     columns = columns_by_prompt(load_prompts(config.data, config.seed).eval)
@@ -86,7 +87,7 @@ def heldout_rewards(run_dir: Path, reward: WeightedReward, batch_size: int = 64)
     for iteration in iterations_of(run_dir):
         scores = score_samples(
             reward, eval_images(run_dir, iteration), columns, inputs=ImageModality.reward_inputs,
-            batch_size=batch_size, progress=False,
+            batch_size=batch_size, batches=Batches(progress=False),
         )  # fmt: skip
         values = np.array([np.nan if r is None else r for r in scores.reward], dtype=np.float64)
         finite = values[np.isfinite(values)]

@@ -154,10 +154,8 @@ def run(
     OUTPUT_DIR/launch/launch.log.
     """
     import raftlib
-    from raftlib.bookkeeping import config_diff
-    from raftlib.config import load_config
-    from raftlib.loop import RunResult
-    from raftlib.store import RunDirError, RunStore, atomic_write_text
+    from raftlib.loop import RunResult, holds_same_run
+    from raftlib.store import RunStore, atomic_write_text
 
     if num_processes == 1 and not accelerate_config:
         return raftlib.run(config, reward=reward)  # raftlib.run refuses what cannot fit on a GPU itself
@@ -168,14 +166,7 @@ def run(
             "(a module:function path) or use num_processes=1 without accelerate_config"
         )
     store = RunStore(config.output_dir)
-    if store.has_run():
-        saved = load_config(store.config_path)
-        if saved != config:
-            changed = config_diff(saved.to_dict(), config.to_dict())
-            raise RunDirError(
-                f"{store.root} holds a run with a different config ({', '.join(changed)}); "
-                "use another output_dir, or resume it with `python -m raftlib resume`"
-            )
+    if holds_same_run(store, config):
         module_args = ["raftlib", "resume", str(store.root)]
         echo(f"{store.root} already holds this run: resuming it on {num_processes} process(es)\n")
     else:

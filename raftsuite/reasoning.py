@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raftlib.batches import Batches
 from raftlib.records import Prompt
 
 logger = logging.getLogger(__name__)
@@ -283,15 +284,14 @@ def evaluate_policy(model, tokenizer, prompts: Sequence[Prompt], verifier: str, 
     """pass@1 (avg@n), pass@n, unparsable share and token entropy of n samples per held-out problem."""
     from raftlib import metrics as M
     from raftlib.config import GenerationSection
-    from raftlib.generate import generate_samples
     from raftlib.loop import EVAL_STREAM
+    from raftlib.text.generate import generate_samples
 
     generation = GenerationSection(
         samples_per_prompt=settings.samples_per_prompt, temperature=settings.temperature,
         max_new_tokens=settings.max_new_tokens, prompts_per_batch=settings.prompts_per_batch, chat_template="auto",
     )  # fmt: skip
-    samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM,
-                               progress=False)  # fmt: skip
+    samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM, batches=Batches(progress=False))  # fmt: skip
     answers = {p.prompt_id: p.columns["answer"] for p in prompts}
     rewards = VERIFIERS[verifier]([s.prompt for s in samples], [s.completion for s in samples],
                                   [answers[s.prompt_id] for s in samples])  # fmt: skip
@@ -374,8 +374,8 @@ def run_raftlib_method(method: str, model: str, train_prompts: Path, eval_sets, 
     from transformers import AutoModelForCausalLM
 
     from raftlib import RAFTConfig, run
-    from raftlib.models import load_tokenizer
     from raftlib.store import RunStore
+    from raftlib.text.models import load_tokenizer
 
     started = time.perf_counter()
     config = RAFTConfig.from_dict(raft_config(method, model, train_prompts, budget, verifier, seed, run_dir))
@@ -410,7 +410,9 @@ def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, 
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
+
+    from raftsuite.hh import grpo_config
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     k, updates = budget.samples_per_prompt, budget.grpo_updates_per_generation
@@ -441,8 +443,8 @@ def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, 
                 rows.append(row)
 
     use_cpu = not torch.cuda.is_available()
-    args = GRPOConfig(
-        output_dir=str(output_dir),
+    args = grpo_config(
+        output_dir, seed=seed, use_cpu=use_cpu,
         per_device_train_batch_size=budget.samples_per_iteration // updates,
         steps_per_generation=updates,
         num_generations=k,
@@ -454,16 +456,10 @@ def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, 
         epsilon_high=budget.clip_range_high,
         beta=0.0,
         max_steps=budget.iterations * updates,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=use_cpu,
-        save_strategy="no",
-        seed=seed,
-        disable_tqdm=True,
         gradient_checkpointing=False,
         bf16=not use_cpu,  # fp32 on a CPU, as RAFT's tiny runs
         model_init_kwargs={"dtype": budget.model_dtype},
-    )
+    )  # fmt: skip
     records = [json.loads(line) for line in Path(train_prompts).read_text().splitlines()]
     if getattr(tokenizer, "chat_template", None):  # as raftlib's chat_template "auto": a user turn in the template
         records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]

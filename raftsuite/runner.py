@@ -2,6 +2,7 @@
 
     python -m raftsuite.runner run hh_rlhf --profile tiny [-p key=value ...]
     python -m raftsuite.runner all --profile tiny        # every notebook; goes on after a failure
+    python -m raftsuite.runner all --profile tiny --jobs 2 --threads 1   # two notebooks at a time, 1 thread each
     python -m raftsuite.runner index                      # rebuild results/index.html
     python -m raftsuite.runner check --profile paper      # validate a profile without running it
 
@@ -35,6 +36,9 @@ NOTEBOOKS = ROOT / "notebooks"
 PROFILES = NOTEBOOKS / "profiles.yaml"
 RESULTS = ROOT / "results"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+SHARED_WORK = (("hh_rlhf", "efficiency", "ablations"),)
+"""Notebooks that share a profile's work directory (the HH setup, the method runs): with several jobs they run in
+one lane, in this order, so that a later one reuses what an earlier one built instead of racing it."""
 INJECTED = ("profile", "output_dir", "work_dir", "show_progress")
 """Parameters the runner sets itself: the profile's name, where results and runs go, no progress bars."""
 
@@ -127,10 +131,12 @@ def run_notebook(
     results: Path | None = None,
     runs: Path | None = None,
     progress: bool = False,
+    bar_position: int = 0,
 ) -> Outcome:
     """Execute one notebook with a profile's parameters; always render the report, even of a failure.
 
-    progress: show a bar per notebook on stderr naming the cell that runs (off by default: tests stay quiet).
+    progress: show a bar per notebook on stderr naming the cell that runs (off by default: tests stay quiet);
+    bar_position: its terminal row, when several lanes draw bars at once.
     """
     import papermill
 
@@ -170,7 +176,7 @@ def run_notebook(
             parameters=values,
             kernel_name="python3",
             cwd=str(ROOT),
-            progress_bar={"desc": name, "leave": True} if progress else False,
+            progress_bar={"desc": name, "leave": True, "position": bar_position} if progress else False,
             log_output=False,
             engine_name=_register_progress_engine(),
         )
@@ -243,6 +249,62 @@ def _register_progress_engine() -> str:
     return "raftsuite"
 
 
+def lanes(names: list[str], jobs: int, results: Path | None = None) -> list[list[str]]:
+    """Split notebooks into at most `jobs` lanes that run side by side, each in order.
+
+    Notebooks sharing work (`SHARED_WORK`) stay in one lane; groups go to the lane with the least expected time,
+    longest first, the expected time being a notebook's longest recorded wall time (10 min when it has none).
+    """
+    results = results or RESULTS
+    groups = [[n for n in group if n in names] for group in SHARED_WORK]
+    groups = [g for g in groups if g] + [[n] for n in names if not any(n in group for group in SHARED_WORK)]
+
+    def expected(name: str) -> float:
+        found = [json.loads(p.read_text()).get("seconds", 600.0) for p in results.glob(f"*/{name}/status.json")]
+        return max(found, default=600.0)
+
+    loads: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(max(1, min(jobs, len(groups))))]
+    for group in sorted(groups, key=lambda g: -sum(expected(n) for n in g)):
+        index = min(range(len(loads)), key=lambda i: loads[i][0])
+        loads[index] = (loads[index][0] + sum(expected(n) for n in group), loads[index][1] + group)
+    return [lane for _, lane in loads if lane]
+
+
+def run_lanes(
+    lanes_: list[list[str]], profile: str, parameters: list[str], threads: int | None, progress: bool
+) -> list[str]:
+    """Each lane in its own `runner run` process (its notebooks in order), all lanes at once; the failed notebooks.
+
+    `threads` sets OMP_NUM_THREADS and MKL_NUM_THREADS of every kernel: CPU results depend on the thread count
+    (a reduction splits differently), so a profile's committed numbers name the count they were made with.
+    """
+    import subprocess
+
+    env = os.environ.copy()
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for lane in lanes_:  # a lane that dies early must not leave an older run's "ok" behind
+        for name in lane:
+            (RESULTS / profile / name / "status.json").unlink(missing_ok=True)
+    children = []
+    for position, lane in enumerate(lanes_):
+        command = [sys.executable, "-m", "raftsuite.runner", "run", *lane, "--profile", profile]
+        command += [f"--parameter={p}" for p in parameters]
+        command += ["--progress", f"--bar-position={position}"] if progress else ["--no-progress"]
+        logger.info("lane %d: %s", position + 1, ", ".join(lane))
+        children.append((lane, subprocess.Popen(command, env=env, cwd=ROOT)))
+    failed = []
+    for lane, child in children:
+        child.wait()
+        failed += [n for n in lane if not _status(profile, n).get("ok", False)]
+    return failed
+
+
+def _status(profile: str, name: str) -> dict[str, Any]:
+    path = RESULTS / profile / name / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_index(results: Path | None = None) -> Path:
     """results/index.html: every report of every profile with its headline numbers and status."""
     results = results or RESULTS
@@ -303,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="a bar per notebook naming the running cell (default: on when stderr is a terminal)",
             )
+            sub.add_argument("--bar-position", type=int, default=0, help=argparse.SUPPRESS)
+            sub.add_argument("--threads", type=int, help="OMP/MKL threads of every kernel (default: unchanged)")
+        if command == "all":
+            sub.add_argument("--jobs", type=int, default=1, help="notebooks run side by side (lanes; default 1)")
     commands.add_parser("index")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -327,11 +393,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise ParameterError(
                     f"profile {args.profile!r} in {PROFILES.relative_to(ROOT)} has no entry for notebook {name!r}"
                 )
+        if getattr(args, "threads", None):  # every kernel started from here (and its children) inherits it
+            os.environ |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        if args.command == "all" and args.jobs > 1:
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            failed = run_lanes(lanes(names, args.jobs), args.profile, args.parameter, args.threads, progress)
+            write_index()
+            if failed:
+                print(f"error: {len(failed)} of {len(names)} notebooks failed: {', '.join(failed)}", file=sys.stderr)
+                return 1
+            return 0
         outcomes = []
         for name in names:
             logger.info("running notebooks/%s.ipynb (profile %s)", name, args.profile)
             progress = sys.stderr.isatty() if args.progress is None else args.progress
-            outcome = run_notebook(name, args.profile, extra, progress=progress)
+            outcome = run_notebook(name, args.profile, extra, progress=progress, bar_position=args.bar_position)
             outcomes.append(outcome)
             if outcome.ok:
                 logger.info("%s: done in %.1f min -> %s", name, outcome.seconds / 60, outcome.report)

@@ -57,7 +57,7 @@ def main() -> int:
 
         torch.optim.AdamW.step = step
     elif point == "checkpoint":
-        from raftlib import text
+        from raftlib.text import modality as text
 
         original_save = text.save_model
 

@@ -13,10 +13,12 @@ from test_generate import PROMPTS, load
 from transformers import AutoModelForCausalLM
 
 from conftest import LOGPROB_ATOL, TIE_MARGIN, assert_same_draws
-from raftlib import fastgen
+from raftlib.batches import Batches
 from raftlib.config import GenerationSection, TrainingSection
-from raftlib.fastgen import StaticDecoder, decision_scores, gumbel_sample, hashed_uniform
-from raftlib.finetune import (
+from raftlib.records import Sample
+from raftlib.text import fastgen
+from raftlib.text.fastgen import StaticDecoder, decision_scores, gumbel_sample, hashed_uniform
+from raftlib.text.finetune import (
     chunked_completion_loss,
     collate,
     collate_packed,
@@ -25,8 +27,7 @@ from raftlib.finetune import (
     finetune,
     output_head,
 )
-from raftlib.generate import generate_samples
-from raftlib.records import Sample
+from raftlib.text.generate import generate_samples
 
 EXAMPLES = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14, 15]), ([3, 4, 5, 6, 7], [1]), ([9], [2, 3, 4, 5, 6, 7])]
 
@@ -78,8 +79,8 @@ def static_draws(model, tokenizer, settings, monkeypatch, **options) -> tuple[li
 
     with monkeypatch.context() as patch:  # the uncompiled step looks gumbel_sample up at each call
         patch.setattr(fastgen, "gumbel_sample", recording)
-        drawn = generate_samples(model, tokenizer, PROMPTS, settings, progress=False, decoder=StaticDecoder(model),
-                                 **options)  # fmt: skip
+        drawn = generate_samples(model, tokenizer, PROMPTS, settings, decoder=StaticDecoder(model),
+                                 **options, batches=Batches(progress=False))  # fmt: skip
     assert settings.prompts_per_batch >= len(PROMPTS), "one batch: the gaps' rows are the samples"
     return drawn, torch.stack(gaps, dim=1)
 
@@ -88,12 +89,12 @@ def static_draws(model, tokenizer, settings, monkeypatch, **options) -> tuple[li
 def test_static_backend_greedy_equals_the_eager_loop_with_eos_and_stop_strings(which, request, monkeypatch):
     model, tokenizer = load(request.getfixturevalue(which))
     greedy = GenerationSection(samples_per_prompt=2, temperature=0.0, max_new_tokens=12)
-    eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, progress=False)
+    eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, batches=Batches(progress=False))
     static, gaps = static_draws(model, tokenizer, greedy, monkeypatch, seed=0)
     assert_same_draws(static, eager, gaps)
     # a stop string taken from the text: both backends stop the same rows at the same token
     stopping = replace(greedy, stop_strings=[eager[0].completion[4:6]])
-    eager = generate_samples(model, tokenizer, PROMPTS, stopping, seed=0, progress=False)
+    eager = generate_samples(model, tokenizer, PROMPTS, stopping, seed=0, batches=Batches(progress=False))
     assert "stop" in {s.finish_reason for s in eager}
     static, gaps = static_draws(model, tokenizer, stopping, monkeypatch, seed=0)
     assert_same_draws(static, eager, gaps)
@@ -102,7 +103,7 @@ def test_static_backend_greedy_equals_the_eager_loop_with_eos_and_stop_strings(w
     output_head(model).register_forward_hook(lambda m, i, out: out + bias)
     for strength in torch.linspace(0.05, 1.0, 20).tolist():
         bias[tokenizer.eos_token_id] = strength
-        eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, progress=False)
+        eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, batches=Batches(progress=False))
         if any(s.finish_reason == "eos" and s.completion_token_count > 1 for s in eager):
             break
     else:
@@ -129,14 +130,24 @@ def test_static_backend_samples_are_seeded_per_batch_and_logprobs_are_the_models
         samples_per_prompt=3, temperature=0.8, top_p=0.95, max_new_tokens=10, prompts_per_batch=2
     )
     decoder = StaticDecoder(model)
-    first = generate_samples(model, tokenizer, PROMPTS, settings, seed=4, progress=False, decoder=decoder)
-    again = generate_samples(model, tokenizer, PROMPTS, settings, seed=4, progress=False, decoder=StaticDecoder(model))
+    first = generate_samples(
+        model, tokenizer, PROMPTS, settings, seed=4, decoder=decoder, batches=Batches(progress=False)
+    )
+    again = generate_samples(
+        model, tokenizer, PROMPTS, settings, seed=4, decoder=StaticDecoder(model), batches=Batches(progress=False)
+    )
     # Exact equality is right here and below: the same kernels on the same shapes repeat the same arithmetic.
     assert [s.to_row() for s in first] == [s.to_row() for s in again]
     assert len({tuple(s.completion_token_ids) for s in first}) > len(PROMPTS)  # K samples differ
     # batch 1 alone (as after a crash that kept batch 0) is the same as in the full run
     only_second = generate_samples(
-        model, tokenizer, PROMPTS, settings, seed=4, progress=False, decoder=decoder, batch_indices=[1]
+        model,
+        tokenizer,
+        PROMPTS,
+        settings,
+        seed=4,
+        decoder=decoder,
+        batches=Batches(progress=False, indices=[1]),
     )
     assert [s.to_row() for s in only_second] == [s.to_row() for s in first[2 * 3 :]]
     forced, counts = completion_logprobs(
@@ -153,7 +164,13 @@ def test_compiled_static_step_equals_the_uncompiled_one(gpt2_dir, monkeypatch):
     settings = GenerationSection(samples_per_prompt=2, temperature=1.0, max_new_tokens=6)
     plain, gaps = static_draws(model, tokenizer, settings, monkeypatch, seed=2)
     compiled = generate_samples(
-        model, tokenizer, PROMPTS, settings, seed=2, progress=False, decoder=StaticDecoder(model, compile=True)
+        model,
+        tokenizer,
+        PROMPTS,
+        settings,
+        seed=2,
+        decoder=StaticDecoder(model, compile=True),
+        batches=Batches(progress=False),
     )
     assert_same_draws(compiled, plain, gaps)
 

@@ -4,8 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raftlib.config import LoraSection, ModelSection, TrainingSection
-from raftlib.finetune import IGNORE_INDEX, collate, completion_labels, completion_logprobs, epoch_order, finetune
-from raftlib.models import load_policy, save_model
+from raftlib.finetune import epoch_order
+from raftlib.text.finetune import IGNORE_INDEX, collate, completion_labels, completion_logprobs, finetune
+from raftlib.text.models import load_policy, save_model
 
 
 def test_completion_mask_by_hand():

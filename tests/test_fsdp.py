@@ -171,7 +171,7 @@ def test_a_direct_text_fine_tune_runs_in_the_configured_precision(precision, lla
     from transformers import AutoModelForCausalLM
 
     from raftlib.config import TrainingSection
-    from raftlib.finetune import finetune
+    from raftlib.text.finetune import finetune
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     seen = _record_matmul_dtypes(model)

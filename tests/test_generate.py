@@ -7,17 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_near_tie, first_difference
+from raftlib.batches import Batches
 from raftlib.config import GenerationSection
-from raftlib.finetune import completion_logprobs
-from raftlib.generate import (
-    GenerationError,
-    batch_generator,
-    encode_prompts,
-    filter_logits,
-    generate_batch,
-    generate_samples,
-)
 from raftlib.records import Prompt
+from raftlib.text.finetune import completion_logprobs
+from raftlib.text.generate import generate_batch, generate_samples
+from raftlib.text.prompts import GenerationError, encode_prompts
+from raftlib.text.sampling import batch_generator, filter_logits
 
 PROMPTS = [Prompt(0, "the cat sat"), Prompt(1, "a very quiet river and the"), Prompt(2, "red")]
 
@@ -86,9 +82,9 @@ def test_one_prefill_per_prompt_batch(gpt2_dir):
 def test_reproducible_under_seed_and_seed_matters(gpt2_dir):
     model, tokenizer = load(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=4, max_new_tokens=8, prompts_per_batch=2)
-    first = generate_samples(model, tokenizer, PROMPTS, settings, seed=3, stream=1, progress=False)
-    again = generate_samples(model, tokenizer, PROMPTS, settings, seed=3, stream=1, progress=False)
-    other = generate_samples(model, tokenizer, PROMPTS, settings, seed=4, stream=1, progress=False)
+    first = generate_samples(model, tokenizer, PROMPTS, settings, seed=3, stream=1, batches=Batches(progress=False))
+    again = generate_samples(model, tokenizer, PROMPTS, settings, seed=3, stream=1, batches=Batches(progress=False))
+    other = generate_samples(model, tokenizer, PROMPTS, settings, seed=4, stream=1, batches=Batches(progress=False))
     assert [s.completion_token_ids for s in first] == [s.completion_token_ids for s in again]
     assert [s.completion_token_ids for s in first] != [s.completion_token_ids for s in other]
     assert [(s.prompt_id, s.sample_index) for s in first] == [(p, k) for p in range(3) for k in range(4)]
@@ -98,15 +94,19 @@ def test_completed_batches_are_reused_and_the_rest_regenerated_identically(gpt2_
     model, tokenizer = load(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=3, max_new_tokens=6, prompts_per_batch=1)
     saved = {}
-    full = generate_samples(model, tokenizer, PROMPTS, settings, seed=0, on_batch=saved.__setitem__, progress=False)
-    partial = generate_samples(model, tokenizer, PROMPTS, settings, seed=0, completed={0: saved[0]}, progress=False)
+    full = generate_samples(
+        model, tokenizer, PROMPTS, settings, seed=0, batches=Batches(on_batch=saved.__setitem__, progress=False)
+    )
+    partial = generate_samples(
+        model, tokenizer, PROMPTS, settings, seed=0, batches=Batches(completed={0: saved[0]}, progress=False)
+    )
     assert partial == full
 
 
 def test_logprob_is_the_models_own_at_temperature_one(gpt2_dir):
     model, tokenizer = load(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=2, temperature=0.7, top_k=20, max_new_tokens=8)
-    samples = generate_samples(model, tokenizer, PROMPTS, settings, seed=1, progress=False)
+    samples = generate_samples(model, tokenizer, PROMPTS, settings, seed=1, batches=Batches(progress=False))
     forced, counts = completion_logprobs(
         model, [(s.prompt_token_ids, s.completion_token_ids) for s in samples], tokenizer.pad_token_id
     )
@@ -120,7 +120,7 @@ def test_eos_ends_a_completion_and_is_kept(gpt2_dir):
     bias[tokenizer.eos_token_id] = 100.0  # make EOS the most likely next token everywhere
     model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
     settings = GenerationSection(samples_per_prompt=2, max_new_tokens=8)
-    samples = generate_samples(model, tokenizer, PROMPTS, settings, seed=0, progress=False)
+    samples = generate_samples(model, tokenizer, PROMPTS, settings, seed=0, batches=Batches(progress=False))
     for sample in samples:
         assert sample.finish_reason == "eos"
         assert sample.completion_token_ids == [tokenizer.eos_token_id]
@@ -130,12 +130,14 @@ def test_eos_ends_a_completion_and_is_kept(gpt2_dir):
 def test_stop_strings_cut_the_completion(gpt2_dir):
     model, tokenizer = load(gpt2_dir)
     greedy = GenerationSection(samples_per_prompt=1, temperature=0.0, max_new_tokens=12)
-    text = generate_samples(model, tokenizer, PROMPTS[:1], greedy, seed=0, progress=False)[0].completion
+    text = generate_samples(model, tokenizer, PROMPTS[:1], greedy, seed=0, batches=Batches(progress=False))[
+        0
+    ].completion
     stop = text[3:5]
     assert stop.strip(), f"greedy text too short to pick a stop string from: {text!r}"
     stopped = generate_samples(
         model, tokenizer, PROMPTS[:1], GenerationSection(samples_per_prompt=1, temperature=0.0, max_new_tokens=12, stop_strings=[stop]),
-        seed=0, progress=False,
+        seed=0, batches=Batches(progress=False),
     )[0]  # fmt: skip
     assert stopped.finish_reason == "stop"
     assert stopped.completion.endswith(stop) and stop not in stopped.completion[: -len(stop)]

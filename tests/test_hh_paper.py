@@ -46,7 +46,7 @@ def test_the_rm_formatter_writes_the_model_cards_format():
 def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
     from transformers import AutoTokenizer
 
-    from raftlib.rewards import RewardModelScorer
+    from raftlib.text.rewards import RewardModelScorer
     from raftsuite.hh_paper import formatted_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(standins["reward_model"])

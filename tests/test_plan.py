@@ -136,7 +136,7 @@ MEASURE = textwrap.dedent("""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from raftlib.config import TrainingSection
-    from raftlib.finetune import finetune
+    from raftlib.text.finetune import finetune
 
     def rss():  # resident bytes now
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()

@@ -7,8 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from raftlib.batches import Batches
 from raftlib.config import ConfigError, LoopSection, TrainingSection
-from raftlib.finetune import (
+from raftlib.metrics import pass_at_k, pass_at_k_metrics, token_entropy_mean
+from raftlib.select import select
+from raftlib.text.finetune import (
     collate,
     collate_with_old,
     completion_logprobs,
@@ -17,9 +20,7 @@ from raftlib.finetune import (
     finetune,
     token_logprobs,
 )
-from raftlib.losses import clipped_ratio_loss, token_entropy
-from raftlib.metrics import pass_at_k, pass_at_k_metrics, token_entropy_mean
-from raftlib.select import select
+from raftlib.text.losses import clipped_ratio_loss, token_entropy
 
 # ---- the clipped loss ------------------------------------------------------------------------------
 
@@ -181,13 +182,15 @@ def test_token_entropy_mean_is_per_token():
 
 def test_generation_records_the_entropy_of_each_sampled_position(gpt2_dir):
     from raftlib.config import GenerationSection
-    from raftlib.generate import generate_samples
     from raftlib.records import Prompt
+    from raftlib.text.generate import generate_samples
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
-    samples = generate_samples(model, tokenizer, [Prompt(0, "the cat")], settings, seed=0, progress=False)
+    samples = generate_samples(
+        model, tokenizer, [Prompt(0, "the cat")], settings, seed=0, batches=Batches(progress=False)
+    )
     for sample in samples:
         batch = collate([(sample.prompt_token_ids, sample.completion_token_ids)], tokenizer.eos_token_id)
         with torch.no_grad():

@@ -16,9 +16,10 @@ import torch
 from conftest import RESUME, assert_same_run, base_config, snapshot
 from raftlib import RAFTConfig, resume, run
 from raftlib.config import ModelSection
-from raftlib.models import ModelLoadError, load_base_model, load_tokenizer
+from raftlib.hub import ModelLoadError
 from raftlib.rewards import RewardError, RewardTimeout, WeightedReward
 from raftlib.store import TMP_MARK, DiskFullError
+from raftlib.text.models import load_base_model, load_tokenizer
 from toy_rewards import letter_a
 
 
@@ -102,7 +103,7 @@ def test_disk_full_is_a_clear_error_and_resume_loses_nothing(
     """ENOSPC after half a file reached the disk: the error names the file, no torn file under a real name."""
     import pyarrow.parquet as real_pq
 
-    from raftlib import text
+    from raftlib.text import modality as text
 
     calls = {"n": 0}
 

@@ -151,3 +151,44 @@ def test_committed_ablations_report_rerenders_without_stderr_boxes(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page
     assert '<details class="raft-log' in page
+
+
+def test_lanes_keep_shared_work_together_and_balance_by_recorded_time(tmp_path):
+    seconds = {"hh_rlhf": 1200, "efficiency": 30, "ablations": 900, "sd_resolution": 180, "sd_alignment": 360,
+               "reasoning": 700}  # fmt: skip
+    for name, value in seconds.items():
+        (tmp_path / "tiny" / name).mkdir(parents=True)
+        (tmp_path / "tiny" / name / "status.json").write_text(json.dumps({"ok": True, "seconds": value}))
+    names = sorted(seconds)
+    two = runner.lanes(names, 2, tmp_path)
+    assert two == [["hh_rlhf", "efficiency", "ablations"], ["reasoning", "sd_alignment", "sd_resolution"]]
+    assert runner.lanes(names, 1, tmp_path) == [["hh_rlhf", "efficiency", "ablations", "reasoning", "sd_alignment",
+                                                 "sd_resolution"]]  # fmt: skip
+    # four lanes: the shared group stays whole; the longest lanes are not split further
+    four = runner.lanes(names, 4, tmp_path)
+    assert ["hh_rlhf", "efficiency", "ablations"] in four and sorted(n for lane in four for n in lane) == names
+    assert sorted(runner.lanes(["sd_alignment", "efficiency"], 3, tmp_path)) == [["efficiency"], ["sd_alignment"]]
+
+
+def test_the_thread_setting_reaches_the_header(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    collected = header.collect(ROOT, "tiny", {})
+    assert collected["machine"]["threads"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "unset"}
+    assert "OMP_NUM_THREADS=1" in header.to_html(collected)
+
+
+def test_the_dirty_flag_counts_code_not_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "headline.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "results" / "headline.json").unlink()  # what the runner does as a notebook starts
+    assert header.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert header.git_state(tmp_path)["dirty"] is True

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from raftlib import testing
+from raftlib.batches import Batches
 from raftlib.config import RewardSection
-from raftlib.models import ModelLoadError
+from raftlib.hub import ModelLoadError
 from raftlib.records import Sample
-from raftlib.rewards import (
-    RewardError,
-    RewardModelScorer,
-    build_reward,
-    check_reward_output,
-    extract_answer,
-    score_samples,
-)
+from raftlib.rewards import RewardError, build_reward, check_reward_output
+from raftlib.scoring import score_samples
+from raftlib.text.rewards import RewardModelScorer, extract_answer
 
 
 def sample(prompt_id, completion, prompt="p"):
@@ -90,7 +86,7 @@ def test_extra_columns_reach_the_reward():
         WeightedReward([("spy", 1.0, spy)]),
         [sample(3, "x"), sample(5, "y")],
         {3: {"answer": "7"}, 5: {"answer": "9"}},
-        progress=False,
+        batches=Batches(progress=False),
     )
     assert seen == {"answer": ["7", "9"]}
 
@@ -114,7 +110,7 @@ def test_reward_model_loads_to_score_and_frees(tmp_path):
     rm = scorer.components[0][2]
     assert isinstance(rm, RewardModelScorer) and rm.model is None
     samples = [sample(i, text, prompt="the cat") for i, text in enumerate(["sat", "on the mat", "red", "blue sky"])]
-    scores = score_samples(scorer, samples, {}, batch_size=3, progress=False)
+    scores = score_samples(scorer, samples, {}, batch_size=3, batches=Batches(progress=False))
     assert rm.model is None  # freed after the scoring pass
     assert len(scores.reward) == 4 and all(isinstance(v, float) for v in scores.reward)
     assert len(set(scores.reward)) > 1

@@ -15,9 +15,11 @@ import pytest
 import torch
 from test_generate import PROMPTS, load
 
+from raftlib.batches import Batches
 from raftlib.config import GenerationSection
-from raftlib.generate import batch_generator, generate_batch
-from raftlib.vllm_backend import VLLMEngine, generate_with_vllm, request_seed
+from raftlib.text.generate import generate_batch
+from raftlib.text.sampling import batch_generator
+from raftlib.text.vllm_backend import VLLMEngine, generate_with_vllm, request_seed
 
 
 class EngineDouble:
@@ -75,7 +77,7 @@ def test_requests_carry_k_seeds_and_settings_and_answers_become_samples(gpt2_dir
         if sample.finish_reason == "eos":
             assert sample.completion_token_ids[-1] == tokenizer.eos_token_id
     # the same seeds give the same samples: a batch regenerated after a crash is the one that was lost
-    again = generate_with_vllm(engine, tokenizer, PROMPTS, settings, seed=5, stream=1, batch_indices=[1])
+    again = generate_with_vllm(engine, tokenizer, PROMPTS, settings, seed=5, stream=1, batches=Batches(indices=[1]))
     assert [s.to_row() for s in again] == [s.to_row() for s in samples[6:]]
 
 
@@ -86,7 +88,12 @@ def test_completed_batches_are_not_requested_and_new_ones_are_handed_to_on_batch
     double.requests.clear()
     saved = {}
     resumed = generate_with_vllm(
-        engine, tokenizer, PROMPTS, settings, seed=0, completed={0: first[:4]}, on_batch=saved.__setitem__
+        engine,
+        tokenizer,
+        PROMPTS,
+        settings,
+        seed=0,
+        batches=Batches(completed={0: first[:4]}, on_batch=saved.__setitem__),
     )
     assert len(double.requests) == 1 and list(saved) == [1]
     assert [s.to_row() for s in resumed] == [s.to_row() for s in first]
@@ -150,7 +157,7 @@ def test_the_engine_loads_the_current_weights_full_or_as_a_lora_adapter(monkeypa
     from safetensors.torch import load_file
 
     from raftlib.config import RAFTConfig
-    from raftlib.models import load_policy
+    from raftlib.text.models import load_policy
 
     built = fake_vllm(monkeypatch)
     model, tokenizer = load(gpt2_dir)

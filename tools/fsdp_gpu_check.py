@@ -66,9 +66,9 @@ def reset() -> None:
 def finetune_stage(model_config, model_dir: Path, hardware) -> dict:
     from transformers import LlamaForCausalLM
 
-    from raftlib.finetune import finetune
     from raftlib.plan import RUNTIME_OVERHEAD_BYTES, plan
     from raftlib.sharding import build_accelerator, is_sharded
+    from raftlib.text.finetune import finetune
 
     config = raft_config(model_dir)
     accelerator = build_accelerator(config.training)
@@ -96,9 +96,9 @@ def generation_stage(model_config, model_dir: Path, hardware, device) -> dict:
     from transformers import LlamaForCausalLM
 
     from raftlib.config import GenerationSection
-    from raftlib.fastgen import StaticDecoder
-    from raftlib.generate import batch_generator
     from raftlib.plan import RUNTIME_OVERHEAD_BYTES, plan
+    from raftlib.text.fastgen import StaticDecoder
+    from raftlib.text.sampling import batch_generator
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config).to(device=device, dtype=torch.bfloat16).eval()

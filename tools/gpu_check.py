@@ -121,8 +121,8 @@ def hf_generate_tokens_per_s(model, rows: int, prompt_len: int, new_tokens: int,
 
 def static_tokens_per_s(model, rows: int, k: int, prompt_len: int, new_tokens: int, device, compile_step: bool) -> dict:
     from raftlib.config import GenerationSection
-    from raftlib.fastgen import StaticDecoder
-    from raftlib.generate import batch_generator
+    from raftlib.text.fastgen import StaticDecoder
+    from raftlib.text.sampling import batch_generator
 
     settings = GenerationSection(samples_per_prompt=k, temperature=1.0, max_new_tokens=new_tokens)
     torch.manual_seed(1)
@@ -168,7 +168,7 @@ def finetune_speed(model_config, device, *, seq: int, micro_batch: int, steps: i
     from accelerate import Accelerator
 
     from raftlib.config import TrainingSection
-    from raftlib.finetune import finetune
+    from raftlib.text.finetune import finetune
 
     model = build_model(model_config, device, torch.float32)  # fp32 master weights, bf16 autocast
     params = sum(p.numel() for p in model.parameters())
@@ -204,7 +204,7 @@ def finetune_speed(model_config, device, *, seq: int, micro_batch: int, steps: i
 def step_grid(model_config, device, *, seq: int, micro_batch: int, steps: int) -> dict:
     """Where fine-tuning time goes: one optimizer step per micro-batch, timed for each combination of
     weights (fp32 + bf16 autocast, or bf16), gradient checkpointing, and full-logits or chunked loss."""
-    from raftlib.finetune import chunked_completion_loss, collate, completion_loss, output_head
+    from raftlib.text.finetune import chunked_completion_loss, collate, completion_loss, output_head
 
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(100, model_config.vocab_size - 100, (micro_batch, seq), generator=generator).tolist()

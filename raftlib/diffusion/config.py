@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from raftlib.config import (
+from raftlib.sections import (
     ConfigFile,
     DataSection,
     LoggingSection,
@@ -18,7 +18,7 @@ from raftlib.config import (
     RewardSection,
     SelectionSection,
     TrainingSection,
-    _require,
+    require,
 )
 
 PipelineKind = Literal["auto", "stable_diffusion", "sdxl", "class_conditional"]
@@ -41,7 +41,7 @@ class PipelineSection:
     """Hub revision (ignored for local dirs)."""
 
     def validate(self, key: str) -> None:
-        _require(bool(self.path), f"{key}.path", self.path, "is required (a local pipeline dir or hub id)")
+        require(bool(self.path), f"{key}.path", self.path, "is required (a local pipeline dir or hub id)")
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,16 @@ class ImageGenerationSection:
     """Class-conditional models: the data column holding each prompt's class id."""
 
     def validate(self, key: str) -> None:
-        _require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
-        _require(self.num_inference_steps >= 1, f"{key}.num_inference_steps", self.num_inference_steps, "must be >= 1")
-        _require(self.guidance_scale >= 0.0, f"{key}.guidance_scale", self.guidance_scale, "must be >= 0")
-        _require(self.eta >= 0.0, f"{key}.eta", self.eta, "must be >= 0")
+        require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
+        require(self.num_inference_steps >= 1, f"{key}.num_inference_steps", self.num_inference_steps, "must be >= 1")
+        require(self.guidance_scale >= 0.0, f"{key}.guidance_scale", self.guidance_scale, "must be >= 0")
+        require(self.eta >= 0.0, f"{key}.eta", self.eta, "must be >= 0")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:
-                _require(value >= 8 and value % 8 == 0, f"{key}.{name}", value, "must be a multiple of 8, >= 8")
-        _require(self.prompts_per_batch >= 1, f"{key}.prompts_per_batch", self.prompts_per_batch, "must be >= 1")
-        _require(self.decode_batch_size >= 1, f"{key}.decode_batch_size", self.decode_batch_size, "must be >= 1")
+                require(value >= 8 and value % 8 == 0, f"{key}.{name}", value, "must be a multiple of 8, >= 8")
+        require(self.prompts_per_batch >= 1, f"{key}.prompts_per_batch", self.prompts_per_batch, "must be >= 1")
+        require(self.decode_batch_size >= 1, f"{key}.decode_batch_size", self.decode_batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,13 @@ class DiffusionConfig(ConfigFile):
 
     def validate(self):
         super().validate()
-        _require(
+        require(
             self.selection.kl_coef == 0.0,
             "selection.kl_coef",
             self.selection.kl_coef,
             "must be 0 for diffusion runs (no per-image log-probability is computed)",
         )
-        _require(
+        require(
             self.selection.external_samples is None,
             "selection.external_samples",
             self.selection.external_samples,
@@ -122,5 +122,5 @@ class DiffusionConfig(ConfigFile):
         )
         for name in ("packing", "loss_chunk_tokens"):  # token-sequence options; images have neither
             value = getattr(self.training, name)
-            _require(not value, f"training.{name}", value, "is a language-model option (leave it off for images)")
+            require(not value, f"training.{name}", value, "is a language-model option (leave it off for images)")
         return self

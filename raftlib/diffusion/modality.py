@@ -1,21 +1,24 @@
-"""The image side of the loop: what `raftlib.loop` calls to generate, fine-tune and evaluate a diffusion model.
+"""The image modality: what `raftlib.loop` calls to generate, fine-tune and evaluate a diffusion model.
 
-The counterpart of `raftlib.text.TextModality`; the loop, selection, run store and metrics rows are shared.
+It implements `raftlib.modality.Modality`; `raftlib.text.modality.TextModality` is its language-model peer.
+A diffusion model has no sample likelihood here, so the KL ranking key does not apply (`has_likelihood`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import raftlib.diffusion.rewards  # noqa: F401  (registers the image rewards)
+from raftlib.batches import Batches
 from raftlib.diffusion.config import DiffusionConfig
 from raftlib.diffusion.metrics import within_prompt_diversity
 from raftlib.diffusion.pipelines import ImageSample, LoadedPipeline, generate_images
 from raftlib.diffusion.train import finetune_images, load_policy, save_policy
 from raftlib.records import Prompt
+from raftlib.sections import ConfigError
 
 
 class ImageModality:
@@ -38,12 +41,14 @@ class ImageModality:
         """The module the fine-tune trains (and FSDP shards): the UNet."""
         return policy.unet
 
-    def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
-                 progress=True, description="generate", batch_indices=None) -> list[ImageSample]:  # fmt: skip
+    def generate(
+        self, policy: LoadedPipeline, prompts: Sequence[Prompt], *, stream: int, samples_per_prompt: int | None = None,
+        candidates: bool = False, batches: Batches | None = None,
+    ) -> list[ImageSample]:  # fmt: skip
+        """K images per prompt, one recorded seed each (`candidates` adds nothing: no external images)."""
         return generate_images(
             policy, prompts, self.config.generation, seed=self.config.seed, stream=stream,
-            samples_per_prompt=samples_per_prompt, completed=completed, on_batch=on_batch, progress=progress,
-            description=description, batch_indices=batch_indices,
+            samples_per_prompt=samples_per_prompt, batches=batches,
         )  # fmt: skip
 
     @staticmethod
@@ -55,11 +60,10 @@ class ImageModality:
     def generated_units(samples: list[ImageSample]) -> int:
         return len(samples)
 
-    def extra_candidates(self, policy, prompts: list[Prompt]) -> list[ImageSample]:
-        return []
+    has_likelihood = False
 
     def reference_logprobs(self, policy, samples):
-        raise NotImplementedError("KL-regularised ranking is defined for language models (selection.kl_coef = 0)")
+        raise ConfigError("selection.kl_coef > 0 needs sample log-likelihoods, which a diffusion model has not here")
 
     def finetune(self, policy, kept, *, iteration, accelerator, progress):
         return finetune_images(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raftlib.batches import Batches, flatten, run_batches
 from raftlib.diffusion.config import ImageGenerationSection, PipelineSection
 from raftlib.records import Prompt
 
@@ -185,10 +186,10 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 def load_pipeline(section: PipelineSection, device: torch.device | str = "cpu", path: str | None = None):
     """Load `path` (default `model.path`) as the section's kind; frozen parts in `model.dtype`."""
-    from raftlib.models import _check_local
+    from raftlib.hub import check_local
 
     source = path or section.path
-    _check_local(source, "model.path", PipelineError)
+    check_local(source, "model.path", PipelineError)
     kind = section.kind if section.kind != "auto" else detect_kind(source)
     device = torch.device(device)
     dtype = resolve_dtype(section.dtype, device)
@@ -358,49 +359,35 @@ def generate_images(
     seed: int,
     stream: int,
     samples_per_prompt: int | None = None,
-    completed: dict[int, list[ImageSample]] | None = None,
-    on_batch: Callable[[int, list[ImageSample]], None] | None = None,
-    progress: bool = True,
-    description: str = "generate",
-    batch_indices: Sequence[int] | None = None,
+    batches: Batches[list[ImageSample]] | None = None,
 ) -> list[ImageSample]:
-    """K images per prompt in batches of `prompts_per_batch` prompts; batches in `completed` are reused.
+    """K images per prompt in batches of `prompts_per_batch` prompts, resumable and shardable (`raftlib.batches`).
 
-    `batch_indices` restricts the work to those batches (one process's shard of a multi-process run).
+    Each image has its own seed (`image_seed(seed, stream, prompt_id, j)`), so a batch drawn again equals the
+    one that was lost, whatever the batch size.
     """
-    from tqdm.auto import tqdm
-
     k = samples_per_prompt or settings.samples_per_prompt
-    completed = completed or {}
     labels = class_labels_of(prompts, settings.class_column) if loaded.kind == "class_conditional" else None
-    step = settings.prompts_per_batch
-    samples: list[ImageSample] = []
+
+    def draw(index: int, chunk: Sequence[Prompt]) -> list[ImageSample]:
+        batch = [(p, j) for p in chunk for j in range(k)]
+        seeds = [image_seed(seed, stream, p.prompt_id, j) for p, j in batch]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if labels is not None:
+            first = index * settings.prompts_per_batch
+            batch_labels = [labels[first + i // k] for i in range(len(batch))]
+            images = to_uint8(sample_class_conditional(loaded, batch_labels, generators, settings))
+        else:
+            batch_labels = [None] * len(batch)
+            images = sample_pipeline(loaded, [p.text for p, _ in batch], generators, settings)
+        return [
+            ImageSample(p.prompt_id, j, p.text, s, image, label)
+            for (p, j), s, image, label in zip(batch, seeds, images, batch_labels, strict=True)
+        ]
+
     was_training = loaded.unet.training
     loaded.unet.eval()
-    starts = range(0, len(prompts), step)
     try:
-        for index, start in enumerate(tqdm(starts, desc=description, disable=None if progress else True, leave=False)):
-            if batch_indices is not None and index not in batch_indices:
-                continue
-            if index in completed:
-                samples.extend(completed[index])
-                continue
-            batch = [(p, j) for p in prompts[start : start + step] for j in range(k)]
-            seeds = [image_seed(seed, stream, p.prompt_id, j) for p, j in batch]
-            generators = [torch.Generator().manual_seed(s) for s in seeds]
-            if labels is not None:
-                batch_labels = [labels[start + i // k] for i in range(len(batch))]
-                images = to_uint8(sample_class_conditional(loaded, batch_labels, generators, settings))
-            else:
-                batch_labels = [None] * len(batch)
-                images = sample_pipeline(loaded, [p.text for p, _ in batch], generators, settings)
-            made = [
-                ImageSample(p.prompt_id, j, p.text, s, image, label)
-                for (p, j), s, image, label in zip(batch, seeds, images, batch_labels, strict=True)
-            ]
-            if on_batch is not None:
-                on_batch(index, made)
-            samples.extend(made)
+        return flatten(run_batches(prompts, settings.prompts_per_batch, draw, batches, unit="prompt"))
     finally:
         loaded.unet.train(was_training)
-    return samples

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from raftlib.config import ConfigError
-from raftlib.plan import (
-    _BYTES,
+from raftlib.estimates import (
     ASSUMPTIONS,
+    BYTES_PER_ELEMENT,
     FORWARD_MFU,
     RUNTIME_OVERHEAD_BYTES,
     TRAIN_MFU,
@@ -30,6 +29,7 @@ from raftlib.plan import (
     StageEstimate,
     Term,
 )
+from raftlib.sections import ConfigError
 
 # Stable Diffusion 1.5's component configs (stable-diffusion-v1-5/stable-diffusion-v1-5), for offline planning.
 SD15 = {
@@ -114,7 +114,7 @@ def plan_diffusion(config, hw: Hardware, sharding: str, *, model_config: str | N
     models = {name: f"{n / 1e6:.1f} M parameters" for name, n in {"unet": n_unet, **frozen}.items()}
     g, t, lp = config.generation, config.training, config.loop
     # `auto` is bf16 on CUDA (raftlib.diffusion.pipelines), and the planner plans for GPUs
-    P, fb = hw.gpus, _BYTES["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
+    P, fb = hw.gpus, BYTES_PER_ELEMENT["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
     scale = 2 ** (len(raw["vae"]["block_out_channels"]) - 1) if "vae" in raw else 1
     size = unet.config.sample_size * scale
     height, width = g.height or size, g.width or size

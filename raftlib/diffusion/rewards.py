@@ -2,8 +2,7 @@
 
     def my_reward(images: list[PIL.Image], prompts: list[str], **columns) -> list[float | None]
 
-Registered in `raftlib.rewards.REGISTRY` (config `reward.fn`) when this module is imported, which a
-diffusion run does:
+Named in `raftlib.rewards.BUILT_INS` (config `reward.fn`), imported when a config first names one:
 
 - `clip_score`: 100 * max(cos(image, prompt), 0) under a local (or hub) CLIPModel, as torchmetrics' CLIPScore;
 - `aesthetic`: the LAION aesthetic predictor, a linear or MLP head on normalised CLIP ViT-L/14 image
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from raftlib.diffusion.fetch_laion import FETCH_COMMAND, PUBLISHED_HEADS, sha256_of
-from raftlib.rewards import RewardError, import_object, register
+from raftlib.rewards import RewardError, import_object
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,9 +80,9 @@ class _ClipBacked:
     def setup(self) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from raftlib.models import _check_local
+        from raftlib.hub import check_local
 
-        _check_local(self.clip, "CLIP model")
+        check_local(self.clip, "CLIP model")
         model = CLIPModel.from_pretrained(self.clip, use_safetensors=True, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(self.clip)
@@ -124,7 +123,6 @@ class ClipScore(_ClipBacked):
             return (100.0 * cosine.clamp(min=0)).cpu().tolist()
 
 
-@register("clip_score")
 def clip_score(clip: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto") -> ClipScore:
     """args: {clip: local CLIP dir or hub id (paper: openai/clip-vit-large-patch14), batch_size, device, dtype}."""
     return ClipScore(clip, batch_size, device, dtype)
@@ -219,7 +217,6 @@ class Aesthetic(_ClipBacked):
             return self.head(self.image_embeddings(images)).squeeze(-1).cpu().tolist()
 
 
-@register("aesthetic")
 def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto",
               sha256: str | None = None) -> Aesthetic:  # fmt: skip
     """args: {clip: CLIP ViT-L/14 dir or hub id, head: the predictor's .safetensors/.pth, batch_size, device,
@@ -227,7 +224,6 @@ def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = N
     return Aesthetic(clip, head, batch_size, device, dtype, sha256)
 
 
-@register("jpeg_compressibility")
 def jpeg_compressibility(quality: int = 95) -> Callable[..., list[float | None]]:
     """-(JPEG size in kB) at `quality`: simpler, smoother images score higher (DDPO's compressibility)."""
 
@@ -260,9 +256,9 @@ class ClassifierProbability:
             return
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from raftlib.models import _check_local
+        from raftlib.hub import check_local
 
-        _check_local(self.path, "image classifier")
+        check_local(self.path, "image classifier")
         model = AutoModelForImageClassification.from_pretrained(self.path, use_safetensors=True).to(self.device).eval()
         processor = AutoImageProcessor.from_pretrained(self.path)
 
@@ -296,7 +292,6 @@ class ClassifierProbability:
         return rewards
 
 
-@register("classifier_probability")
 def classifier_probability(
     path: str | None = None,
     classifier: str | None = None,

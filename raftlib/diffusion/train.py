@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raftlib.config import LoraSection, TrainingSection
 from raftlib.diffusion.config import PipelineSection
 from raftlib.diffusion.pipelines import DEFAULT_LORA_TARGETS, ImageSample, LoadedPipeline, load_pipeline, to_tensor
 from raftlib.finetune import train_stage
+from raftlib.sections import LoraSection, TrainingSection
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 """diffusers' LoRA file name (`load_lora_weights` finds it)."""

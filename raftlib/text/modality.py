@@ -1,12 +1,15 @@
-"""The language-model side of the loop: what `loop.py` calls to generate, rank, fine-tune and evaluate text.
+"""The language-model modality: what `raftlib.loop` calls to generate, rank, fine-tune and evaluate text.
 
-The loop itself (stages, persistence, resume) is modality-free; `raftlib.diffusion.modality` is the
-image counterpart of this module.
+It implements `raftlib.modality.Modality`; `raftlib.diffusion.modality.ImageModality` is its image peer.
+Generation runs one of three decoders (eager, static, vLLM) batch by batch through `raftlib.batches`; an
+iteration's candidate pool also takes `selection.external_samples` (a teacher's completions, say), added to
+the batch of their prompt so they are saved and resumed with it.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +18,14 @@ from typing import Any
 import numpy as np
 
 from raftlib import metrics as M
-from raftlib.config import RAFTConfig
-from raftlib.finetune import completion_logprobs, finetune, reference_perplexity
-from raftlib.generate import encode_prompts, eos_token_ids, generate_samples
-from raftlib.models import is_peft_model, load_base_model, load_policy, load_tokenizer, save_model
+from raftlib.batches import Batches, flatten, run_batches
+from raftlib.data import load_external_samples
 from raftlib.records import Prompt, Sample
+from raftlib.text.config import RAFTConfig
+from raftlib.text.finetune import completion_logprobs, finetune, reference_perplexity
+from raftlib.text.generate import batch_drawer
+from raftlib.text.models import is_peft_model, load_base_model, load_policy, load_tokenizer, save_model
+from raftlib.text.prompts import encode_prompts, eos_token_ids
 
 
 @contextmanager
@@ -46,9 +52,9 @@ class TextModality:
 
     record = Sample
 
-    def __init__(self, config: RAFTConfig, device) -> None:
-        from raftlib.data import load_external_samples
+    has_likelihood = True
 
+    def __init__(self, config: RAFTConfig, device) -> None:
         self.config = config
         self.device = device
         self.tokenizer = load_tokenizer(config.model)
@@ -71,28 +77,45 @@ class TextModality:
 
     # -- generation and scoring -------------------------------------------------------------------
 
-    def generate(self, policy, prompts, *, stream, samples_per_prompt=None, completed=None, on_batch=None,
-                 progress=True, description="generate", batch_indices=None) -> list[Sample]:  # fmt: skip
-        settings = self.config.generation
-        if settings.backend == "vllm":
-            from raftlib.vllm_backend import generate_with_vllm
-
-            return generate_with_vllm(
-                self._vllm_engine(policy), self.tokenizer, prompts, settings, seed=self.config.seed, stream=stream,
-                samples_per_prompt=samples_per_prompt, max_prompt_tokens=self.config.data.max_prompt_tokens,
-                completed=completed, on_batch=on_batch, batch_indices=batch_indices,
-                eos_ids=eos_token_ids(policy, self.tokenizer),
-            )  # fmt: skip
-        return generate_samples(
-            policy, self.tokenizer, prompts, settings,
+    def generate(
+        self, policy, prompts: Sequence[Prompt], *, stream: int, samples_per_prompt: int | None = None,
+        candidates: bool = False, batches: Batches | None = None,
+    ) -> list[Sample]:  # fmt: skip
+        """K samples per prompt from the configured decoder; with `candidates`, plus the external ones."""
+        settings, data = self.config.generation, self.config.data
+        options = dict(
             seed=self.config.seed, stream=stream, samples_per_prompt=samples_per_prompt,
-            max_prompt_tokens=self.config.data.max_prompt_tokens, completed=completed, on_batch=on_batch,
-            progress=progress, description=description, decoder=self._static_decoder(policy),
-            batch_indices=batch_indices,
+            max_prompt_tokens=data.max_prompt_tokens,
         )  # fmt: skip
+        if settings.backend == "vllm":
+            from raftlib.text.vllm_backend import vllm_batch_drawer
+
+            draw = vllm_batch_drawer(
+                self._vllm_engine(policy), self.tokenizer, settings, eos_ids=eos_token_ids(policy, self.tokenizer),
+                **options,
+            )  # fmt: skip
+        else:
+            draw = batch_drawer(policy, self.tokenizer, settings, decoder=self._static_decoder(policy), **options)
+        if candidates and self.external:
+            draw = self._with_external(draw, policy, prompts)
+        return flatten(run_batches(prompts, settings.prompts_per_batch, draw, batches, unit="prompt"))
+
+    def _with_external(self, draw, policy, prompts: Sequence[Prompt]):
+        """`draw`, with each prompt's external candidates added to the batch of its first appearance."""
+        size = self.config.generation.prompts_per_batch
+        first_batch: dict[int, int] = {}
+        for position, prompt in enumerate(prompts):
+            first_batch.setdefault(prompt.prompt_id, position // size)
+
+        def draw_with_external(index: int, batch: Sequence[Prompt]) -> list[Sample]:
+            owned = [p for p in batch if first_batch[p.prompt_id] == index and p.prompt_id in self.external]
+            owned = list({p.prompt_id: p for p in owned}.values())  # each prompt once
+            return draw(index, batch) + self.external_candidates(policy, owned)
+
+        return draw_with_external
 
     def _static_decoder(self, policy):
-        from raftlib.fastgen import StaticDecoder
+        from raftlib.text.fastgen import StaticDecoder
 
         settings = self.config.generation
         if settings.backend != "static":
@@ -105,7 +128,7 @@ class TextModality:
 
     def _vllm_engine(self, policy):
         """A vLLM engine holding the current policy's weights (rebuilt when the policy changed)."""
-        from raftlib.vllm_backend import VLLMEngine
+        from raftlib.text.vllm_backend import VLLMEngine
 
         if self._engine is None:
             self._engine = VLLMEngine.for_policy(policy, self.tokenizer, self.config)
@@ -118,21 +141,21 @@ class TextModality:
 
     @staticmethod
     def generated_units(samples: list[Sample]) -> int:
-        return sum(s.completion_token_count for s in samples)
+        """Completion tokens the decoder drew (external candidates were not drawn)."""
+        return sum(s.completion_token_count for s in samples if s.source != "external")
 
-    def extra_candidates(self, policy, prompts: list[Prompt]) -> list[Sample]:
-        """Candidates from a file (a teacher's, say) for this iteration's prompts, with their policy logprob."""
-        if not self.external:
+    def external_candidates(self, policy, prompts: Sequence[Prompt]) -> list[Sample]:
+        """The external completions of these prompts (sample_index K, K+1, ...), with their policy logprob."""
+        if not prompts:
             return []
         tokenizer, config = self.tokenizer, self.config
         k = config.generation.samples_per_prompt
-        chosen = list({p.prompt_id: p for p in prompts if p.prompt_id in self.external}.values())  # each once
         prompt_ids = encode_prompts(
-            tokenizer, chosen, chat_template=config.generation.chat_template,
+            tokenizer, prompts, chat_template=config.generation.chat_template,
             max_prompt_tokens=config.data.max_prompt_tokens,
         )  # fmt: skip
         samples = []
-        for prompt, ids in zip(chosen, prompt_ids, strict=True):
+        for prompt, ids in zip(prompts, prompt_ids, strict=True):
             for j, text in enumerate(self.external[prompt.prompt_id]):
                 completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 samples.append(

@@ -1,6 +1,6 @@
 """The `static` generation backend: a static KV cache, one prefill per prompt, a compiled decode step.
 
-`raftlib.generate` decodes with transformers' dynamic cache, which grows by one column per step and
+`raftlib.text.generate` decodes with transformers' dynamic cache, which grows by one column per step and
 so cannot be captured as a CUDA graph. Here the cache is a `transformers.StaticCache` allocated once
 for the batch's P*K rows and the longest completion; each prompt is prefilled once (eagerly) and its
 keys and values are copied K times into it; the decode step (model forward + sampling) has fixed
@@ -17,12 +17,12 @@ regenerated after a crash is identical, as with the eager backend. The two backe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
-from raftlib.config import GenerationSection
-from raftlib.generate import GenerationError, _cache_argument, _returned_cache, filter_logits
+from raftlib.text.config import GenerationSection
+from raftlib.text.prompts import GenerationError
+from raftlib.text.sampling import cache_argument, filter_logits, returned_cache
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def decision_scores(
     """(R, V) logits -> (R, V) scores whose argmax is the drawn token.
 
     Greedy (temperature 0): the logits. Otherwise logits / T, masked by top-k and top-p as in
-    `raftlib.generate.filter_logits`, plus Gumbel noise: argmax of that draws from softmax(logits / T)
+    `raftlib.text.sampling.filter_logits`, plus Gumbel noise: argmax of that draws from softmax(logits / T)
     (the Gumbel-max trick). Split from `gumbel_sample` so that a caller can see how close a draw was
     (the gap between the top two scores), e.g. to tell a rounding flip from a real difference.
     """
@@ -133,7 +133,7 @@ class StaticDecoder:
 
     def _decode_step(self, cache):
         """model forward on one token per row + sampling: fixed shapes, so it compiles to one graph."""
-        model, cache_kwarg = self.model, _cache_argument(self.model)
+        model, cache_kwarg = self.model, cache_argument(self.model)
 
         def step(token, position, attention, row_seeds, step_index, temperature: float, top_k: int, top_p: float):
             out = model(
@@ -163,7 +163,7 @@ class StaticDecoder:
         """Left-padded (P, L) prompts -> sampled tokens and their log-probabilities, (P*K, T) each, on the CPU.
 
         Rows are grouped by prompt (K consecutive rows per prompt). Decoding runs until every row has an
-        EOS (checked every 8 steps) or `max_new_tokens`; tokens after a row's end are cut by the caller.
+        EOS (checked every 8 steps) or `max_new_tokens`; where each row ends is decided by the caller (`raftlib.text.sampling.finish_rows`).
         """
         model, k = self.model, samples_per_prompt
         device = input_ids.device
@@ -172,7 +172,7 @@ class StaticDecoder:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (P, L)
 
         prefill = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        prefill_cache = _returned_cache(prefill)
+        prefill_cache = returned_cache(prefill)
         cache = self._static_cache(prefill_cache, rows, max_len)
         for static_layer, prefill_layer in zip(cache.layers, prefill_cache.layers, strict=True):
             static_layer.keys[:, :, :width].copy_(prefill_layer.keys.repeat_interleave(k, dim=0))
@@ -210,37 +210,3 @@ class StaticDecoder:
             logprobs.append(logprob)
             finished |= torch.isin(token, eos)
         return torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu()
-
-
-def finish_rows(
-    token_matrix: torch.Tensor, eos_ids: set[int], stop_strings: Sequence[str], tokenizer
-) -> tuple[list[str], list[int | None]]:
-    """Where each row ends: its first EOS, or the first step whose recent text holds a stop string.
-
-    Returns (finish reason, index of the last kept token or None for "length") per row, with the same
-    rules as the eager decode loop (`raftlib.generate.generate_batch`).
-    """
-    reasons, stop_at = [], []
-    window = max((len(s) for s in stop_strings), default=0) + 8
-    eos = torch.tensor(sorted(eos_ids))
-    for row in token_matrix:
-        is_eos = torch.isin(row, eos).nonzero().flatten()
-        first_eos = int(is_eos[0]) if len(is_eos) else None
-        first_stop = None
-        if stop_strings:
-            ids = row.tolist()
-            for step in range(len(ids) if first_eos is None else first_eos):
-                tail = tokenizer.decode(ids[max(0, step + 1 - window) : step + 1], skip_special_tokens=True)
-                if any(stop in tail for stop in stop_strings):
-                    first_stop = step
-                    break
-        if first_stop is not None:
-            reasons.append("stop")
-            stop_at.append(first_stop)
-        elif first_eos is not None:
-            reasons.append("eos")
-            stop_at.append(first_eos)
-        else:
-            reasons.append("length")
-            stop_at.append(None)
-    return reasons, stop_at

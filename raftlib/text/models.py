@@ -7,22 +7,12 @@ from pathlib import Path
 
 import torch
 
-from raftlib.config import ModelSection
+from raftlib.hub import ModelLoadError, check_local
+from raftlib.text.config import ModelSection
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer dir is missing or unusable; the message names it."""
-
-
-def _check_local(path: str, what: str, error: type[Exception] = ModelLoadError) -> None:
-    # A path that looks local but is absent would otherwise be sent to the hub as a repo id.
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise error(f"{what} {path!r}: no such directory")
 
 
 def load_tokenizer(section: ModelSection, path: str | None = None):
@@ -35,7 +25,7 @@ def load_tokenizer(section: ModelSection, path: str | None = None):
     from transformers import AutoTokenizer
 
     source = path or section.path
-    _check_local(source, "model.path")
+    check_local(source, "model.path")
     tokenizer = AutoTokenizer.from_pretrained(
         source, trust_remote_code=section.trust_remote_code, revision=section.revision
     )
@@ -50,7 +40,7 @@ def load_base_model(section: ModelSection, device: torch.device | str = "cpu"):
     """The initial policy pi_0 exactly as `model.path` holds it (also the KL reference)."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(section.path, "model.path")
+    check_local(section.path, "model.path")
     model = AutoModelForCausalLM.from_pretrained(
         section.path,
         dtype=_DTYPES[section.dtype],

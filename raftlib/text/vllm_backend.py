@@ -26,9 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from raftlib.config import GenerationSection
-from raftlib.generate import encode_prompts, stream_seed
+from raftlib.batches import Batches, flatten, run_batches
 from raftlib.records import Prompt, Sample
+from raftlib.text.config import GenerationSection
+from raftlib.text.prompts import encode_prompts
+from raftlib.text.sampling import stream_seed
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class VLLMEngine:
                 "generation.backend = 'vllm' needs vLLM (pip install vllm; CUDA GPUs only). "
                 "Use backend 'static' for the built-in fast path."
             ) from error
-        from raftlib.models import is_peft_model
+        from raftlib.text.models import is_peft_model
 
         workdir = Path(tempfile.mkdtemp(prefix="raftlib-vllm-"))
         options = {"seed": config.seed, "logprobs_mode": "raw_logprobs"} | dict(config.generation.vllm_options)
@@ -131,6 +133,42 @@ def samples_from_output(prompt: Prompt, prompt_ids: list[int], output, eos_ids: 
     return samples
 
 
+def vllm_batch_drawer(
+    engine: VLLMEngine,
+    tokenizer,
+    settings: GenerationSection,
+    *,
+    seed: int,
+    stream: int = 0,
+    samples_per_prompt: int | None = None,
+    max_prompt_tokens: int | None = None,
+    eos_ids: set[int] | None = None,
+) -> Callable[[int, Sequence[Prompt]], list[Sample]]:
+    """`draw(index, prompts)` for `raftlib.batches.run_batches` on a vLLM engine; request seeds depend on
+    (seed, stream, batch, position), so a batch drawn again is the same."""
+    k = samples_per_prompt or settings.samples_per_prompt
+    if eos_ids is None:
+        eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+    def draw(index: int, batch: Sequence[Prompt]) -> list[Sample]:
+        ids = encode_prompts(
+            tokenizer, batch, chat_template=settings.chat_template, max_prompt_tokens=max_prompt_tokens
+        )
+        requests = [{"prompt_token_ids": prompt_ids} for prompt_ids in ids]
+        params = [
+            sampling_params_for(engine, settings, k, request_seed(seed, stream, index, position))
+            for position in range(len(batch))
+        ]
+        outputs = engine.llm.generate(requests, params, lora_request=engine.lora_request, use_tqdm=False)
+        return [
+            sample
+            for prompt, prompt_ids, output in zip(batch, ids, outputs, strict=True)
+            for sample in samples_from_output(prompt, prompt_ids, output, eos_ids)
+        ]
+
+    return draw
+
+
 def generate_with_vllm(
     engine: VLLMEngine,
     tokenizer,
@@ -141,41 +179,12 @@ def generate_with_vllm(
     stream: int = 0,
     samples_per_prompt: int | None = None,
     max_prompt_tokens: int | None = None,
-    completed: dict[int, list[Sample]] | None = None,
-    on_batch=None,
-    batch_indices: Sequence[int] | None = None,
     eos_ids: set[int] | None = None,
+    batches: Batches[list[Sample]] | None = None,
 ) -> list[Sample]:
-    """`raftlib.generate.generate_samples` on a vLLM engine: same batches, same persistence and resume."""
-    k = samples_per_prompt or settings.samples_per_prompt
-    completed = completed or {}
-    size = settings.prompts_per_batch
-    batches = [prompts[start : start + size] for start in range(0, len(prompts), size)]
-    wanted = set(range(len(batches)) if batch_indices is None else batch_indices)
-    if eos_ids is None:
-        eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    results: list[Sample] = []
-    for index, batch in enumerate(batches):
-        if index not in wanted:
-            continue
-        if index in completed:
-            results.extend(completed[index])
-            continue
-        ids = encode_prompts(
-            tokenizer, batch, chat_template=settings.chat_template, max_prompt_tokens=max_prompt_tokens
-        )
-        requests = [{"prompt_token_ids": prompt_ids} for prompt_ids in ids]
-        params = [
-            sampling_params_for(engine, settings, k, request_seed(seed, stream, index, position))
-            for position in range(len(batch))
-        ]
-        outputs = engine.llm.generate(requests, params, lora_request=engine.lora_request, use_tqdm=False)
-        samples = [
-            sample
-            for prompt, prompt_ids, output in zip(batch, ids, outputs, strict=True)
-            for sample in samples_from_output(prompt, prompt_ids, output, eos_ids)
-        ]
-        if on_batch is not None:
-            on_batch(index, samples)
-        results.extend(samples)
-    return results
+    """`raftlib.text.generate.generate_samples` on a vLLM engine: same batches, same persistence and resume."""
+    draw = vllm_batch_drawer(
+        engine, tokenizer, settings, seed=seed, stream=stream, samples_per_prompt=samples_per_prompt,
+        max_prompt_tokens=max_prompt_tokens, eos_ids=eos_ids,
+    )  # fmt: skip
+    return flatten(run_batches(prompts, settings.prompts_per_batch, draw, batches, unit="prompt"))

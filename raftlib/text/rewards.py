@@ -1,0 +1,205 @@
+"""The built-in text rewards: length, exact answer (a verifier) and a Hugging Face reward model.
+
+Each is a factory named in `raftlib.rewards.BUILT_INS` (config `reward.fn: length`, ...) and returns a callable
+with the reward contract `(prompts, completions, **columns) -> list[float | None]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from raftlib.rewards import RewardError, RewardFn
+
+logger = logging.getLogger(__name__)
+
+
+def length_reward(unit: str = "words", target: int | None = None) -> RewardFn:
+    """Completion length in words or characters; with `target`, minus the distance to it."""
+    if unit not in ("words", "chars"):
+        raise RewardError(f"length reward: unit must be 'words' or 'chars', got {unit!r}")
+
+    def length(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        sizes = [len(c.split()) if unit == "words" else len(c) for c in completions]
+        if target is None:
+            return [float(s) for s in sizes]
+        return [-float(abs(s - target)) for s in sizes]
+
+    return length
+
+
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_LINE = re.compile(r"(?:answer is|answer:|####)\s*([^\n]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a math-style completion: \\boxed{..}, else 'answer is ..'/'####', else None.
+
+    No fallback to 'the last number in the text': a completion that never states an answer must
+    not be credited for a number it happened to mention.
+    """
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return boxed[-1].strip()
+    lines = _ANSWER_LINE.findall(text)
+    if lines:
+        return lines[-1].strip().rstrip(".")
+    return None
+
+
+def normalize_answer(answer: str) -> str:
+    """Canonical form for comparison: strip $, spaces, thousands commas; numbers as numbers."""
+    text = answer.strip().strip("$").replace(" ", "").rstrip(".")
+    match = _NUMBER.fullmatch(text)
+    if match:
+        text = text.replace(",", "")
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            if float(denominator) != 0:
+                return repr(float(numerator) / float(denominator))
+        return repr(float(text))
+    return text.lower()
+
+
+def exact_answer_reward(answer_column: str = "answer") -> RewardFn:
+    """1.0 if the completion's final answer equals the `answer_column` value, 0.0 if it differs,
+    None if no answer could be parsed (a parse failure is never a reward of 1)."""
+
+    def exact_answer(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        if answer_column not in columns:
+            raise RewardError(
+                f"exact_answer reward: the data has no column {answer_column!r} "
+                f"(columns: {', '.join(sorted(columns)) or 'none'}); set reward.args.answer_column"
+            )
+        rewards: list[float | None] = []
+        for completion, expected in zip(completions, columns[answer_column], strict=True):
+            parsed = extract_answer(completion)
+            if parsed is None:
+                rewards.append(None)
+            else:
+                rewards.append(1.0 if normalize_answer(parsed) == normalize_answer(str(expected)) else 0.0)
+        return rewards
+
+    return exact_answer
+
+
+class RewardModelScorer:
+    """A Hugging Face sequence-classification reward model (one logit = the reward).
+
+    Loaded in `setup()` and freed in `teardown()`. When its tokenizer has a chat template the
+    (prompt, completion) pair is formatted as a user/assistant conversation, as such RMs were trained.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        self.path = path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.use_chat_template = use_chat_template
+        self.model = None
+        self.tokenizer = None
+
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from raftlib.hub import ModelLoadError, check_local
+
+        check_local(self.path, "reward model")
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=self.trust_remote_code,
+                output_loading_info=True,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"reward model {self.path!r} could not be loaded as a sequence classifier: {exc}"
+            ) from exc
+        if info.get("missing_keys"):
+            # A causal LM dir loads "fine" with a freshly initialised, untrained score head: refuse it.
+            missing = ", ".join(sorted(info["missing_keys"]))
+            raise ModelLoadError(
+                f"reward model {self.path!r} lacks trained weights for {missing}; "
+                "is it a causal LM or base model rather than a sequence-classification reward model?"
+            )
+        self.model = model.to(device)
+        if self.model.config.num_labels != 1:
+            raise ModelLoadError(
+                f"reward model {self.path!r} has {self.model.config.num_labels} labels; a reward model has exactly 1"
+            )
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval()
+
+    def teardown(self) -> None:
+        import gc
+
+        import torch
+
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _texts(self, prompts: list[str], completions: list[str]) -> list[str]:
+        templated = self.use_chat_template
+        if templated is None:
+            templated = bool(getattr(self.tokenizer, "chat_template", None))
+        if not templated:
+            return [p + c for p, c in zip(prompts, completions, strict=True)]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+            )
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        import torch
+
+        loaded_here = self.model is None
+        if loaded_here:
+            self.setup()
+        try:
+            texts = self._texts(prompts, completions)
+            scores: list[float | None] = []
+            device = next(self.model.parameters()).device
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                ).to(device)
+                with torch.no_grad():
+                    logits = self.model(**batch).logits[:, 0].float()  # (B,)
+                scores.extend(float(v) for v in logits.cpu())
+            return scores
+        finally:
+            if loaded_here:
+                self.teardown()
+
+
+def reward_model(path: str, **kwargs: Any) -> RewardFn:
+    """Built-in `reward_model`: args {path, batch_size, max_length, device, dtype, trust_remote_code}."""
+    return RewardModelScorer(path, **kwargs)
