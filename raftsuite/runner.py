@@ -162,7 +162,8 @@ def run_notebook(
         "show_progress": False,
     }
     # Before the run: the dirty flag describes the code that runs, not the results it is about to write.
-    header = run_header.collect(ROOT, profile, values)
+    # Every parameter the notebook runs with: its defaults, then the profile's and the command line's values.
+    header = run_header.collect(ROOT, profile, notebook_parameters(name) | values)
     executed = out_dir / f"{name}.ipynb"
     # The kernel is "python3" of the interpreter running this: put it first on PATH so a kernelspec
     # that says plain `python` finds this environment, not the system's.
