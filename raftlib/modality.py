@@ -21,15 +21,6 @@ if TYPE_CHECKING:
     from raftlib.records import Prompt
 
 
-class SampleRecord(Protocol):
-    """A sample as the run store keeps it: one Parquet row (text: `records.Sample`; images: `ImageSample`)."""
-
-    prompt_id: int
-    sample_index: int
-
-    def to_row(self) -> dict[str, Any]: ...
-
-
 class Modality(Protocol):
     """A kind of model RAFT can align, as the loop sees it. `policy` is whatever `load_policy` returns."""
 

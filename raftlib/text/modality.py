@@ -21,6 +21,7 @@ from raftlib import metrics as M
 from raftlib.batches import Batches, flatten, run_batches
 from raftlib.data import load_external_samples
 from raftlib.records import Prompt, Sample
+from raftlib.scoring import text_inputs
 from raftlib.text.config import RAFTConfig
 from raftlib.text.finetune import completion_logprobs, finetune, reference_perplexity
 from raftlib.text.generate import batch_drawer
@@ -134,10 +135,8 @@ class TextModality:
             self._engine = VLLMEngine.for_policy(policy, self.tokenizer, self.config)
         return self._engine
 
-    @staticmethod
-    def reward_inputs(samples: list[Sample]) -> tuple[list[str], list[str]]:
-        """The reward callable's positional arguments: (prompts, completions)."""
-        return [s.prompt for s in samples], [s.completion for s in samples]
+    reward_inputs = staticmethod(text_inputs)
+    """The reward callable's positional arguments: (prompts, completions)."""
 
     @staticmethod
     def generated_units(samples: list[Sample]) -> int:
