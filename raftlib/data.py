@@ -28,6 +28,8 @@ class DataError(ValueError):
 class PromptSplits:
     train: list[Prompt]
     eval: list[Prompt]
+    dropped: int = 0
+    """Prompts left out when the data was prepared (too long for the model's context; see the log)."""
 
 
 def read_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], str]:

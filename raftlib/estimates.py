@@ -41,6 +41,11 @@ DISK_BYTES_PER_S = 1.0e9
 PROMPT_TOKENS_DEFAULT = 256
 """Prompt length when data.max_prompt_tokens is unset (the paper cut HH-RLHF prompts to 256)."""
 
+VLLM_KV_MARGIN = 1.25
+"""The KV pool raftlib gives a vLLM engine: every row of one batch at its longest, times this (block rounding)."""
+VLLM_KV_FLOOR_BYTES = 64 * 1024**2
+"""...and never less than 64 MiB (vLLM's scheduler needs room for at least one row at max_model_len)."""
+
 ASSUMPTIONS = (
     f"runtime overhead {RUNTIME_OVERHEAD_BYTES / GiB:.1f} GiB per process; fits = estimate <= "
     f"{USABLE_FRACTION:.0%} of GPU memory",
@@ -201,6 +206,22 @@ def model_shape(raw: dict[str, Any], source: str, *, head: Literal["lm", "score"
         gated_mlp=hasattr(model.get_submodule(_first_layer_mlp(model)), "gate_proj"),
         lora_params_per_rank=_lora_params_per_rank(model, config.model_type),
     )  # fmt: skip
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Keys and values of one token over every layer: 2 x layers x kv heads x head dim x bytes (a transformers
+    config object: `model.config`)."""
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    heads = _first(config, "num_attention_heads", "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return 2 * _first(config, "num_hidden_layers", "n_layer") * kv_heads * head_dim * dtype_bytes
+
+
+def vllm_kv_cache_bytes(rows: int, tokens_per_row: int, per_token: int) -> int:
+    """The KV pool (`kv_cache_memory_bytes`) raftlib gives a vLLM engine, instead of vLLM's default share of the
+    whole device: one batch's rows at their longest (`VLLM_KV_MARGIN`, `VLLM_KV_FLOOR_BYTES`)."""
+    return max(VLLM_KV_FLOOR_BYTES, int(rows * tokens_per_row * per_token * VLLM_KV_MARGIN))
 
 
 def _first(config, *names: str) -> int:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from raftlib.batches import Batches
+    from raftlib.data import PromptSplits
     from raftlib.finetune import FinetuneStats
     from raftlib.records import Prompt
 
@@ -27,7 +28,10 @@ class Modality(Protocol):
     record: Any
     """The sample type: `record.from_row(row)` rebuilds a sample from its run-store row (resume)."""
 
-    # -- the policy ---------------------------------------------------------------------------------------------
+    # -- the data and the policy ------------------------------------------------------------------------------
+
+    def prepare(self, splits: PromptSplits) -> PromptSplits:
+        """The run's prompts, ready to generate from (text: encoded once; those too long for the model dropped)."""
 
     def load_policy(self, checkpoint: Path | None) -> Any:
         """The base model (checkpoint None) or an iteration's checkpoint directory, ready to generate."""
@@ -42,6 +46,13 @@ class Modality(Protocol):
         self, policy: Any, kept: list, *, iteration: int, accelerator, progress: bool
     ) -> tuple[Any, FinetuneStats]:
         """Fine-tune on the kept samples (a fresh optimizer per iteration); the trained policy and its stats."""
+
+    def refresh(self, policy: Any, saved: Path | None) -> None:
+        """`policy` generates from now on; `saved` is the checkpoint it was just written to (an engine that holds
+        its own copy of the weights reloads them)."""
+
+    def close(self) -> None:
+        """Free what generation holds (an inference engine) at the end of the run."""
 
     # -- sampling -----------------------------------------------------------------------------------------------
 
@@ -61,6 +72,10 @@ class Modality(Protocol):
         `candidates`: this is an iteration's candidate pool, to which a modality may add candidates it did not
         draw (text: `selection.external_samples`, e.g. a teacher's), inside the batch of their prompt.
         """
+
+    def check_generation(self, policy: Any, samples: Sequence) -> dict[str, Any]:
+        """Checks of newly drawn samples against the policy (text: decoder vs policy log-probabilities), as
+        metrics; raises when a check fails."""
 
     def reward_inputs(self, samples: Sequence) -> tuple[list, ...]:
         """The reward callable's positional arguments for these samples (text: prompts and completions)."""
@@ -88,6 +103,12 @@ class Modality(Protocol):
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The held-out evaluation's own measures (text: KL to pi_0, reference perplexity) and extra
         per-sample columns for eval_samples.parquet (one dict per sample; empty dicts when none)."""
+
+
+def device_of(policy) -> Any:
+    """Where a policy's weights are (a model's first parameter; a diffusion pipeline's UNet's)."""
+    module = getattr(policy, "unet", policy)
+    return next(module.parameters()).device
 
 
 def modality_for(config, device) -> Modality:

@@ -45,6 +45,9 @@ class Sample:
     entropy: float | None = None
     """Sum over the completion of the entropy (nats) of the model's own next-token distribution (temperature 1)
     at each sampled position; None where the backend does not record it (static, vLLM, external)."""
+    token_logprobs: list[float] | None = None
+    """log pi(token) of each completion token as the decoder computed it (temperature 1; they sum to `logprob`);
+    the check against the trainer's own log-probabilities reads them. None for external candidates."""
 
     @property
     def completion_token_count(self) -> int:
@@ -69,6 +72,7 @@ class Sample:
             finish_reason=row["finish_reason"],
             source=row.get("source", "policy"),
             entropy=None if row.get("entropy") is None else float(row["entropy"]),
+            token_logprobs=None if row.get("token_logprobs") is None else [float(v) for v in row["token_logprobs"]],
         )
 
 

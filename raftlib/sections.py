@@ -176,9 +176,11 @@ class TrainingSection:
     recomputed in the backward pass, so a large vocabulary's logits never sit in memory at once; 0 = off."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
-    loss: Literal["sft", "raftpp"] = "sft"
-    """sft: cross-entropy on the kept set (RAFT); raftpp: RAFT++'s per-token ratio to the sampling policy,
-    PPO-clipped (`raftlib.losses`; the sampling policy's log-probabilities are computed once per stage)."""
+    loss: str = "sft"
+    """A name in `raftlib.text.losses.LOSSES` or a `module:name` factory you wrote. sft: cross-entropy on the kept
+    set (RAFT); raftpp: RAFT++'s per-token ratio to the sampling policy, PPO-clipped (its log-probabilities taken
+    once per stage). Every loss is summed over completion tokens and each optimizer step divided by its token
+    count (`raftlib.finetune`)."""
     clip_range: float = 0.2
     """raftpp: clip the ratio below at 1 - clip_range (and above at 1 + clip_range unless clip_range_high)."""
     clip_range_high: float | None = None
@@ -188,14 +190,7 @@ class TrainingSection:
         require(self.clip_range >= 0.0, f"{key}.clip_range", self.clip_range, "must be >= 0")
         if self.clip_range_high is not None:
             require(self.clip_range_high >= 0.0, f"{key}.clip_range_high", self.clip_range_high, "must be >= 0")
-        if self.loss == "raftpp":
-            require(not self.packing, f"{key}.packing", self.packing, "is not supported with loss raftpp")
-            require(
-                self.loss_chunk_tokens == 0,
-                f"{key}.loss_chunk_tokens",
-                self.loss_chunk_tokens,
-                "is not supported with loss raftpp (set 0)",
-            )
+        require(bool(self.loss), f"{key}.loss", self.loss, "is empty (a built-in loss name or module:name)")
         require(self.loss_chunk_tokens >= 0, f"{key}.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
         require(self.learning_rate > 0.0, f"{key}.learning_rate", self.learning_rate, "must be > 0")
         require(self.epochs >= 1, f"{key}.epochs", self.epochs, "must be >= 1")

@@ -38,7 +38,7 @@ def process_state(timeout_minutes: float | None = None):
 
 
 def build_accelerator(section: TrainingSection, *, timeout_minutes: float | None = None, **kwargs):
-    """An Accelerator for fine-tuning as `section` says (precision, accumulation), sharded if the launcher asked.
+    """An Accelerator for fine-tuning as `section` says (precision), sharded if the launcher asked.
 
     Extra keyword arguments (log_with, project_dir) go to Accelerator. An accelerate state left in this
     process by an earlier stage with another precision is replaced: accelerate keeps one process-wide state
@@ -54,7 +54,9 @@ def build_accelerator(section: TrainingSection, *, timeout_minutes: float | None
     process_state(timeout_minutes)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))] if timeout_minutes else []
     accelerator = Accelerator(
-        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        # raftlib accumulates itself (raftlib.finetune: each step normalised by its tokens); accelerate's own
+        # accumulation would divide every micro-batch's loss by the step count on top
+        gradient_accumulation_steps=1,
         mixed_precision=section.mixed_precision,
         kwargs_handlers=handlers,
         **kwargs,
@@ -99,10 +101,11 @@ def stage_accelerator(section: TrainingSection, accelerator=None):
             f"training.mixed_precision = {section.mixed_precision!r}, but the accelerator passed to the fine-tune "
             f"runs {accelerator.mixed_precision!r}: build it with raftlib.sharding.build_accelerator(section)"
         )
-    if accelerator.gradient_accumulation_steps != section.gradient_accumulation_steps:
+    if accelerator.gradient_accumulation_steps != 1:
         raise ConfigError(
-            f"training.gradient_accumulation_steps = {section.gradient_accumulation_steps}, but the accelerator "
-            f"passed to the fine-tune accumulates {accelerator.gradient_accumulation_steps}"
+            f"the accelerator passed to the fine-tune accumulates {accelerator.gradient_accumulation_steps} "
+            "micro-batches itself; raftlib accumulates (training.gradient_accumulation_steps): build it with "
+            "raftlib.sharding.build_accelerator(section)"
         )
     check_supported(accelerator)
     return accelerator

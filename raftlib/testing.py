@@ -54,7 +54,10 @@ def build_tokenizer(directory: Path, *, vocab_size: int = 320, chat_template: bo
     return fast
 
 
-def build_gpt2(directory: Path, *, seed: int = 0, chat_template: bool = False, pad_token: bool = False) -> Path:
+def build_gpt2(
+    directory: Path, *, seed: int = 0, chat_template: bool = False, pad_token: bool = False, heads: int = 2
+) -> Path:
+    """A random GPT-2 of width 48. vLLM's CPU attention serves head sizes 32, 48, 64..., not 24: `heads=1`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -65,7 +68,7 @@ def build_gpt2(directory: Path, *, seed: int = 0, chat_template: bool = False, p
         n_positions=128,
         n_embd=48,
         n_layer=2,
-        n_head=2,
+        n_head=heads,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -76,7 +79,8 @@ def build_gpt2(directory: Path, *, seed: int = 0, chat_template: bool = False, p
     return directory
 
 
-def build_llama(directory: Path, *, seed: int = 0, chat_template: bool = True) -> Path:
+def build_llama(directory: Path, *, seed: int = 0, chat_template: bool = True, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A random Llama of width 48 (grouped-query attention by default; `heads=1, kv_heads=1` for vLLM's CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,8 +91,8 @@ def build_llama(directory: Path, *, seed: int = 0, chat_template: bool = True) -
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=128,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

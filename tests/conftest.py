@@ -17,6 +17,18 @@ def gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_vllm_dir(tmp_path_factory) -> Path:
+    """The test GPT-2 with one head of 48: vLLM's CPU attention has no kernel for gpt2_dir's head size 24."""
+    return testing.build_gpt2(tmp_path_factory.mktemp("gpt2-vllm"), heads=1)
+
+
+@pytest.fixture(scope="session")
+def llama_vllm_dir(tmp_path_factory) -> Path:
+    """The test Llama with one head of 48 (vLLM serves LoRA on Llama, not on GPT-2)."""
+    return testing.build_llama(tmp_path_factory.mktemp("llama-vllm"), heads=1, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return testing.build_llama(tmp_path_factory.mktemp("llama"))
 
@@ -204,3 +216,56 @@ def uninterrupted(gpt2_dir, prompts_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     run(RAFTConfig.from_dict(base_config(gpt2_dir, prompts_file, root / "run", **RESUME)))
     return snapshot(root / "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Killing a whole process tree, and waiting until it is gone
+# ----------------------------------------------------------------------------------------------
+
+
+def kill_tree(process, run_dir: Path | None = None, timeout: float = 60.0) -> None:
+    """SIGKILL `process` (a subprocess.Popen) and every process it started, then wait until all are gone and,
+    with `run_dir`, until its lock is free.
+
+    A process-group kill is not enough: torchrun starts each worker in a session of its own, and a Jupyter kernel
+    runs in its own too, so `os.killpg` on the launcher leaves them running (and holding the run directory's
+    lock) while the test resumes. The tree is frozen first (SIGSTOP, so nothing forks while it is collected),
+    then killed; a resume that starts before the last worker is gone would race with it.
+    """
+    import fcntl
+    import time
+
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree: dict[int, psutil.Process] = {}
+    while True:
+        found = {p.pid: p for p in [root, *root.children(recursive=True)] if p.pid not in tree}
+        if not found:
+            break
+        for member in found.values():
+            try:
+                member.suspend()
+            except psutil.NoSuchProcess:
+                pass
+        tree |= found
+    for member in tree.values():
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(list(tree.values()), timeout=timeout)
+    assert not alive, f"processes still alive after SIGKILL: {[p.pid for p in alive]}"
+    if run_dir is None or not (run_dir / ".lock").exists():
+        return
+    deadline = time.monotonic() + timeout
+    with open(run_dir / ".lock", "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{run_dir} is still locked after its processes were killed"
+                time.sleep(0.05)

@@ -6,6 +6,7 @@ The speed itself is measured in results/ (tools/gpu_check.py, notebooks/efficien
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ from conftest import LOGPROB_ATOL, TIE_MARGIN, assert_same_draws
 from raftlib.batches import Batches
 from raftlib.config import GenerationSection, TrainingSection
 from raftlib.records import Sample
-from raftlib.text import fastgen
-from raftlib.text.fastgen import StaticDecoder, decision_scores, gumbel_sample, hashed_uniform
+from raftlib.text.decoding import Decoding
+from raftlib.text.eager import EagerDecoder
+from raftlib.text.fastgen import StaticDecoder, hashed_uniform
 from raftlib.text.finetune import (
-    chunked_completion_loss,
+    chunked_completion_nll,
     collate,
     collate_packed,
     completion_logprobs,
@@ -27,7 +29,9 @@ from raftlib.text.finetune import (
     finetune,
     output_head,
 )
-from raftlib.text.generate import generate_samples
+from raftlib.text.generate import Draw, generate_samples, samples_of
+from raftlib.text.prompts import TextFormat
+from raftlib.text.sampling import draw_step
 
 EXAMPLES = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14, 15]), ([3, 4, 5, 6, 7], [1]), ([9], [2, 3, 4, 5, 6, 7])]
 
@@ -37,29 +41,38 @@ EXAMPLES = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14, 15]), ([3, 4, 5, 6, 7],
 # ----------------------------------------------------------------------------------------------
 
 
-def test_hashed_uniforms_are_uniform_and_a_pure_function_of_seed_step_token():
-    seeds = torch.arange(256, dtype=torch.int64) * 7919
-    u = hashed_uniform(seeds, torch.tensor(3), 4096)
+def test_hashed_uniforms_are_uniform_and_a_pure_function_of_seed_and_step():
+    seeds = torch.arange(100_000, dtype=torch.int64) * 7919
+    u = hashed_uniform(seeds, torch.tensor(3))
     assert u.min() > 0 and u.max() < 1
     assert u.mean().item() == pytest.approx(0.5, abs=0.005)
     assert torch.histc(u, bins=10, min=0, max=1).div(u.numel()).sub(0.1).abs().max() < 0.005
-    assert torch.equal(u[5:9], hashed_uniform(seeds[5:9], torch.tensor(3), 4096))  # rows do not depend on the batch
-    assert not torch.equal(u, hashed_uniform(seeds, torch.tensor(4), 4096))  # the step matters
+    assert torch.equal(u[5:9], hashed_uniform(seeds[5:9], torch.tensor(3)))  # rows do not depend on the batch
+    assert not torch.equal(u, hashed_uniform(seeds, torch.tensor(4)))  # the step matters
+    assert torch.corrcoef(torch.stack([u, hashed_uniform(seeds, torch.tensor(4))]))[0, 1].abs() < 0.01
 
 
-def test_gumbel_max_draws_follow_the_tempered_softmax_and_respect_top_k():
+def test_inverse_cdf_draws_follow_the_tempered_softmax_and_respect_top_k():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).repeat(40_000, 1)
-    seeds = torch.randint(0, 2**31 - 1, (40_000,), generator=torch.Generator().manual_seed(0))
+    uniforms = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
     for temperature in (1.0, 0.5):
-        tokens, logprobs = gumbel_sample(logits, seeds, torch.tensor(1), temperature=temperature)
-        frequencies = torch.bincount(tokens, minlength=5).float() / len(tokens)
+        settings = SimpleNamespace(temperature=temperature, top_k=0, top_p=1.0)
+        drawn = draw_step(logits, settings, uniforms)
+        frequencies = torch.bincount(drawn.token, minlength=5).float() / len(drawn.token)
         torch.testing.assert_close(frequencies, torch.softmax(logits[0] / temperature, -1), atol=0.01, rtol=0)
-        # log-probabilities are the model's own (temperature 1), whatever the sampling temperature
-        torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
-    tokens, _ = gumbel_sample(logits, seeds, torch.tensor(1), temperature=1.0, top_k=2)
-    assert set(tokens.tolist()) == {0, 1}
-    greedy, _ = gumbel_sample(logits[:3], seeds[:3], torch.tensor(1), temperature=0.0)
-    assert greedy.tolist() == [0, 0, 0]
+        # log-probabilities and entropy are the model's own (temperature 1), whatever the sampling temperature
+        log_dist = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(drawn.logprob, log_dist.gather(-1, drawn.token[:, None]).squeeze(-1))
+        torch.testing.assert_close(drawn.entropy, -(log_dist.exp() * log_dist).sum(-1))
+        assert (drawn.margin >= 0).all()
+    drawn = draw_step(logits, SimpleNamespace(temperature=1.0, top_k=2, top_p=1.0), uniforms)
+    assert set(drawn.token.tolist()) == {0, 1}
+    # a uniform of exactly 0 never draws a token of probability 0 (top-k masked the first ones here)
+    masked = torch.tensor([[-50.0, -50.0, 3.0, 2.0]])
+    edge = draw_step(masked, SimpleNamespace(temperature=1.0, top_k=2, top_p=1.0), torch.zeros(1))
+    assert edge.token.item() == 2
+    greedy = draw_step(logits[:3], SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0), uniforms[:3])
+    assert greedy.token.tolist() == [0, 0, 0] and torch.allclose(greedy.margin, torch.ones(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,50 +80,50 @@ def test_gumbel_max_draws_follow_the_tempered_softmax_and_respect_top_k():
 # ----------------------------------------------------------------------------------------------
 
 
-def static_draws(model, tokenizer, settings, monkeypatch, **options) -> tuple[list[Sample], torch.Tensor]:
-    """generate_samples with a StaticDecoder (one batch), and the (rows, steps) gap between the top two
-    decision scores of every draw it made."""
-    gaps, sample = [], fastgen.gumbel_sample
+def decode_with(decoder, text_format, settings) -> tuple[list[Sample], torch.Tensor]:
+    """One decode call of `decoder` on PROMPTS (seed 0), its samples and the (rows, steps) draw margins."""
+    ids = text_format.encode(PROMPTS)
+    decoded = decoder.decode(ids, settings.samples_per_prompt, 0)
+    return samples_of(PROMPTS, ids, settings.samples_per_prompt, decoded, text_format), decoded.margins
 
-    def recording(logits, row_seeds, step, **sampling):
-        top_two = decision_scores(logits, row_seeds, step, **sampling).topk(2, dim=-1).values
-        gaps.append(top_two[:, 0] - top_two[:, 1])
-        return sample(logits, row_seeds, step, **sampling)
 
-    with monkeypatch.context() as patch:  # the uncompiled step looks gumbel_sample up at each call
-        patch.setattr(fastgen, "gumbel_sample", recording)
-        drawn = generate_samples(model, tokenizer, PROMPTS, settings, decoder=StaticDecoder(model),
-                                 **options, batches=Batches(progress=False))  # fmt: skip
-    assert settings.prompts_per_batch >= len(PROMPTS), "one batch: the gaps' rows are the samples"
-    return drawn, torch.stack(gaps, dim=1)
+def static_and_eager(model, tokenizer, settings, compile: bool = False):
+    text_format = TextFormat.of(tokenizer, model, settings)
+    decoding = Decoding.of(settings, text_format)
+    rows = len(PROMPTS) * settings.samples_per_prompt
+    static = StaticDecoder(model, decoding, rows=rows, prompt_width=16, compile=compile)
+    return static, EagerDecoder(model, decoding), text_format
 
 
 @pytest.mark.parametrize("which", ["gpt2_dir", "llama_dir"])
-def test_static_backend_greedy_equals_the_eager_loop_with_eos_and_stop_strings(which, request, monkeypatch):
+def test_static_backend_greedy_equals_the_eager_loop_with_eos_and_stop_strings(which, request):
     model, tokenizer = load(request.getfixturevalue(which))
     greedy = GenerationSection(samples_per_prompt=2, temperature=0.0, max_new_tokens=12)
-    eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, batches=Batches(progress=False))
-    static, gaps = static_draws(model, tokenizer, greedy, monkeypatch, seed=0)
-    assert_same_draws(static, eager, gaps)
+    static, eager, text_format = static_and_eager(model, tokenizer, greedy)
+    reference, _ = decode_with(eager, text_format, greedy)
+    drawn, margins = decode_with(static, text_format, greedy)
+    assert_same_draws(drawn, reference, margins)
     # a stop string taken from the text: both backends stop the same rows at the same token
-    stopping = replace(greedy, stop_strings=[eager[0].completion[4:6]])
-    eager = generate_samples(model, tokenizer, PROMPTS, stopping, seed=0, batches=Batches(progress=False))
-    assert "stop" in {s.finish_reason for s in eager}
-    static, gaps = static_draws(model, tokenizer, stopping, monkeypatch, seed=0)
-    assert_same_draws(static, eager, gaps)
+    stopping = replace(greedy, stop_strings=[reference[0].completion[4:6]])
+    static, eager, text_format = static_and_eager(model, tokenizer, stopping)
+    reference, _ = decode_with(eager, text_format, stopping)
+    assert "stop" in {s.finish_reason for s in reference}
+    drawn, margins = decode_with(static, text_format, stopping)
+    assert_same_draws(drawn, reference, margins)
     # EOS made likely enough to end a row part-way (the bias is searched for)
     bias = torch.zeros(len(tokenizer))
     output_head(model).register_forward_hook(lambda m, i, out: out + bias)
+    static, eager, text_format = static_and_eager(model, tokenizer, greedy)
     for strength in torch.linspace(0.05, 1.0, 20).tolist():
         bias[tokenizer.eos_token_id] = strength
-        eager = generate_samples(model, tokenizer, PROMPTS, greedy, seed=0, batches=Batches(progress=False))
-        if any(s.finish_reason == "eos" and s.completion_token_count > 1 for s in eager):
+        reference, _ = decode_with(eager, text_format, greedy)
+        if any(s.finish_reason == "eos" and s.completion_token_count > 1 for s in reference):
             break
     else:
         pytest.fail("no EOS bias ended a row part-way")
-    static, gaps = static_draws(model, tokenizer, greedy, monkeypatch, seed=0)
-    assert_same_draws(static, eager, gaps)
-    assert any(s.finish_reason == "eos" and s.completion_token_count > 1 for s in static)
+    drawn, margins = decode_with(static, text_format, greedy)
+    assert_same_draws(drawn, reference, margins)
+    assert any(s.finish_reason == "eos" and s.completion_token_count > 1 for s in drawn)
 
 
 def test_a_flip_is_accepted_only_at_a_near_tie():
@@ -129,25 +142,18 @@ def test_static_backend_samples_are_seeded_per_batch_and_logprobs_are_the_models
     settings = GenerationSection(
         samples_per_prompt=3, temperature=0.8, top_p=0.95, max_new_tokens=10, prompts_per_batch=2
     )
-    decoder = StaticDecoder(model)
-    first = generate_samples(
-        model, tokenizer, PROMPTS, settings, seed=4, decoder=decoder, batches=Batches(progress=False)
-    )
-    again = generate_samples(
-        model, tokenizer, PROMPTS, settings, seed=4, decoder=StaticDecoder(model), batches=Batches(progress=False)
-    )
+    static, _, text_format = static_and_eager(model, tokenizer, settings)
+    plan = Draw(seed=4, stream=0, samples_per_prompt=3, prompts_per_batch=2)
+    first = generate_samples(static, text_format, PROMPTS, plan, Batches(progress=False))
+    fresh, _, _ = static_and_eager(model, tokenizer, settings)
+    again = generate_samples(fresh, text_format, PROMPTS, plan, Batches(progress=False))
     # Exact equality is right here and below: the same kernels on the same shapes repeat the same arithmetic.
     assert [s.to_row() for s in first] == [s.to_row() for s in again]
     assert len({tuple(s.completion_token_ids) for s in first}) > len(PROMPTS)  # K samples differ
-    # batch 1 alone (as after a crash that kept batch 0) is the same as in the full run
+    # batch 1 alone (as after a crash that kept batch 0) is the same as in the full run; its 3 rows are padded to
+    # the cache's 9 with dummy rows, which change nothing
     only_second = generate_samples(
-        model,
-        tokenizer,
-        PROMPTS,
-        settings,
-        seed=4,
-        decoder=decoder,
-        batches=Batches(progress=False, indices=[1]),
+        static, text_format, PROMPTS, plan, Batches(progress=False, owns=lambda index: index == 1)
     )
     assert [s.to_row() for s in only_second] == [s.to_row() for s in first[2 * 3 :]]
     forced, counts = completion_logprobs(
@@ -155,24 +161,26 @@ def test_static_backend_samples_are_seeded_per_batch_and_logprobs_are_the_models
     )
     assert [s.completion_token_count for s in first] == counts
     assert [s.logprob for s in first] == pytest.approx(forced, abs=1e-4)
+    assert all(s.entropy is not None and s.entropy > 0 for s in first)  # the static step records entropy too
 
 
-def test_compiled_static_step_equals_the_uncompiled_one(gpt2_dir, monkeypatch):
+def test_compiled_static_step_equals_the_uncompiled_one_and_compiles_once(gpt2_dir):
     """torch.compile (Inductor's C++ backend here; CUDA graphs on a GPU) changes nothing in what is drawn,
-    up to rounding: Inductor fuses and reorders the step's float arithmetic (see assert_same_draws)."""
+    up to rounding: Inductor fuses and reorders the step's float arithmetic (see assert_same_draws). One
+    compilation serves every call of the run's shape, a refreshed policy object included."""
     model, tokenizer = load(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=2, temperature=1.0, max_new_tokens=6)
-    plain, gaps = static_draws(model, tokenizer, settings, monkeypatch, seed=2)
-    compiled = generate_samples(
-        model,
-        tokenizer,
-        PROMPTS,
-        settings,
-        seed=2,
-        decoder=StaticDecoder(model, compile=True),
-        batches=Batches(progress=False),
-    )
-    assert_same_draws(compiled, plain, gaps)
+    plain, _, text_format = static_and_eager(model, tokenizer, settings)
+    reference, margins = decode_with(plain, text_format, settings)
+    compiled, _, _ = static_and_eager(model, tokenizer, settings, compile=True)
+    drawn, _ = decode_with(compiled, text_format, settings)
+    assert_same_draws(drawn, reference, margins)
+    assert compiled.compilations == 1
+    compiled.decode(text_format.encode(PROMPTS[:1]), 2, 5)  # fewer rows: padded to the one shape
+    compiled.refresh(AutoModelForCausalLM.from_pretrained(gpt2_dir).eval(), None)  # another module object
+    drawn_again, _ = decode_with(compiled, text_format, settings)
+    assert_same_draws(drawn_again, reference, margins)
+    assert compiled.compilations == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +200,8 @@ def test_packed_rows_and_chunked_loss_give_the_padded_loss_and_gradients(which, 
     for chunk in (3, 1000):
         out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)  # fmt: skip
-        loss = chunked_completion_loss(out.hidden_states[-1], packed["labels"], output_head(model), chunk)
+        tokens = (packed["labels"][:, 1:] != -100).sum()
+        loss = chunked_completion_nll(out.hidden_states[-1], packed["labels"], output_head(model), chunk) / tokens
         torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
         for mine, theirs in zip(grads, reference_grads, strict=True):

@@ -100,3 +100,64 @@ def test_lora_trains_only_the_adapter_and_saves_a_loadable_adapter(gpt2_dir, tmp
     ids = torch.tensor([tokenizer("the cat sat")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, policy(ids).logits, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step's gradient, however its tokens are laid out
+# ----------------------------------------------------------------------------------------------
+
+GRADIENT_ATOL = 1e-6
+"""The step's gradients agree to float rounding: the same per-token terms summed in another order (measured on
+this machine: at most 6e-8 apart, for gradient elements up to 0.37)."""
+
+
+def test_a_steps_gradient_is_normalised_by_its_tokens_whatever_the_layout(gpt2_dir, tmp_path):
+    """(micro-batch 8, accumulation 1) = (2, 4) = packed (4, 2) = 2 processes x (4, 1); the mean of micro-batch
+    means that raftlib used before differs from all of them (so the comparison can fail)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from step_gradients import EXAMPLES, first_step_gradients
+
+    from raftlib.text.finetune import completion_loss
+
+    reference = first_step_gradients(str(gpt2_dir), 8, 1)
+    layouts = {
+        "(2, 4)": first_step_gradients(str(gpt2_dir), 2, 4),
+        "packed (4, 2)": first_step_gradients(str(gpt2_dir), 4, 2, True),
+    }
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "two.safetensors"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "examples/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(port), str(root / "tests" / "step_gradients.py"),
+        str(gpt2_dir), str(out), "4", "1",
+    ]  # fmt: skip
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layouts["2 processes x (4, 1)"] = load_file(out)
+    for name, gradients in layouts.items():
+        assert gradients.keys() == reference.keys()
+        for key, tensor in reference.items():
+            torch.testing.assert_close(gradients[key], tensor, rtol=0, atol=GRADIENT_ATOL, msg=f"{name}, tensor {key}")
+
+    # What averaging micro-batch means gives for (2, 4): a different gradient, by far more than the tolerance.
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model.train()
+    for start in range(0, 8, 2):
+        batch = collate(EXAMPLES[start : start + 2], 0)
+        loss = completion_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
+        (loss / 4).backward()
+    averaged = [p.grad for p in model.parameters() if p.requires_grad]
+    largest = max((averaged[int(k)] - v).abs().max().item() for k, v in reference.items())
+    assert largest > 100 * GRADIENT_ATOL, largest

@@ -16,24 +16,21 @@ import pytest
 import torch
 from test_multiprocess import SETTINGS, environment, free_port, one_process_reference
 
-from conftest import base_config, snapshot, write_config
+from conftest import base_config, kill_tree, snapshot, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp.yaml"
 
-WEIGHT_ATOL = 1e-4
-"""Every final weight of the FSDP run within 1e-4 of one process's (lr / 50), and all but 0.1 % within 1e-6.
+WEIGHT_ATOL = 1e-6
+"""Every final weight of the FSDP run within 1e-6 of one process's (measured here: equal to the bit).
 
-Both runs sum the same per-token losses in float32 and differ only in the order of the reductions (one
-process accumulates loss / 2 over two micro-batches; FSDP reduce-scatters each process's gradient and
-divides by 2): a few float32 ulps per gradient element and step. Adam divides each update by the root of
-its running squared gradient, so an element whose gradient is itself near rounding level (an embedding row
-of a token seen once) can turn that into a visible share of lr: measured, 2 of 15,360 embedding weights
-differed by up to 2.4e-5 (2.9e-5 in another execution: the reductions are not bit-stable from run to
-run), every other weight by less than 1e-6. The samples, kept sets and held-out rewards, which depend on
-these weights through two iterations, must match exactly."""
-MOST_ATOL = 1e-6
-MOST_SHARE = 0.999
+Each optimizer step's gradient is the sum of its per-token terms divided by the step's tokens (raftlib.finetune):
+one process accumulates two micro-batches, each scaled by 1/T; under FSDP each process scales its micro-batch by
+2/T and the reduce-scatter halves the sum of two. Doubling and halving are exact in binary floating point and a
+sum of two terms does not depend on its order, so the gradients agree to the bit. Gradient clipping is off in
+these runs (test_multiprocess.SETTINGS): FSDP computes the clipping norm from per-shard sums of squares, in
+another order than one process does, and Adam turns that last-bit difference of the clip factor into weight
+differences of up to 2e-5 (lr / 250) spread over every layer (measured: 111 of 72,432 weights beyond 1e-6)."""
 
 
 def launch(*arguments: str) -> list[str]:
@@ -56,9 +53,6 @@ def assert_same_as(state: dict, reference: dict) -> None:
     assert state["weights"].keys() == reference["weights"].keys()
     for name, tensor in reference["weights"].items():
         torch.testing.assert_close(state["weights"][name], tensor, rtol=0, atol=WEIGHT_ATOL)
-    close = sum(int(((state["weights"][k] - v).abs() <= MOST_ATOL).sum()) for k, v in reference["weights"].items())
-    total = sum(v.numel() for v in reference["weights"].values())
-    assert close / total >= MOST_SHARE, f"only {close} of {total} weights within {MOST_ATOL}"
 
 
 def test_fsdp_two_processes_equal_one_and_the_checkpoint_loads(reference, llama_dir, prompts_file, tmp_path):
@@ -85,8 +79,6 @@ def test_fsdp_two_processes_equal_one_and_the_checkpoint_loads(reference, llama_
 def test_a_run_killed_in_a_sharded_fine_tune_resumes_to_the_same_run(reference, llama_dir, prompts_file, tmp_path):
     """SIGKILL to the launcher and both workers once iteration 1's selection is written (its FSDP fine-tune is
     starting), then `resume` under FSDP on two processes: the stage reruns from the base checkpoint."""
-    import os
-    import signal
     import time
 
     run_dir = tmp_path / "two"
@@ -100,8 +92,7 @@ def test_a_run_killed_in_a_sharded_fine_tune_resumes_to_the_same_run(reference, 
             assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the run never finished selecting"
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_tree(process, run_dir)  # the launcher and both workers (each in its own session), all gone
     assert not (run_dir / "iter_0001" / "finetune.done.json").exists(), "killed too late: the stage had finished"
     done = subprocess.run(
         launch("resume", str(run_dir)), env=environment(), capture_output=True, text=True, timeout=600

@@ -26,7 +26,9 @@ def test_two_launched_processes_equal_one_in_kernel_and_a_rerun_resumes(llama_di
     lines: list[str] = []
     config = RAFTConfig.from_dict(base_config(llama_dir, prompts_file, tmp_path / "two", **SETTINGS))
     launched = run(config, num_processes=2, echo=lines.append)
-    assert any("2 processes: generation and scoring sharded" in line for line in lines), "".join(lines[-20:])
+    assert any("2 processes: generation, scoring and evaluation sharded" in line for line in lines), "".join(
+        lines[-20:]
+    )
     assert (tmp_path / "two" / "launch" / "config.yaml").is_file()
     assert_same_run(snapshot(tmp_path / "two"), snapshot(tmp_path / "one"))
     assert [row["eval_reward_mean"] for row in launched.metrics] == [r["eval_reward_mean"] for r in in_kernel.metrics]

@@ -139,8 +139,10 @@ KILL_POINTS = [
     ("marker", 4),  # right after iteration 1's "finetune" marker, before its eval
     ("before-marker", 3),  # samples.parquet and kept.parquet written, "select" marker not yet
     ("before-marker", 5),  # iteration 1's metrics row written, its "eval" marker not yet
-    ("parquet-write", 3),  # a torn generation batch (Parquet writes: eval 0, gen 1-4, score 1-4, samples, ...)
-    ("parquet-write", 10),  # a torn samples.parquet
+    # Parquet writes: eval 0's batch and eval_samples (1, 2), generation batches (3-6), scoring batches (7-10),
+    # samples.parquet (11), kept.parquet (12), ...
+    ("parquet-write", 3),  # a torn generation batch
+    ("parquet-write", 11),  # a torn samples.parquet
     ("metrics-write", 2),  # a torn metrics.jsonl rewrite (iteration 1's row)
 ]
 

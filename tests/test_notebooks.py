@@ -306,10 +306,11 @@ def test_a_completion_with_a_script_tag_stays_inert_text(tmp_path):
 
 def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
     """SIGKILL papermill and its kernel mid-RAFT; executing the notebook again resumes the run in place."""
-    import signal
     import subprocess
     import sys
     import time
+
+    from conftest import kill_tree
 
     runs, results = tmp_path / "runs", tmp_path / "results"
     raft = runs / "smoke" / "hh_rlhf" / "raft"
@@ -323,8 +324,7 @@ def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
     while not (raft / "iter_0001" / "finetune.done.json").exists():
         assert first.poll() is None and time.monotonic() < deadline, "the first execution ended before the kill"
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # papermill and the kernel, as an OOM kill or a closed laptop would
-    first.wait()
+    kill_tree(first, raft)  # papermill, the kernel and its RAFT child, as an OOM kill or a closed laptop would
     assert not (raft / "final").exists()
     batch = raft / "iter_0001" / "generate" / "batch_00000.parquet"
     before = batch.stat()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raftlib.batches import Batches
 from raftlib.config import ConfigError, LoopSection, TrainingSection
 from raftlib.metrics import pass_at_k, pass_at_k_metrics, token_entropy_mean
 from raftlib.select import select
@@ -15,7 +14,6 @@ from raftlib.text.finetune import (
     collate,
     collate_with_old,
     completion_logprobs,
-    completion_loss,
     completion_token_logprobs,
     finetune,
     token_logprobs,
@@ -31,8 +29,8 @@ def test_clipped_loss_value_by_hand():
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5, 7.0]]))
     mask = torch.tensor([[True, True, True, False]])
     result = clipped_ratio_loss(logp, old, mask, clip_low=0.2, clip_high=0.28)
-    # -min(r, clip(r)) per token: -1.0, -1.28, -0.5 ; token-mean over 3 tokens
-    assert result.loss.item() == pytest.approx(-(1.0 + 1.28 + 0.5) / 3)
+    # -min(r, clip(r)) per token: -1.0, -1.28, -0.5, summed (the stage divides each step by its tokens)
+    assert result.loss.item() == pytest.approx(-(1.0 + 1.28 + 0.5))
     assert result.clip_fraction == pytest.approx(1 / 3)  # only the 1.5 token is clipped
     # approx KL = mean(log old - log new) = -(0 + log 1.5 + log 0.5) / 3
     assert result.approx_kl == pytest.approx(-(math.log(1.5) + math.log(0.5)) / 3)
@@ -46,24 +44,25 @@ def test_symmetric_clip_when_no_clip_high():
 
 def test_clipped_tokens_have_zero_gradient_on_the_clipped_side():
     # token 0: r = 1.5 > 1 + 0.28 with A = +1 -> clipped above, no gradient
-    # token 1: r = 0.5 < 1 - 0.2 with A = +1 -> min picks r itself, gradient -r / N flows
+    # token 1: r = 0.5 < 1 - 0.2 with A = +1 -> min picks r itself, gradient -r flows
     # token 2: r = 0.5 < 1 - 0.2 with A = -1 -> clipped below, no gradient
-    # token 3: r = 1.1 inside the range with A = -1 -> gradient +r / N
+    # token 3: r = 1.1 inside the range with A = -1 -> gradient +r
     logp = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.1]])).requires_grad_(True)
     advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     loss = clipped_ratio_loss(
         logp, torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool), clip_low=0.2, clip_high=0.28, advantages=advantages
     ).loss
     loss.backward()
-    # d/dlogp of -A * exp(logp - old) / N = -A * r / N, with N = 4
-    assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.5 / 4, 0.0, 1.1 / 4])
+    # d/dlogp of -A * exp(logp - old) = -A * r (a sum over tokens: no 1/N here)
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.5, 0.0, 1.1])
 
 
 def test_gradient_equals_sfts_when_ratio_is_one():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, 1, -100]])
-    completion_loss(logits, labels).backward()
+    logp, _ = token_logprobs(logits, labels)
+    (-logp.sum()).backward()  # SFT's summed cross-entropy
     sft_grad = logits.grad.clone()
     logits.grad = None
     logp, mask = token_logprobs(logits, labels)
@@ -72,7 +71,7 @@ def test_gradient_equals_sfts_when_ratio_is_one():
     assert result.clip_fraction == 0.0
     assert torch.allclose(logits.grad, sft_grad, atol=1e-7)
     # the loss value is -1 per token (ratio 1), not the cross-entropy: only the gradient matches
-    assert result.loss.item() == pytest.approx(-1.0)
+    assert result.loss.item() == pytest.approx(-float(mask.sum()))
 
 
 def test_entropy_by_hand():
@@ -141,11 +140,14 @@ def test_raftpp_stage_raises_kept_likelihood(gpt2_dir):
     assert stats.optimizer_steps == 9
 
 
-def test_raftpp_config_is_checked():
+def test_raftpp_declares_what_it_cannot_do_and_build_loss_refuses_it():
+    from raftlib.text.losses import build_loss
+
     assert TrainingSection(loss="raftpp").clip_range == 0.2
-    for bad in (dict(packing=True), dict(loss_chunk_tokens=64)):
-        with pytest.raises(ConfigError, match="not supported with loss raftpp"):
-            TrainingSection(loss="raftpp", **bad).validate("training")
+    with pytest.raises(ConfigError, match=r"training\.packing = true: loss .raftpp. cannot train on packed"):
+        build_loss(TrainingSection(loss="raftpp", packing=True), 0)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens = 64: loss 'raftpp' does not chunk its logits"):
+        build_loss(TrainingSection(loss="raftpp", loss_chunk_tokens=64), 0)
     with pytest.raises(ConfigError, match=r"training\.clip_range_high = -0\.1"):
         TrainingSection(clip_range_high=-0.1).validate("training")
     with pytest.raises(ConfigError, match=r"loop.pass_k = 5: must be in \[1, eval_samples_per_prompt = 4\]"):
@@ -181,16 +183,15 @@ def test_token_entropy_mean_is_per_token():
 
 
 def test_generation_records_the_entropy_of_each_sampled_position(gpt2_dir):
+    from test_generate import draw
+
     from raftlib.config import GenerationSection
     from raftlib.records import Prompt
-    from raftlib.text.generate import generate_samples
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
-    samples = generate_samples(
-        model, tokenizer, [Prompt(0, "the cat")], settings, seed=0, batches=Batches(progress=False)
-    )
+    samples = draw(model, tokenizer, [Prompt(0, "the cat")], settings)
     for sample in samples:
         batch = collate([(sample.prompt_token_ids, sample.completion_token_ids)], tokenizer.eos_token_id)
         with torch.no_grad():

