@@ -1,7 +1,10 @@
 """The K / temperature / KL sweeps of the paper's Tables 5-7: on the tiny HH-RLHF setting, or on HH-RLHF itself.
 
 Each setting is one RAFT run through `raftsuite.launch.run` (in the kernel, or under `accelerate launch` when the
-notebook asks for several processes); its final model is evaluated on the accelerator.
+notebook asks for several processes); its final model, and the SFT model every run starts from, are evaluated by
+raftlib's one evaluation path (`raftsuite.hh_methods.held_out_evaluation`) on the held-out prompts, per seed.
+Changes along a sweep are paired by seed (t-intervals); two settings whose runs kept the very same samples are
+"identical runs", not a difference left unresolved.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,9 @@ import pandas as pd
 
 import raftlib
 from raftlib.data import Prompt
-from raftsuite import hh, launch, report, stats
-from raftsuite import seeds as seeds_mod
+from raftsuite import hh, hh_methods, hh_table3, launch, report, stats
+from raftsuite.cache import cached
+from raftsuite.report import Claim
 
 PAPER: dict[str, dict[float, float]] = {
     "K": {8: 2.180, 16: 2.251, 32: 2.329},  # Table 5, lambda = 0.85
@@ -86,75 +92,67 @@ def describe(config: raftlib.RAFTConfig) -> dict[str, Any]:
     }
 
 
-def run_settings(
-    configs: dict[str, raftlib.RAFTConfig],
-    seeds: list[int],
-    work: Path,
-    held_out,
-    scorer,
-    *,
-    max_new_tokens: int,
-    num_processes: int = 1,
-    accelerate_config: str = "",
-    policy_dtype: str = "float32",
-    gold: bool = True,
-    prompts_per_batch: int = 16,
-    eval_samples_per_prompt: int = 2,
-) -> pd.DataFrame:
-    """Run every setting with every seed and evaluate each final model: one row per (run, seed).
+@dataclass(frozen=True)
+class AblationRuns:
+    """How every setting of the sweeps runs and is evaluated."""
 
-    Run `name` with seed s lives in WORK/name/seed_s (an unfinished run resumes, a finished one is reused);
-    its evaluation is kept in WORK/name/seed_s.json (`seeds.for_each_seed`), so a rerun after a kill redoes
-    at most one evaluation. Seed s sets the run's config seed (prompt order, sampling, fine-tuning) and the
-    evaluation's sampling seed: two settings with the same seed are scored on the same held-out prompts with
-    the same sampling seed, so differences between settings are paired by seed.
-    `num_processes` / `accelerate_config`: as `raftsuite.launch.run`; `gold=False` where there is no hidden
-    gold preference (HH-RLHF).
+    settings: hh_methods.MethodSettings
+    """The evaluation's settings (its sampling temperature is `EVAL_TEMPERATURE` whatever a run's lambda)."""
+    held_out: Sequence[Prompt]
+    work: Path
+    seeds: Sequence[int]
+    num_processes: int = 1
+    accelerate_config: str = ""
+
+    def evaluate(self, model_dir: str | Path, seed: int, label: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Table columns of one final model (KL to the SFT model included) and its per-prompt rows."""
+        model, _ = hh.load_causal_lm(model_dir, self.settings.policy_dtype)
+        evaluation = hh_methods.held_out_evaluation(model, self.settings, self.held_out, seed)
+        del model  # one final model on the device at a time
+        columns = hh_table3.columns(evaluation.rows, evaluation.metrics.get("eval_reference_ppl", float("nan")))
+        return columns | {"eval_kl": evaluation.metrics["eval_kl"]}, hh_table3.per_prompt(evaluation.rows, label, seed)
+
+
+def run_settings(configs: Mapping[str, raftlib.RAFTConfig], runs: AblationRuns) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every setting with every seed and evaluate each final model, plus the SFT model (row "SFT"): (one row per
+    (run, seed), one row per (run, seed, held-out prompt)).
+
+    Run `name` with seed s lives in WORK/name/seed_s (an unfinished run resumes, a finished one is reused); its
+    evaluation is cached beside it by its parameters (`raftsuite.cache`). Seed s sets the run's config seed and the
+    evaluation's random stream: settings with the same seed are scored on the same prompts with the same random
+    numbers, so differences between settings are paired by seed.
     """
-    frames = []
+    rows, prompts = [], []
+    sft = next(iter(configs.values())).model.path
+    for seed in runs.seeds:
+        params = {"model": sft, "seed": seed, "held_out": [p.prompt_id for p in runs.held_out]}
+        result = cached(runs.work / "SFT" / f"seed_{seed}.json", params, lambda seed=seed: runs.evaluate(sft, seed, "SFT"))
+        rows.append({"run": "SFT", "seed": seed, "selection": "none", **result[0]})
+        prompts += result[1]
     for name, config in configs.items():
-        setting = describe(config)
+        for seed in runs.seeds:
+            params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
+                      "seed": seed, "held_out": [p.prompt_id for p in runs.held_out],
+                      "settings": runs.settings.__dict__}  # fmt: skip
+            result = cached(runs.work / name / f"seed_{seed}.json", params, lambda n=name, c=config, s=seed: _one_run(n, c, s, runs))
+            rows.append(result["row"])
+            prompts += result["prompts"]
+    return pd.DataFrame(rows), pd.DataFrame(prompts)
 
-        def one_seed(seed: int, name=name, config=config, setting=setting) -> dict[str, Any]:
-            run_config = config.replace([f"seed={seed}", f"output_dir={work / name / f'seed_{seed}'}"])
-            started = time.perf_counter()
-            result = launch.run(run_config, num_processes, accelerate_config)
-            minutes = (time.perf_counter() - started) / 60
-            model, tokenizer = hh.load_causal_lm(result.final_dir, policy_dtype)
-            evaluation = hh.evaluate(
-                model,
-                tokenizer,
-                held_out,
-                scorer,
-                temperature=EVAL_TEMPERATURE,
-                max_new_tokens=max_new_tokens,
-                samples_per_prompt=eval_samples_per_prompt,
-                seed=seed,
-                gold=gold,
-                prompts_per_batch=prompts_per_batch,
-            )
-            del model  # one final model on the device at a time
-            metrics = report.read_metrics(result.run_dir)
-            ranked = setting["selection"] == "RAFT"  # a random run's own rewards are hashes, not the RM's
-            return {
-                "run": name,
-                **setting,
-                **evaluation,
-                "eval_kl": float(metrics["eval_kl"].iloc[-1]),
-                "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]) if ranked else float("nan"),
-                "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]),
-                "minutes": minutes,
-            }
 
-        params = {
-            "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
-            "held_out": [p.text for p in held_out],
-            "max_new_tokens": max_new_tokens,
-            "eval_samples_per_prompt": eval_samples_per_prompt,
-            "eval_temperature": EVAL_TEMPERATURE,
-        }
-        frames.append(seeds_mod.for_each_seed(seeds, one_seed, cache_dir=work / name, params=params))
-    return pd.concat(frames, ignore_index=True)
+def _one_run(name: str, config: raftlib.RAFTConfig, seed: int, runs: AblationRuns) -> dict[str, Any]:
+    run_config = config.replace([f"seed={seed}", f"output_dir={runs.work / name / f'seed_{seed}'}"])
+    started = time.perf_counter()
+    result = launch.run(run_config, runs.num_processes, runs.accelerate_config)
+    minutes = (time.perf_counter() - started) / 60
+    columns, per_prompt = runs.evaluate(result.final_dir, seed, name)
+    metrics = report.read_metrics(result.run_dir)
+    setting = describe(config)
+    ranked = setting["selection"] == "RAFT"  # a random run's own rewards are hashes, not the RM's
+    row = {"run": name, "seed": seed, **setting, **columns,
+           "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]) if ranked else float("nan"),
+           "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]), "minutes": minutes}  # fmt: skip
+    return {"row": row, "prompts": per_prompt}
 
 
 def sweep_rows(results: pd.DataFrame, sweep: str, mapping: dict[float, str]) -> pd.DataFrame:
@@ -182,15 +180,14 @@ TABLE_METRICS = [
 
 
 def changes(
-    rows: pd.DataFrame, sweep: str, metric: str, paper: dict[float, float], adjacent: bool = True
+    rows: pd.DataFrame, sweep: str, metric: str, paper: Mapping[float, float], identical: set | None = None
 ) -> pd.DataFrame:
-    """Paired changes along a sweep, seed by seed: last minus first, then (given `adjacent`) each adjacent pair
-    when the sweep has more than two settings. Each with its 95 % interval, the paper's change between the
-    same two settings and `stats.verdict` of ours against the paper's direction."""
+    """Paired changes along a sweep, seed by seed: last minus first, then each adjacent pair when the sweep has more
+    than two settings. Each with its 95 % t-interval over seeds (column `t`), the paper's change between the same
+    two settings and the verdict against the paper's direction; `identical` holds the pairs of settings whose runs
+    kept the very same samples (`kept_overlap` 1.0 for every seed): "identical runs"."""
     order = list(dict.fromkeys(rows[sweep]))
-    pairs = [(order[0], order[-1])]
-    if adjacent and len(order) > 2:
-        pairs += list(itertools.pairwise(order))
+    pairs = [(order[0], order[-1])] + (list(itertools.pairwise(order)) if len(order) > 2 else [])
     out = []
     for first, last in pairs:
         chosen = rows[rows[sweep].isin([first, last])].dropna(subset=[metric])
@@ -199,23 +196,29 @@ def changes(
         if chosen.empty:
             continue
         interval = stats.trend(chosen, sweep, metric, first, last)
+        same = bool(identical) and (first, last) in identical
         if first in paper and last in paper and paper[first] != paper[last]:
-            paper_change = paper[last] - paper[first]
-            verdict = stats.verdict(interval, stats.paper_direction(paper[first], paper[last]))
+            direction = stats.paper_direction(paper[first], paper[last])
+            paper_change, verdict = paper[last] - paper[first], stats.verdict(interval, direction, same)
         else:
-            paper_change, verdict = float("nan"), "no paper value to compare"
-        out.append(
-            {
-                "change": f"{sweep} {first:g} → {last:g}",
-                "mean": interval.mean,
-                "ci95_low": interval.low,
-                "ci95_high": interval.high,
-                "n_seeds": interval.n,
-                "paper_change": paper_change,
-                "verdict": verdict,
-            }
-        )
+            direction, paper_change, verdict = None, float("nan"), stats.IDENTICAL if same else "no paper value"
+        out.append({"change": f"{sweep} {first:g} → {last:g}", "ours": str(interval), "n_seeds": interval.n,
+                    "detectable_at_80pct_power": stats.detectable_effect(interval), "paper_change": paper_change,
+                    "verdict": verdict, "direction": direction, "identical": same, "t": interval})  # fmt: skip
     return pd.DataFrame(out).set_index("change")
+
+
+def claims(table: str, changes_table: pd.DataFrame, metric: str, primary: str | None = None) -> list[Claim]:
+    """A sweep's changes as claims (those with a paper direction); `primary` names the change that is the table's
+    primary verdict (docs/statistics.md)."""
+    out = []
+    for change, row in changes_table.iterrows():
+        if row["direction"] is None:
+            continue
+        paper = f"{row['paper_change']:+.3f}"
+        out.append(Claim(table, f"{change}, {metric.replace('_', ' ')}", paper, row["t"], row["direction"],
+                         primary=change == primary, identical=bool(row["identical"])))  # fmt: skip
+    return out
 
 
 def control_difference(results: pd.DataFrame, raft: str, random: str, metric: str = "proxy_reward") -> stats.Interval:
@@ -225,117 +228,54 @@ def control_difference(results: pd.DataFrame, raft: str, random: str, metric: st
     return stats.paired_difference(ours, control)
 
 
-def change_sentence(sweep: str, label: str, table: pd.DataFrame, summary: pd.DataFrame, paper: dict) -> str:
-    """One sentence per sweep, every word of it from the numbers: the paper's direction, our per-setting means,
-    the paired last-minus-first change with its interval, and the verdict."""
-    values = list(summary.index)
-    ours = " / ".join(f"{v:.3f}" for v in summary["proxy_reward"])
-    settings = " / ".join(f"{v:g}" for v in values)
-    first = table.iloc[0]
-    interval = stats.Interval(first["mean"], first["ci95_low"], first["ci95_high"], int(first["n_seeds"]))
-    if values[0] in paper and values[-1] in paper:
-        direction = "rises" if paper[values[-1]] > paper[values[0]] else "falls"
-        theirs = f"the paper's final reward {direction} ({' / '.join(f'{paper[v]:.3f}' for v in values if v in paper)})"
-    else:
-        theirs = "the paper reports no numbers for these settings"
-    return (
-        f"{label} = {settings}: {theirs}; ours (mean over {interval.n} seed(s)) {ours}, "
-        f"last − first {interval} → **{first['verdict']}**."
-    )
+def identical_pairs(rows: pd.DataFrame, sweep: str, work: Path) -> set[tuple]:
+    """Pairs of adjacent-or-end settings of a sweep whose runs kept the very same samples in every seed."""
+    order = list(dict.fromkeys(rows[sweep]))
+    runs = rows.drop_duplicates(sweep).set_index(sweep)["run"]
+    seeds = sorted(rows["seed"].unique())
+    pairs = {(order[0], order[-1])} | set(itertools.pairwise(order))
+    same = set()
+    for first, last in pairs:
+        overlaps = [kept_overlap(work / runs[last] / f"seed_{s}", work / runs[first] / f"seed_{s}") for s in seeds]
+        if overlaps and all(o == 1.0 for o in overlaps):
+            same.add((first, last))
+    return same
 
 
-def control_sentence(label: str, interval: stats.Interval) -> str:
-    verdict = stats.verdict(interval, "up")
-    meaning = {
-        stats.REPRODUCES: "ranking by the reward beats keeping a random sample",
-        stats.OPPOSITE: "keeping a random sample beats ranking by the reward",
-        stats.NOT_RESOLVED: "ranking is not distinguishable from random selection",
-    }[verdict]
-    return f"{label}: RAFT − random selection (same K, same sample count) {interval} → **{verdict}**: {meaning} here."
-
-
-def trend_word(values) -> str:
-    """Legacy (one run per setting; tests/test_suite_units.py still calls it): the shape of a sequence. The
-    notebook's verdicts come from `changes`, over seeds."""
-    values = np.asarray(values, dtype=float)
-    steps = np.diff(values)
-    if len(steps) == 0:
-        return "single setting"
-    if (steps >= 0).all():
-        return "rises"
-    if (steps <= 0).all():
-        return "falls"
-    return f"non-monotonic (first to last: {'rises' if values[-1] > values[0] else 'falls'})"
-
-
-def trend_sentence(sweep: str, table: pd.DataFrame, paper: dict[float, float]) -> str:
-    """Legacy, one run per setting (tests/test_suite_units.py still calls it); the notebook uses `changes` and
-    `change_sentence`, whose verdicts come from intervals over seeds."""
-    ours = table["proxy_reward"].to_numpy()
-    theirs = np.array([paper[v] for v in table.index if v in paper])
-    settings = " / ".join(f"{v:g}" for v in table.index)
-    if len(theirs) < 2 or len(theirs) != len(ours):
-        return f"{sweep} = {settings}: the paper reports no numbers for these settings; ours: {' / '.join(f'{v:.3f}' for v in ours)}."
-    our_word, paper_word = trend_word(ours), trend_word(theirs)
-    same = np.sign(ours[-1] - ours[0]) == np.sign(theirs[-1] - theirs[0])
-    verdict = (
-        "**reproduces**"
-        if our_word == paper_word
-        else ("matches first-to-last only" if same else "**does not reproduce**")
-    )
-    return (
-        f"{sweep} = {settings}: the paper's final reward {paper_word} "
-        f"({' / '.join(f'{v:.3f}' for v in theirs)}); ours {our_word} "
-        f"({' / '.join(f'{v:.3f}' for v in ours)}): the trend {verdict} here (one seed per setting, so small "
-        f"differences are within noise)."
-        + (
-            ""
-            if table["gold_reward"].isna().all()  # HH-RLHF: no hidden gold preference
-            else f" Gold reward: {' / '.join(f'{v:.3f}' for v in table['gold_reward'])}."
-        )
-    )
-
-
-def start_best_of_k_sentence(rows: pd.DataFrame, sweep: str = "temperature") -> str:
-    """The paper's second temperature claim: the best-of-K reward of the first iteration's samples falls as λ
-    rises (3.41 → 2.48); ours as a paired last-minus-first change with its interval and verdict."""
-    table = changes(rows, sweep, "start_best_of_k", {0.7: 3.41, 1.0: 2.48}, adjacent=False)
-    if table.empty:
-        return "Best-of-K reward of the first iteration's samples: no RAFT rows to compare."
+def start_best_of_k_claim(rows: pd.DataFrame, sweep: str = "temperature") -> list[Claim]:
+    """The paper's second temperature claim: the best-of-K reward of the first iteration's samples falls as lambda
+    rises (3.41 -> 2.48 from 0.7 to 1.0); ours as a paired change over seeds."""
+    table = changes(rows, sweep, "start_best_of_k", {0.7: 3.41, 1.0: 2.48})
+    if table.empty or table.iloc[0]["direction"] is None:
+        return []
     row = table.iloc[0]
-    interval = stats.Interval(row["mean"], row["ci95_low"], row["ci95_high"], int(row["n_seeds"]))
-    means = rows.groupby(sweep, sort=False)["start_best_of_k"].mean()
-    return (
-        f"Best-of-K reward of the first iteration's samples: {' / '.join(f'{v:.3f}' for v in means)} "
-        f"(λ = {' / '.join(f'{v:g}' for v in means.index)}); {row.name}: {interval} "
-        f"(the paper: falls 3.41 → 2.48 from λ = 0.7 to 1.0) → **{row['verdict']}**."
-    )
+    return [Claim("Table 6", f"{row.name}, best-of-K reward of the first iteration's samples", "3.41 -> 2.48",
+                  row["t"], row["direction"])]  # fmt: skip
 
 
 def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: dict[str, str]):
-    """One column per sweep, one row per metric: each seed as a dot, the mean with its 95 % interval, and on
-    the top row the paper's final reward on its own right-hand axis (its reward model's scale is not ours)."""
+    """One column per sweep: the paper's final reward on a row of its own (axis from 0), then one row per metric of
+    ours: each seed as a dot, the mean with its 95 % t-interval."""
     import matplotlib.pyplot as plt
 
     from raftsuite import plots
 
     plots.use_style()
-    fig, axes = plt.subplots(len(metrics), len(rows), figsize=(5.4 * len(rows), 4.0 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics) + 1, len(rows), figsize=(5.4 * len(rows), 3.6 * (len(metrics) + 1)),
+                             squeeze=False)  # fmt: skip
     for column, (sweep, frame) in enumerate(rows.items()):
-        for row, (metric, ylabel) in enumerate(metrics.items()):
+        order = list(dict.fromkeys(frame[sweep]))
+        paper = {v: p for v, p in PAPER.get(sweep, {}).items() if v in set(order)}
+        if paper:
+            plots.plot_paper_values(axes[0, column], paper, order, labels[sweep], f"paper: final reward by {labels[sweep]}")
+        else:
+            axes[0, column].set_axis_off()
+        for row, (metric, ylabel) in enumerate(metrics.items(), start=1):
             if frame[metric].isna().all():
                 axes[row, column].set_axis_off()
                 continue
-            plots.plot_sweep(
-                frame.dropna(subset=[metric]),
-                sweep,
-                metric,
-                title=f"{labels[sweep]}: {ylabel}",
-                xlabel=labels[sweep],
-                ylabel=ylabel,
-                paper={v: p for v, p in PAPER.get(sweep, {}).items() if v in set(frame[sweep])} if row == 0 else None,
-                ax=axes[row, column],
-            )
+            plots.plot_sweep(frame.dropna(subset=[metric]), sweep, metric, title=f"{labels[sweep]}: {ylabel}",
+                             xlabel=labels[sweep], ylabel=ylabel, ax=axes[row, column])  # fmt: skip
     fig.tight_layout()
     return fig
 
@@ -359,3 +299,81 @@ def kept_overlap(run_dir: Path, reference_dir: Path | None) -> float:
         b = {(r["prompt_id"], r["completion"]) for r in pq.read_table(other).to_pylist()}
         overlaps.append(len(a & b) / max(1, len(a | b)))
     return float(np.mean(overlaps)) if overlaps else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The notebook's settings, tables and controls
+# ----------------------------------------------------------------------------------------------
+
+Setting = tuple[int, float, float]
+"""(K, temperature lambda, KL coefficient beta)."""
+
+
+def sweep_settings(p: Mapping[str, Any]) -> dict[str, dict[float, Setting]]:
+    """{sweep: {swept value: setting}} from the notebook's parameters (Tables 5, 6, 7)."""
+    return {
+        "K": {k: (k, p["k_sweep_temperature"], 0.0) for k in p["k_values"]},
+        "temperature": {t: (p["temperature_sweep_k"], t, 0.0) for t in p["temperatures"]},
+        "kl_coef": {b: (p["kl_sweep_k"], p["kl_sweep_temperature"], b) for b in p["kl_coefs"]},
+    }
+
+
+def control_settings(p: Mapping[str, Any]) -> dict[str, Setting]:
+    """{sweep: the setting its matched random-selection control sits beside}."""
+    temperature = p["k_sweep_temperature"] if p["k_sweep_temperature"] in p["temperatures"] else p["temperatures"][0]
+    return {
+        "K": (p["k_values"][0], p["k_sweep_temperature"], 0.0),
+        "temperature": (p["temperature_sweep_k"], temperature, 0.0),
+        "kl_coef": (p["kl_sweep_k"], p["kl_sweep_temperature"], 0.0),
+    }
+
+
+def configs(base: raftlib.RAFTConfig, sweeps: Mapping, controls: Mapping) -> dict[str, raftlib.RAFTConfig]:
+    """Every run's config by name: each sweep setting once (shared settings are one run) and each control."""
+    runs = {run_name(*s): base.replace(setting_overrides(*s)) for sweep in sweeps.values() for s in sweep.values()}
+    for s in controls.values():
+        runs[run_name(*s, selection="random")] = base.replace(setting_overrides(*s) + RANDOM_SELECTION)
+    return runs
+
+
+def with_sft_and_paper(summary: pd.DataFrame, sft_rows: pd.DataFrame, paper: Mapping[float, float]) -> pd.DataFrame:
+    """A sweep's table as text cells, the SFT model (every run's start) as its first row and the paper's final
+    reward as a column."""
+    metrics = [m for m in TABLE_METRICS if m in summary and not summary[m].isna().all()]
+    sft = stats.summarize(sft_rows.assign(setting="SFT (start)"), [m for m in metrics if m in sft_rows], by="setting")
+    table = report.interval_table(pd.concat([sft, summary]), metrics)
+    table["paper final reward"] = [paper.get(v, float("nan")) if v != "SFT (start)" else float("nan") for v in table.index]
+    return table
+
+
+def kept_overlaps(rows: pd.DataFrame, sweep: str, work: Path, reference: str | None) -> pd.DataFrame:
+    """Each run's kept-set overlap with the same seed's `reference` run (`kept_overlap`), one row per run and seed."""
+    overlap = rows[[sweep, "seed", "run"]].copy()
+    overlap["kept_overlap_with_beta0"] = [
+        kept_overlap(work / run / f"seed_{seed}", work / reference / f"seed_{seed}" if reference else None)
+        for run, seed in zip(overlap["run"], overlap["seed"], strict=True)
+    ]
+    return overlap
+
+
+def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_data: bool) -> pd.DataFrame:
+    """RAFT minus its random-selection control per control run and metric (one row per run: a control may serve
+    several sweeps), with the t-interval (column `t`) and its verdict against "ranking helps"."""
+    served: dict[Setting, list[str]] = {}
+    for sweep, setting in controls.items():
+        served.setdefault(setting, []).append(sweep)
+    rows = []
+    for setting, sweeps in served.items():
+        raft, random = run_name(*setting), run_name(*setting, selection="random")
+        for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
+            interval = control_difference(results, raft, random, metric)
+            rows.append({"setting": raft, "serves sweeps": ", ".join(sweeps), "metric": metric, "ours": str(interval),
+                         "n_seeds": interval.n, "detectable_at_80pct_power": stats.detectable_effect(interval),
+                         "verdict": stats.verdict(interval, "up"), "t": interval})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def control_claims(table: pd.DataFrame) -> list[Claim]:
+    """Each control comparison as a claim (exploratory: the paper has no random control)."""
+    return [Claim("controls", f"RAFT above random selection at {r.setting}, {r.metric.replace('_', ' ')}", "—", r.t,
+                  "up") for r in table.itertuples()]  # fmt: skip

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         text_format = next(iter(built.values()))[1]
         ids = text_format.encode(prompts)
         plan = Draw(seed=0, stream=0, samples_per_prompt=K, prompts_per_batch=len(prompts))
-        for name, (decoder, fmt) in built.items():  # warm up: first calls allocate, load, compile
+        for decoder, fmt in built.values():  # warm up: first calls allocate, load, compile
             generate_samples(decoder, fmt, prompts[:1], plan)
         hf_generate(model, fmt.tokenizer, ids[:1], 0)
         for round_index in range(args.rounds):

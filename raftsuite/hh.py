@@ -37,8 +37,8 @@ from raftlib.batches import Batches
 from raftlib.config import DataSection, GenerationSection, ModelSection, TrainingSection
 from raftlib.data import load_prompts
 from raftlib.records import Prompt, Sample
-from raftlib.text.finetune import finetune, reference_perplexity
-from raftlib.text.generate import generate_samples
+from raftlib.text.finetune import finetune
+from raftlib.text.generate import Draw, generate_from
 from raftlib.text.models import load_tokenizer, save_model
 
 logger = logging.getLogger(__name__)
@@ -151,14 +151,9 @@ def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings
     )
     # 1. pairs: K continuations per opening from the base model, paired (0,1), (2,3), ... and labelled by gold
     all_prompts = splits.train + splits.eval
-    samples = generate_samples(
-        base,
-        tokenizer,
-        all_prompts,
-        generation,
-        seed=settings.seed,
-        stream=1,
-        batches=Batches(progress=progress, description="pairs"),
+    draw = Draw(seed=settings.seed, stream=1, samples_per_prompt=generation.samples_per_prompt, prompts_per_batch=16)
+    samples = generate_from(
+        base, tokenizer, all_prompts, generation, draw, Batches(progress=progress, description="pairs")
     )
     gold = gold_reward([s.prompt for s in samples], [s.completion for s in samples])
     eval_ids = {p.prompt_id for p in splits.eval}
@@ -293,7 +288,7 @@ def train_reward_model(
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: the Table 3 columns, on held-out prompts
+# The proxy reward and loading saved models (evaluation itself is raftlib's: raftlib.evaluation)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -348,62 +343,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32"):
     return model, load_tokenizer(ModelSection(path=str(path)))
 
 
-def evaluate(
-    model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    scorer,
-    *,
-    temperature: float = 1.0,
-    max_new_tokens: int = 32,
-    samples_per_prompt: int = 2,
-    best_of: int = 1,
-    seed: int = 0,
-    gold: bool = True,
-    prompts_per_batch: int = 16,
-) -> dict[str, float]:
-    """Proxy and gold reward, reference perplexity, MSTTR-100, distinct-1/2, length on held-out prompts.
-
-    `best_of` > 1 is best-of-K at inference: draw K, keep the one the proxy reward ranks first.
-    `gold=False` (the paper profile: real HH-RLHF has no hidden gold preference) leaves the gold and
-    sentiment columns NaN rather than reporting a lexicon score that means nothing there.
-    """
-    generation = GenerationSection(
-        samples_per_prompt=samples_per_prompt * best_of,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        prompts_per_batch=prompts_per_batch,
-    )
-    samples = generate_samples(
-        model, tokenizer, prompts, generation, seed=seed, stream=424_242, batches=Batches(progress=False)
-    )
-    proxy = scorer([s.prompt for s in samples], [s.completion for s in samples])
-    if best_of > 1:
-        chosen = []
-        for start in range(0, len(samples), best_of):
-            group = range(start, start + best_of)
-            chosen.append(max(group, key=lambda i: proxy[i]))
-        samples = [samples[i] for i in chosen]
-        proxy = [proxy[i] for i in chosen]
-    completions = [s.completion for s in samples]
-    gold_values = gold_reward([s.prompt for s in samples], completions) if gold else [math.nan]
-    sentiment = [_vader().polarity_scores(c)["compound"] for c in completions] if gold else [math.nan]
-    row = {
-        "proxy_reward": float(np.mean(proxy)),
-        "gold_reward": float(np.mean(gold_values)),
-        "sentiment": float(np.mean(sentiment)),
-        # perplexity of the held-out preferred continuations (the paper: ppl against HH chosen responses)
-        "perplexity": reference_perplexity(
-            model, tokenizer, prompts, "reference", chat_template="never", append_eos=True
-        ),
-        "msttr_100": M.msttr(completions),
-        "distinct_1": M.distinct_n(completions, 1),
-        "distinct_2": M.distinct_n(completions, 2),
-        "length_words": float(np.mean([len(M.words(c)) for c in completions])),
-    }
-    return row
-
-
 def gold_over_iterations(run_dir: str | Path) -> list[dict[str, float]]:
     """Proxy (the run's eval reward) and gold reward of each iteration's held-out completions."""
     import pyarrow.parquet as pq
@@ -424,7 +363,7 @@ def gold_over_iterations(run_dir: str | Path) -> list[dict[str, float]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The RL baseline: TRL's GRPO at the same number of samples
+# The RL baselines' TRL config (raftsuite.hh_methods runs GRPO on HH; raftsuite.reasoning on a verifier)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -437,90 +376,6 @@ def grpo_config(output_dir: str | Path, *, seed: int, use_cpu: bool, **settings:
         output_dir=str(output_dir), seed=seed, use_cpu=use_cpu, logging_steps=1, report_to="none",
         save_strategy="no", disable_tqdm=True, **settings,
     )  # fmt: skip
-
-
-def run_grpo(
-    sft_model: str | Path,
-    prompts: Sequence[Prompt],
-    reward_model: str | Path,
-    output_dir: str | Path,
-    *,
-    samples_budget: int,
-    num_generations: int = 8,
-    prompts_per_step: int = 8,
-    learning_rate: float = 1e-5,
-    beta: float = 0.0,
-    max_new_tokens: int = 32,
-    temperature: float = 1.0,
-    seed: int = 0,
-    callbacks: Sequence[Any] = (),
-    gradient_accumulation_steps: int = 1,
-    bf16: bool | None = None,
-    gradient_checkpointing: bool = False,
-    reward_formatter: str = "raw",
-    reward_dtype: str = "float32",
-) -> dict[str, Any]:
-    """TRL GRPOTrainer on the proxy reward, stopped when it has drawn `samples_budget` completions.
-
-    `callbacks`: transformers TrainerCallbacks (the efficiency notebook evaluates held-out reward in one).
-    One optimizer step takes `num_generations * prompts_per_step` completions whatever the launch: each of the
-    WORLD_SIZE processes (under `accelerate launch`) takes `completions / (processes * accumulation)` per
-    micro-batch, so memory per device falls with `gradient_accumulation_steps`. `bf16` (default: on CUDA)
-    loads and trains in bf16 autocast.
-    """
-    from datasets import Dataset
-    from trl import GRPOTrainer
-
-    scorer = load_scorer(reward_model, formatter=reward_formatter, dtype=reward_dtype)
-
-    def proxy_reward(prompts, completions, **kwargs):  # TRL logs reward functions by __name__
-        return scorer(list(prompts), list(completions))
-
-    completions_per_step = num_generations * prompts_per_step
-    steps = max(1, samples_budget // completions_per_step)
-    use_cpu = not torch.cuda.is_available()
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    per_device, rest = divmod(completions_per_step, processes * gradient_accumulation_steps)
-    if rest or per_device < 1:
-        raise ValueError(
-            f"grpo: {completions_per_step} completions per step (num_generations x prompts_per_step) do not split "
-            f"into {processes} processes x gradient_accumulation_steps {gradient_accumulation_steps}"
-        )
-    bf16 = (not use_cpu) if bf16 is None else bf16
-    args = grpo_config(
-        output_dir, seed=seed, use_cpu=use_cpu,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        num_generations=num_generations,
-        max_completion_length=max_new_tokens,
-        temperature=temperature,
-        learning_rate=learning_rate,
-        beta=beta,
-        max_steps=steps,
-        gradient_checkpointing=gradient_checkpointing,  # TRL turns it on by default; we follow the RAFT setting
-        # TRL defaults to bf16, which on a CPU is bf16 autocast: slower there, and RAFT's tiny runs are fp32
-        bf16=bf16,
-        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
-    )  # fmt: skip
-    dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
-    started = time.perf_counter()
-    trainer = GRPOTrainer(
-        model=str(sft_model), reward_funcs=[proxy_reward], args=args, train_dataset=dataset, callbacks=list(callbacks)
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
-    trainer.train()
-    seconds = time.perf_counter() - started
-    trainer.save_model(str(output_dir))
-    scorer.teardown()
-    history = [h for h in trainer.state.log_history if "reward" in h]
-    return {
-        "steps": steps,
-        "samples": steps * completions_per_step,
-        "seconds": seconds,
-        "reward_per_step": [h["reward"] for h in history],
-    }
 
 
 # ----------------------------------------------------------------------------------------------

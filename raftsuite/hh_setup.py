@@ -1,6 +1,6 @@
 """The starting point every HH notebook shares: the SFT policy, the reward model and the prompts, as one record.
 
-`prepare` takes a notebook's parameters and dispatches on `dataset`: "" builds (or reuses) the tiny setting with
+`prepare` takes a notebook's parameters (as a `SetupRequest`) and dispatches on `dataset`: "" builds (or reuses) the tiny setting with
 `raftsuite.hh.prepare_setup` in RUNS/hh_setup; a dataset builds (or reuses) the HH-RLHF setting with
 `raftsuite.hh_paper.prepare_paper_setup` in RUNS/hh_paper_setup. Both builders and their caches are unchanged:
 this module only picks one and reads its result into `HHSetup`, so the notebooks need no branch of their own.
@@ -8,8 +8,10 @@ this module only picks one and reads its result into `HHSetup`, so the notebooks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from raftlib.config import DataSection
 from raftlib.data import load_prompts
@@ -71,118 +73,121 @@ class HHSetup:
         return ablations.train_only_prompts(self.prompts, self.held_out(), destination)
 
 
-def prepare(
-    runs_dir: str | Path,
-    *,
-    dataset: str,
-    eval_prompts: int,
-    base_model: str,
-    openings: str,
-    setup_samples_per_prompt: int,
-    setup_max_new_tokens: int,
-    rm_epochs: int,
-    policy_model: str,
-    sft_model: str,
-    reward_model: str,
-    reward_formatter: str,
-    subset: str,
-    max_prompt_tokens: int,
-    train_limit: int,
-    sft_examples: int,
-    policy_dtype: str,
-    mixed_precision: str,
-    gradient_checkpointing: bool,
-    progress: bool,
-) -> HHSetup:
-    """Build or reuse the profile's setup under `runs_dir` (runs/PROFILE), shared by every HH notebook.
+@dataclass(frozen=True)
+class SetupRequest:
+    """What a notebook asks of the setup: its parameters that the setup reads (`from_parameters`).
 
     `dataset` "" is the tiny setting (base_model, openings, setup_samples_per_prompt, setup_max_new_tokens,
     rm_epochs; built with seed 0 whatever the runs' seeds); a dataset is HH-RLHF (policy_model or sft_model,
     reward_model read with reward_formatter, subset, max_prompt_tokens, train_limit and sft_examples with 0 = all,
-    policy_dtype, mixed_precision, gradient_checkpointing). The other setting's parameters are not read.
+    policy_dtype, mixed_precision, gradient_checkpointing). The other setting's fields are not read.
     """
-    runs_dir = Path(runs_dir)
-    for name, value in (
-        ("policy_model", policy_model),
-        ("sft_model", sft_model),
-        ("dataset", dataset),
-        ("reward_model", reward_model),
-    ):
-        standins.require(value, name)
-    hh_data = bool(dataset)
-    formatter = reward_formatter if hh_data else "raw"
+
+    dataset: str = ""
+    eval_prompts: int = 64
+    base_model: str = "assets/tiny-lm"
+    openings: str = "notebooks/data/openings.jsonl"
+    setup_samples_per_prompt: int = 8
+    setup_max_new_tokens: int = 32
+    rm_epochs: int = 2
+    policy_model: str = ""
+    sft_model: str = ""
+    reward_model: str = ""
+    reward_formatter: str = "open_llama_hh"
+    subset: str = "helpful"
+    max_prompt_tokens: int = 256
+    train_limit: int = 0
+    sft_examples: int = 0
+    policy_dtype: str = "float32"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    show_progress: bool = False
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> SetupRequest:
+        """The fields a notebook's parameters hold (the rest keep their defaults); dtypes resolved ("auto")."""
+        values = {f.name: parameters[f.name] for f in fields(cls) if f.name in parameters}
+        values["policy_dtype"] = hh.resolve_dtype(values.get("policy_dtype", "float32"))
+        return cls(**values)
+
+
+def prepare(runs_dir: str | Path, request: SetupRequest) -> HHSetup:
+    """Build or reuse the profile's setup under `runs_dir` (runs/PROFILE), shared by every HH notebook."""
+    runs_dir, r = Path(runs_dir), request
+    for name in ("policy_model", "sft_model", "dataset", "reward_model"):
+        standins.require(getattr(r, name), name)
+    return _paper(runs_dir, r) if r.dataset else _tiny(runs_dir, r)
+
+
+def _paper(runs_dir: Path, r: SetupRequest) -> HHSetup:
+    formatter = r.reward_formatter
     if formatter not in hh_paper.FORMATTERS:
         raise ValueError(f"reward_formatter = {formatter!r}: known formatters {', '.join(hh_paper.FORMATTERS)}")
-    if hh_data:
-        # one build per profile (runs/PROFILE/hh_paper_setup), under a lock: notebooks started together share it
-        paper = hh_paper.prepare_paper_setup(
-            runs_dir / "hh_paper_setup",
-            policy_model=policy_model,
-            sft_model=sft_model,
-            dataset=dataset,
-            reward_model=reward_model,
-            subset=subset,
-            max_prompt_tokens=max_prompt_tokens,
-            eval_prompts=eval_prompts,
-            train_limit=train_limit or None,
-            sft_examples=sft_examples or None,
-            policy_dtype=policy_dtype,
-            mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing,
-            progress=progress,
-        )
-        return HHSetup(
-            hh_data=True,
-            directory=runs_dir / "hh_paper_setup",
-            sft_model=str(paper.sft_model),
-            reward_model=str(paper.reward_model),
-            formatter=formatter,
-            prompts=paper.prompts,
-            eval_prompts=eval_prompts,
-            curve_prompts=min(eval_prompts, CURVE_PROMPTS_HH),
-            max_prompt_tokens=max_prompt_tokens,
-            test_prompts_file=paper.eval_prompts_file,
-            rm_accuracy=None,
-            description=(
-                f"HH-RLHF: {paper.train_prompts} train prompts, {paper.eval_prompts} test prompts; "
-                f"SFT {paper.sft_model}; reward model {paper.reward_model}"
-            ),
-            summary={
-                "prompts (train / test split)": f"{paper.train_prompts} / {paper.eval_prompts}",
-                "SFT policy": str(paper.sft_model),
-                "reward model": f"{paper.reward_model} (read as {formatter})",
-                "setup minutes": f"{paper.seconds / 60:.1f}",
-            },
-        )
-    # one build per profile (runs/PROFILE/hh_setup), with split seed 0 whatever the RAFT seeds
-    tiny = hh.prepare_setup(
-        runs_dir / "hh_setup",
-        hh.SetupSettings(
-            base_model=base_model,
-            openings=openings,
-            eval_prompts=eval_prompts,
-            samples_per_pair_prompt=setup_samples_per_prompt,
-            max_new_tokens=setup_max_new_tokens,
-            rm_epochs=rm_epochs,
-            seed=0,
-        ),
-        progress=progress,
+    # one build per profile (runs/PROFILE/hh_paper_setup), under a lock: notebooks started together share it
+    paper = hh_paper.prepare_paper_setup(
+        runs_dir / "hh_paper_setup",
+        policy_model=r.policy_model,
+        sft_model=r.sft_model,
+        dataset=r.dataset,
+        reward_model=r.reward_model,
+        subset=r.subset,
+        max_prompt_tokens=r.max_prompt_tokens,
+        eval_prompts=r.eval_prompts,
+        train_limit=r.train_limit or None,
+        sft_examples=r.sft_examples or None,
+        policy_dtype=r.policy_dtype,
+        mixed_precision=r.mixed_precision,
+        gradient_checkpointing=r.gradient_checkpointing,
+        progress=r.show_progress,
     )
+    return HHSetup(
+        hh_data=True,
+        directory=runs_dir / "hh_paper_setup",
+        sft_model=str(paper.sft_model),
+        reward_model=str(paper.reward_model),
+        formatter=formatter,
+        prompts=paper.prompts,
+        eval_prompts=r.eval_prompts,
+        curve_prompts=min(r.eval_prompts, CURVE_PROMPTS_HH),
+        max_prompt_tokens=r.max_prompt_tokens,
+        test_prompts_file=paper.eval_prompts_file,
+        rm_accuracy=None,
+        description=(
+            f"HH-RLHF: {paper.train_prompts} train prompts, {paper.eval_prompts} test prompts; "
+            f"SFT {paper.sft_model}; reward model {paper.reward_model}"
+        ),
+        summary={
+            "prompts (train / test split)": f"{paper.train_prompts} / {paper.eval_prompts}",
+            "SFT policy": str(paper.sft_model),
+            "reward model": f"{paper.reward_model} (read as {formatter})",
+            "setup minutes": f"{paper.seconds / 60:.1f}",
+        },
+    )
+
+
+def _tiny(runs_dir: Path, r: SetupRequest) -> HHSetup:
+    # one build per profile (runs/PROFILE/hh_setup), with split seed 0 whatever the RAFT seeds
+    settings = hh.SetupSettings(
+        base_model=r.base_model, openings=r.openings, eval_prompts=r.eval_prompts,
+        samples_per_pair_prompt=r.setup_samples_per_prompt, max_new_tokens=r.setup_max_new_tokens,
+        rm_epochs=r.rm_epochs, seed=0,
+    )  # fmt: skip
+    tiny = hh.prepare_setup(runs_dir / "hh_setup", settings, progress=r.show_progress)
     return HHSetup(
         hh_data=False,
         directory=tiny.directory,
         sft_model=str(tiny.sft_model),
         reward_model=str(tiny.reward_model),
-        formatter=formatter,
+        formatter="raw",
         prompts=tiny.prompts,
-        eval_prompts=eval_prompts,
-        curve_prompts=eval_prompts,
+        eval_prompts=r.eval_prompts,
+        curve_prompts=r.eval_prompts,
         max_prompt_tokens=None,
         test_prompts_file=None,
         rm_accuracy=tiny.rm_accuracy_heldout,
         description=(
             f"tiny setting: SFT {tiny.sft_model}, reward model {tiny.reward_model} "
-            f"(held-out pair accuracy {tiny.rm_accuracy_heldout:.1%}); {eval_prompts} held-out openings"
+            f"(held-out pair accuracy {tiny.rm_accuracy_heldout:.1%}); {r.eval_prompts} held-out openings"
         ),
         summary={
             "preference pairs (train / held-out)": f"{tiny.pairs_train} / {tiny.pairs_heldout}",

@@ -16,22 +16,21 @@ Works for `RAFTConfig` and `DiffusionConfig` alike (raftlib's CLI dispatches on 
 On a machine without CUDA the workers run on CPUs (gloo): `ACCELERATE_USE_CPU=true` with `--multi_gpu`, as
 docs/performance.md explains (accelerate's `--cpu` would take its one-process launcher).
 
-The GRPO baseline: `launch_grpo(kwargs, num_processes, accelerate_config)` starts
-`accelerate launch -m raftsuite.launch grpo KWARGS.json`, which calls `raftsuite.hh.run_grpo(**kwargs)` in every
-process (TRL's trainer is accelerate-aware) and the main process writes the returned rows to OUT.json.
+In a notebook every run is alive and stoppable: a child's lines are streamed into the cell as they come (the
+per-iteration summary, warnings and errors; everything else goes to the full log, whose path is printed first),
+and an interrupt stops the child and its workers and ends with one line saying how to resume
+(`Interrupted`), not a page of subprocess traceback.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,26 @@ class LaunchError(RuntimeError):
     """An `accelerate launch` subprocess failed; the message ends with the tail of its log."""
 
 
+SHOWN = re.compile(r"iter \d+/\d+ \||already holds this run|WARNING raftlib|ERROR|Error|error:|Traceback|^log: ")
+"""The lines of a child's output a notebook cell shows: raftlib's per-iteration summary, resumes, problems."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by an interrupt: IPython shows the one-line message instead of the traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"Interrupted: {self}"]
+
+
 def _echo(line: str) -> None:
     sys.stdout.write(line)
     sys.stdout.flush()
+
+
+def progress_echo(line: str) -> None:
+    """`echo` for notebooks: only the lines `SHOWN` matches (the full output is in the log)."""
+    if SHOWN.search(line):
+        _echo(line)
 
 
 def cuda_available() -> bool:
@@ -88,10 +104,15 @@ def launch_command(
 
 
 def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callable[[str], None] = _echo) -> None:
-    """Run `command`, copying each output line to `echo` and `log_path` as it comes; raise with the tail on failure."""
+    """Run `command`, copying each output line to `echo` and `log_path` as it comes; raise with the tail on failure.
+
+    An interrupt (Ctrl-C, Jupyter's stop button) stops the command and every process it started, then raises
+    `Interrupted` naming the log: nothing is left writing into a run directory, which a rerun resumes.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     errors: list[str] = []  # the workers' own error lines: torchrun's summary that ends the log hides them
+    echo(f"log: {log_path}\n")
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -109,13 +130,11 @@ def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callab
                     errors.append(line)
                 echo(line)
             code = process.wait()
+        except KeyboardInterrupt:
+            stop_tree(process)
+            raise Interrupted(f"stopped; its log: {log_path}. Run the cell again to resume where it stopped") from None
         except BaseException:
-            # A kernel interrupt stops the workers too: nothing is left writing into the run directory.
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_tree(process)
             raise
     if code != 0:
         raise LaunchError(
@@ -123,6 +142,30 @@ def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callab
             + (f"worker errors:\n{''.join(errors)}" if errors else "")
             + f"last {len(tail)} lines:\n{''.join(tail)}"
         )
+
+
+def stop_tree(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM `process` and every process it started (torchrun's workers sit in sessions of their own), then
+    SIGKILL what is left after `timeout` seconds, and reap them."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    process.wait()
 
 
 def refuse_what_cannot_fit(config: Any, num_processes: int, accelerate_config: str = "") -> None:
@@ -154,11 +197,14 @@ def run(
     OUTPUT_DIR/launch/launch.log.
     """
     import raftlib
-    from raftlib.loop import RunResult, holds_same_run
+    from raftlib.start import RunResult, holds_same_run
     from raftlib.store import RunStore, atomic_write_text
 
     if num_processes == 1 and not accelerate_config:
-        return raftlib.run(config, reward=reward)  # raftlib.run refuses what cannot fit on a GPU itself
+        try:
+            return raftlib.run(config, reward=reward)  # raftlib.run refuses what cannot fit on a GPU itself
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped; run the cell again to resume the run in {config.output_dir}") from None
     refuse_what_cannot_fit(config, num_processes, accelerate_config)
     if reward is not None:
         raise ValueError(
@@ -179,41 +225,6 @@ def run(
     return RunResult(run_dir=store.root, metrics=store.read_metrics(), final_dir=store.final_dir)
 
 
-def launch_grpo(
-    kwargs: dict[str, Any],
-    work_dir: str | Path,
-    num_processes: int = 1,
-    accelerate_config: str = "",
-    *,
-    echo: Callable[[str], None] = _echo,
-) -> Any:
-    """`raftsuite.hh.run_grpo(**kwargs)` in the kernel, or on `num_processes` processes through `accelerate launch`.
-
-    `kwargs` must be JSON (paths, numbers, config sections as dicts: see `run_grpo`); the result (the rows
-    `run_grpo` returns) comes back through WORK_DIR/launch/grpo_result.json, written by the main process.
-    """
-    from raftsuite.hh import run_grpo
-
-    if num_processes == 1 and not accelerate_config:
-        return run_grpo(**kwargs)
-    if kwargs.get("callbacks"):
-        raise ValueError("callbacks: trainer callbacks cannot cross into `accelerate launch` workers")
-    kwargs = dict(kwargs)
-    # Prompt records travel as dicts and are rebuilt in the workers.
-    kwargs["prompts"] = [asdict(p) if is_dataclass(p) else p for p in kwargs["prompts"]]
-    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
-    launch_dir = Path(work_dir) / LAUNCH_DIR
-    launch_dir.mkdir(parents=True, exist_ok=True)
-    arguments, result = launch_dir / "grpo_kwargs.json", launch_dir / "grpo_result.json"
-    arguments.write_text(json.dumps(kwargs, indent=1), encoding="utf-8")
-    result.unlink(missing_ok=True)
-    command, env = launch_command(
-        ["raftsuite.launch", "grpo", str(arguments), str(result)], num_processes, accelerate_config
-    )
-    stream(command, env, launch_dir / "grpo.log", echo)
-    return json.loads(result.read_text(encoding="utf-8"))
-
-
 def die_with_parent() -> None:
     """`preexec_fn` of a child run: on Linux the child gets SIGKILL when the process that started it dies.
 
@@ -227,32 +238,3 @@ def die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _grpo_worker(arguments: Path, result: Path) -> None:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from raftlib.records import Prompt
-    from raftsuite.hh import run_grpo
-
-    kwargs = json.loads(arguments.read_text(encoding="utf-8"))
-    kwargs["prompts"] = [Prompt(**p) for p in kwargs["prompts"]]
-    rows = run_grpo(**kwargs)
-    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process:
-        tmp = result.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, default=float), encoding="utf-8")
-        tmp.replace(result)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] != "grpo":
-        print("usage: python -m raftsuite.launch grpo KWARGS.json OUT.json", file=sys.stderr)
-        return 2
-    _grpo_worker(Path(argv[1]), Path(argv[2]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,8 @@ sweeps as a mean with its 95 % interval per setting beside the paper's values.
 
 Each figure stands alone: a title that says what was measured and on what, axis labels with units, a legend
 naming every mark (seeds, mean, interval, paper), and seaborn's "colorblind" palette. The intervals are
-`stats.mean_ci`'s (percentile bootstrap over seeds), so a figure and its table show the same numbers.
+`stats.mean_ci`'s (Student-t over seeds), so a figure and its table show the same numbers; a mark from one seed
+has no error bar (there is no interval to draw).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def plot_iteration_bands(
         )
     handles += [
         Line2D([], [], color="grey", linewidth=0.8, alpha=0.6, label="one seed"),
-        Patch(color="grey", alpha=0.25, label="95% CI of the mean (bootstrap over seeds)"),
+        Patch(color="grey", alpha=0.25, label="95 % t-interval of the mean over seeds"),
     ]
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -129,15 +130,15 @@ def plot_sweep(
     xlabel: str,
     ylabel: str,
     paper: Mapping[Any, float] | None = None,
-    paper_label: str = "paper (its own reward scale, right axis)",
-    paper_twin_axis: bool = True,
+    paper_label: str = "paper (its own reward model)",
     ax: Any = None,
 ):
-    """A sweep: settings on x in the order they first appear, each seed as a small dot, the mean as a marker
-    with its 95 % interval as an error bar, and the paper's value per setting as a separate marker series.
+    """A sweep: settings on x in the order they first appear, each seed as a small dot, the mean as a marker with
+    its 95 % t-interval as an error bar (none where a setting has one seed: there is no interval).
 
-    paper_twin_axis: the paper's numbers on a right-hand axis of their own (the default: its reward model's
-    scale is not ours; a shared axis would flatten one of the two). False puts them on our axis.
+    With `paper` ({setting: value}), the paper's values go in a panel of their own whose axis starts at 0, so a
+    change of 2.18 -> 2.33 looks as large as it is (a twin axis would stretch it to the full height beside ours);
+    both panels share the x settings. `ax`: draw ours into it (no paper panel then: `plot_paper_values`).
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -147,7 +148,12 @@ def plot_sweep(
     for column in (setting, "seed", metric):
         if column not in rows:
             raise KeyError(f"plot_sweep: no column {column!r} (columns: {', '.join(rows)})")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4.2))
+    if ax is not None:
+        fig, paper = ax.figure, None
+    elif paper:
+        fig, (ax, paper_ax) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
     ours_color = sns.color_palette(PALETTE)[0]
     order = list(dict.fromkeys(rows[setting]))
     position = {value: i for i, value in enumerate(order)}
@@ -157,63 +163,40 @@ def plot_sweep(
     ax.scatter(x - 0.18 + jitter, rows[metric], s=16, color=ours_color, alpha=0.5, linewidth=0, zorder=2)
     summary = _interval_rows(rows, [setting], metric).set_index(setting).loc[order]
     xs = np.arange(len(order))
+    n = rows.groupby(setting)["seed"].nunique().loc[order]
+    with_interval = (n > 1).to_numpy()
     yerr = np.vstack([summary["mean"] - summary["low"], summary["high"] - summary["mean"]])
-    ax.errorbar(
-        xs,
-        summary["mean"],
-        yerr=np.nan_to_num(yerr),
-        fmt="o",
-        color=ours_color,
-        markersize=8,
-        capsize=5,
-        linewidth=1.8,
-        zorder=3,
-    )
-    n = rows.groupby(setting)["seed"].nunique()
+    ax.errorbar(xs[with_interval], summary["mean"][with_interval], yerr=yerr[:, with_interval], fmt="o",
+                color=ours_color, markersize=8, capsize=5, linewidth=1.8, zorder=3)  # fmt: skip
+    ax.plot(xs[~with_interval], summary["mean"][~with_interval], "o", color=ours_color, markersize=8, zorder=3)
+    low, high = int(n.min()), int(n.max())
+    seeds = f"{low}–{high} seeds" if low != high else f"{low} seed{'s' * (low != 1)}"
+    mark = "mean and 95 % t-interval" if n.max() > 1 else "one seed: no interval"
     handles = [
-        Line2D(
-            [],
-            [],
-            color=ours_color,
-            marker="o",
-            markersize=8,
-            linewidth=1.8,
-            label=f"ours: mean and 95% CI ({n.min()}–{n.max()} seeds)"
-            if n.min() != n.max()
-            else f"ours: mean and 95% CI ({n.min()} seeds)",
-        ),
+        Line2D([], [], color=ours_color, marker="o", markersize=8, linewidth=1.8, label=f"ours: {mark} ({seeds})"),
         Line2D([], [], color=ours_color, marker="o", markersize=4, alpha=0.45, linewidth=0, label="ours: one seed"),
     ]
     ax.set_xticks(xs, [str(v) for v in order])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if paper:
         unknown = [k for k in paper if k not in position]
         if unknown:
             raise KeyError(f"plot_sweep: paper values for settings {unknown} that the rows lack (settings: {order})")
-        target = ax.twinx() if paper_twin_axis else ax
-        keys = [k for k in order if k in paper]
-        target.plot(
-            [position[k] for k in keys],
-            [paper[k] for k in keys],
-            linestyle="--",
-            marker="D",
-            color=PAPER_COLOR,
-            markersize=7,
-            linewidth=1,
-            zorder=4,
-        )
-        if paper_twin_axis:
-            target.set_ylabel("paper's value")
-            target.grid(False)
-        handles.append(
-            Line2D(
-                [], [], color=PAPER_COLOR, marker="D", linestyle="--", label=paper_label if paper_twin_axis else "paper"
-            )
-        )
-    # Below the axes: inside, it would cover a point of one of the two series.
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        plot_paper_values(paper_ax, paper, order, xlabel, paper_label)
+        paper_ax.set_xlim(ax.get_xlim())
     fig.tight_layout()
     return fig
+
+
+def plot_paper_values(ax, paper: Mapping[Any, float], order: Sequence[Any], xlabel: str, title: str) -> None:
+    """The paper's value per setting on an axis from 0 (so its relative changes look as large as they are)."""
+    keys = [k for k in order if k in paper]
+    ax.plot([order.index(k) for k in keys], [paper[k] for k in keys], linestyle="--", marker="D", color=PAPER_COLOR,
+            markersize=7, linewidth=1)  # fmt: skip
+    ax.set_xticks(range(len(order)), [str(v) for v in order])
+    ax.set_ylim(0, max(paper.values()) * 1.15)
+    ax.set(title=title, xlabel=xlabel, ylabel="paper's value (axis from 0)")
 
 
 def plot_paired_differences(
@@ -241,5 +224,24 @@ def plot_paired_differences(
     ax.set_yticks(range(len(labels)), ticks, fontsize=9)
     ax.set_ylim(len(labels) - 0.5, -0.5)  # first comparison on top, half a row of margin
     ax.set(title=title, xlabel=xlabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_proxy_and_gold(over: pd.DataFrame, title: str):
+    """Two panels over RAFT iterations: held-out proxy and gold reward (seeds thin, mean thick, 95 % t-band), and
+    gold minus proxy (falling: the proxy's gains outrun the gold's). `over`: seed, iteration, proxy/gold_reward."""
+    import matplotlib.pyplot as plt
+
+    long = over.melt(id_vars=["seed", "iteration"], value_vars=["proxy_reward", "gold_reward"], var_name="label",
+                     value_name="reward")  # fmt: skip
+    long["label"] = long["label"].map(
+        {"proxy_reward": "proxy (learned RM, optimised)", "gold_reward": "gold (hidden preference, never seen)"}
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    plot_iteration_bands(long, "reward", title, "mean reward", ax=axes[0])
+    gap = over.assign(label="gold − proxy", gap=over["gold_reward"] - over["proxy_reward"])
+    plot_iteration_bands(gap, "gap", "gold minus proxy per iteration (falling: proxy gains outrun gold)",
+                         "gold − proxy", ax=axes[1])  # fmt: skip
     fig.tight_layout()
     return fig

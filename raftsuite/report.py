@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,33 +63,35 @@ def plot_run_curves(metrics: pd.DataFrame, title: str = ""):
 
 
 def sample_viewer(
-    run_dir: str | Path, iterations: Sequence[int] | None = None, prompts_per_iteration: int = 3, max_rejected: int = 3
+    run_dirs: str | Path | Sequence[str | Path], gold=None, prompts_per_run: int = 2, max_rejected: int = 3
 ) -> str:
-    """HTML: for a few prompts of each iteration, the kept completion next to rejected ones, with rewards."""
+    """HTML: for each run (a seed's), at its first, middle and last iteration, `prompts_per_run` prompts that have a
+    kept sample, the kept completion beside rejected ones, each with the reward it was ranked by and, with `gold`
+    (a reward callable: the tiny setting's hidden preference), the gold reward it never saw. Best first."""
     import pyarrow.parquet as pq
 
-    run_dir = Path(run_dir)
-    available = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("iter_*/samples.parquet"))
-    if iterations is None:
-        iterations = sorted({available[0], available[len(available) // 2], available[-1]}) if available else []
+    runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     parts = []
-    for iteration in iterations:
-        table = pq.read_table(run_dir / f"iter_{iteration:04d}" / "samples.parquet").to_pylist()
-        by_prompt: dict[int, list[dict[str, Any]]] = {}
-        for row in table:
-            by_prompt.setdefault(row["prompt_id"], []).append(row)
-        shown = sorted(by_prompt)[:prompts_per_iteration]
-        body = []
-        for prompt_id in shown:
-            rows = sorted(by_prompt[prompt_id], key=lambda r: -_key(r["reward"]))
-            kept = [r for r in rows if r["kept"]]
-            rejected = [r for r in rows if not r["kept"]][:max_rejected]
-            cells = "".join(_cell(r, "kept") for r in kept) + "".join(_cell(r, "rejected") for r in rejected)
-            body.append(f"<tr><th class='text'>{html.escape(rows[0]['prompt'])}</th>{cells}</tr>")
-        parts.append(
-            f"<h4>Iteration {iteration}: kept (green) against rejected (red), best reward first</h4>"
-            f"<table class='raft-samples'>{''.join(body)}</table>"
-        )
+    for run_dir in map(Path, runs):
+        available = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("iter_*/samples.parquet"))
+        iterations = sorted({available[0], available[len(available) // 2], available[-1]}) if available else []
+        for iteration in iterations:
+            table = pq.read_table(run_dir / f"iter_{iteration:04d}" / "samples.parquet").to_pylist()
+            by_prompt: dict[int, list[dict[str, Any]]] = {}
+            for row in table:
+                by_prompt.setdefault(row["prompt_id"], []).append(row)
+            with_kept = [p for p in sorted(by_prompt) if any(r["kept"] for r in by_prompt[p])][:prompts_per_run]
+            body = []
+            for prompt_id in with_kept:
+                rows = sorted(by_prompt[prompt_id], key=lambda r: -_key(r["reward"]))
+                shown = [r for r in rows if r["kept"]] + [r for r in rows if not r["kept"]][:max_rejected]
+                golds = gold([r["prompt"] for r in shown], [r["completion"] for r in shown]) if gold else [None] * len(shown)
+                cells = "".join(_cell(r, "kept" if r["kept"] else "rejected", g) for r, g in zip(shown, golds, strict=True))
+                body.append(f"<tr><th class='text'>{html.escape(rows[0]['prompt'])}</th>{cells}</tr>")
+            parts.append(
+                f"<h4>{html.escape(run_dir.name)}, iteration {iteration}: kept (green) beside rejected (red), "
+                f"best proxy reward first</h4><table class='raft-samples'>{''.join(body)}</table>"
+            )
     return f"<div>{_VIEWER_STYLE}{''.join(parts)}</div>"
 
 
@@ -107,10 +110,11 @@ def _key(value: float | None) -> float:
     return -math.inf if value is None or not math.isfinite(value) else value
 
 
-def _cell(row: dict[str, Any], kind: str) -> str:
+def _cell(row: dict[str, Any], kind: str, gold: float | None = None) -> str:
     reward = "None" if row["reward"] is None else f"{row['reward']:.3f}"
+    shown = f"proxy {reward}" + ("" if gold is None else f" · gold {gold:.3f}")
     return (
-        f"<td class='{kind}'><div class='reward'>{kind} · reward {html.escape(reward)}</div>"
+        f"<td class='{kind}'><div class='reward'>{kind} · {html.escape(shown)}</div>"
         f"<div class='text'>{html.escape(row['completion'])}</div></td>"
     )
 
@@ -149,26 +153,25 @@ def save_figure(fig, output_dir: str | Path, name: str) -> Path:
     return path
 
 
-def write_headline(output_dir: str | Path, title: str, numbers: dict[str, Any], note: str = "") -> None:
-    """The numbers results/index.html shows for this report.
+def write_headline(output_dir: str | Path, title: str, numbers: dict[str, Any], note: str = "") -> dict[str, str]:
+    """The numbers the report opens with and results/index.html links to; returns them as text, by label.
 
-    A number is a plain value (float, int, str) or a number with its interval: a `stats.Interval` or a
-    (mean, low, high) triple, stored as {"mean", "ci95_low", "ci95_high"} and shown "0.450 [0.400, 0.510]".
+    A number is a plain value (float, int, str) or a number with its interval: a `stats.Interval` (stored with
+    its n and kind) or a (mean, low, high) triple, shown "0.450 [0.400, 0.510]".
     """
+    stored = {k: _headline_value(k, v) for k, v in numbers.items()}
     (Path(output_dir) / "headline.json").write_text(
-        json.dumps(
-            {"title": title, "numbers": {k: _headline_value(k, v) for k, v in numbers.items()}, "note": note},
-            indent=2,
-        )
-        + "\n"
+        json.dumps({"title": title, "numbers": stored, "note": note}, indent=2) + "\n"
     )
+    return {k: format_headline_value(v) for k, v in stored.items()}
 
 
 def _headline_value(label: str, value: Any) -> Any:
     from raftsuite.stats import Interval
 
     if isinstance(value, Interval):
-        value = value.as_tuple()
+        low, high = (None if math.isnan(v) else v for v in (value.low, value.high))
+        return {"mean": value.mean, "ci95_low": low, "ci95_high": high, "n": value.n, "interval": value.label}
     if isinstance(value, (tuple, list)):
         if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
             raise ValueError(f"headline {label!r}: an interval is (mean, low, high), got {value!r}")
@@ -187,7 +190,8 @@ def format_headline_value(value: Any) -> str:
 
     if isinstance(value, dict) and "mean" in value:
         low, high = value.get("ci95_low"), value.get("ci95_high")
-        return format_interval(value["mean"], math.nan if low is None else low, math.nan if high is None else high)
+        text = format_interval(value["mean"], math.nan if low is None else low, math.nan if high is None else high)
+        return text + (f" ({value['interval']})" if value.get("interval") else "")
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
@@ -277,3 +281,94 @@ def collapse_logs(notebook: Any) -> Any:
                 outputs.append(output)
         cell["outputs"] = outputs
     return notebook
+
+
+# ---- claims: every verdict a notebook draws, for its report and the results page ----------------------
+
+CLAIMS_FILE = "claims.json"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One verdict: what the paper claims, its number, ours with its interval, and what the interval says."""
+
+    table: str
+    """Where the paper makes it: "Table 3", "Table 5", "§5 resolution", ... (the results page sorts by it)."""
+    claim: str
+    """The claim in words: "RAFT above its random-selection control (gold reward)"."""
+    paper: str
+    """The paper's number behind it ("SFT 0.772 -> RAFT 2.294"), or "-" where the paper has none."""
+    interval: Any
+    """A `stats.Interval` of our change (a paired difference; a ratio)."""
+    direction: str
+    """The paper's direction: "up" or "down" (a ratio: "down" means below 1)."""
+    primary: bool = False
+    """Named in docs/statistics.md before the runs, one per paper table; Holm-adjusted across them."""
+    identical: bool = False
+    """The two sides are the same runs (e.g. a KL coefficient too small to change any ranking)."""
+
+    def row(self) -> dict[str, Any]:
+        from raftsuite import stats
+
+        interval = self.interval
+        word = stats.verdict(interval, self.direction, self.identical)
+        detectable = stats.detectable_effect(interval) if word == stats.NOT_RESOLVED else None
+        return {
+            "table": self.table, "claim": self.claim, "paper": self.paper,
+            "ours": stats.format_interval(interval.mean, interval.low, interval.high), "n": interval.n,
+            "interval": interval.label, "verdict": word, "p_value": stats.p_value(interval),
+            "detectable_at_80pct_power": detectable, "primary": self.primary,
+        }  # fmt: skip
+
+
+def write_claims(output_dir: str | Path, claims: Sequence[Claim]) -> pd.DataFrame:
+    """Store every verdict of a notebook as OUTPUT_DIR/claims.json (the results page reads it) and return them
+    as a table (a "not resolved" with the effect its seeds could have detected)."""
+    rows = [claim.row() for claim in claims]
+    clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    (Path(output_dir) / CLAIMS_FILE).write_text(json.dumps(clean, indent=1, default=_json_number) + "\n")
+    return pd.DataFrame(clean)
+
+
+def _json_number(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def claims_markdown(claims: pd.DataFrame) -> str:
+    """The claims as one readable list: verdict first, then our number and the paper's."""
+    lines = []
+    for row in claims.itertuples():
+        detectable = row.detectable_at_80pct_power
+        extra = f"; detectable at 80 % power: {detectable:.3g}" if detectable is not None and detectable == detectable else ""
+        star = " (primary)" if row.primary else ""
+        lines.append(f"- **{row.verdict}**{star}: {row.claim}: ours {row.ours} ({row.interval}{extra}); paper {row.paper}")
+    return "\n".join(lines)
+
+
+# ---- one table formatter ------------------------------------------------------------------------------
+
+
+def interval_table(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:
+    """`stats.summarize` output as text cells 'mean [low, high]' (a dash where there is no value), with the
+    seed count as an integer column: the one way the reports show a table with intervals."""
+    from raftsuite import stats
+
+    cells = {}
+    for metric in metrics:
+        cells[metric] = [
+            stats.format_interval(row[metric], row[f"{metric}_ci95_low"], row[f"{metric}_ci95_high"], digits)
+            for _, row in summary.iterrows()
+        ]
+    frame = pd.DataFrame(cells, index=summary.index)
+    if "n_seeds" in summary:
+        frame["seeds"] = summary["n_seeds"].astype(int)
+    return frame
+
+
+def show_table(frame: pd.DataFrame, title: str, note: str = "") -> None:
+    """Display a table under a bold title (with its unit) and an optional note, NaN shown as a dash."""
+    from IPython.display import HTML, display
+
+    body = frame.to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
+    caption = f"<p><b>{html.escape(title)}</b>" + (f"<br><small>{html.escape(note)}</small>" if note else "") + "</p>"
+    display(HTML(caption + body))

@@ -39,8 +39,9 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 SHARED_WORK = (("hh_rlhf", "efficiency", "ablations"),)
 """Notebooks that share a profile's work directory (the HH setup, the method runs): with several jobs they run in
 one lane, in this order, so that a later one reuses what an earlier one built instead of racing it."""
-INJECTED = ("profile", "output_dir", "work_dir", "show_progress")
-"""Parameters the runner sets itself: the profile's name, where results and runs go, no progress bars."""
+INJECTED = ("profile", "run_by", "output_dir", "work_dir", "show_progress")
+"""Parameters the runner sets itself: the profile's name, that the runner runs it (so `raftsuite.notebook.start`
+applies no profile of its own), where results and runs go, no progress bars."""
 
 
 class ParameterError(ValueError):
@@ -61,22 +62,38 @@ def notebook_names() -> list[str]:
 
 
 def notebook_parameters(name: str) -> dict[str, Any]:
-    """The notebook's `parameters` cell as {name: default value} (the cell holds plain literals)."""
+    """The notebook's parameters as {name: default value}: its cell tagged `parameters` (papermill injects its
+    overrides right after it) and any cells tagged `parameters-...` before it (the rarely edited ones), all plain
+    literals (`a = 1`, or `a, b = 1, 2`)."""
     import nbformat
 
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ParameterError(
-            f"notebooks/{name}.ipynb: expected exactly one cell tagged 'parameters', found {len(cells)}"
-        )
+    tags = [c.get("metadata", {}).get("tags", []) for c in notebook.cells]
+    main = [i for i, t in enumerate(tags) if "parameters" in t]
+    if len(main) != 1:
+        raise ParameterError(f"notebooks/{name}.ipynb: expected exactly one cell tagged 'parameters', found {len(main)}")
+    more = [i for i, t in enumerate(tags) if any(tag.startswith("parameters-") for tag in t)]
+    if any(i > main[0] for i in more):
+        raise ParameterError(f"notebooks/{name}.ipynb: a 'parameters-...' cell after the 'parameters' cell would "
+                             "overwrite what papermill injects; move it before")  # fmt: skip
     values: dict[str, Any] = {}
-    for node in ast.parse(cells[0].source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            values[node.target.id] = ast.literal_eval(node.value)
+    for index in [*more, main[0]]:
+        for node in ast.parse(notebook.cells[index].source).body:
+            values |= _literal_assignments(node)
     return values
+
+
+def _literal_assignments(node: ast.stmt) -> dict[str, Any]:
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+        return {node.target.id: ast.literal_eval(node.value)}
+    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+        return {}
+    target, value = node.targets[0], ast.literal_eval(node.value)
+    if isinstance(target, ast.Name):
+        return {target.id: value}
+    if isinstance(target, ast.Tuple) and all(isinstance(e, ast.Name) for e in target.elts):
+        return dict(zip((e.id for e in target.elts), value, strict=True))
+    return {}
 
 
 def load_profile(profile: str) -> dict[str, dict[str, Any]]:
@@ -157,6 +174,7 @@ def run_notebook(
     work_dir = runs / profile / name
     values |= {
         "profile": profile,
+        "run_by": "runner",
         "output_dir": str(out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir),
         "work_dir": str(work_dir.relative_to(ROOT) if work_dir.is_relative_to(ROOT) else work_dir),
         "show_progress": False,

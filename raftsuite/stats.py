@@ -1,36 +1,31 @@
-"""Uncertainty over seeds: means with 95 % bootstrap intervals, paired differences, verdicts from intervals.
+"""Uncertainty over seeds: intervals that hold their coverage at the suite's n, paired differences, power, verdicts.
 
-Pure functions (no files, no plots); `report.save_seed_table` writes what `summarize` computes.
+Pure functions (no files, no plots); `report.save_seed_table` writes what `summarize` computes. docs/statistics.md
+says why each choice was made; in short:
 
-Which unit to resample (say it beside every table):
-
-- **seeds** (`mean_ci`, `paired_difference`): each seed is one training run, its value the mean over the
-  held-out prompts. Right for the question the suite asks — "what would another training run give?" — and
-  for the cross-machine question (a fresh run elsewhere differs in training arithmetic, like another
-  seed does). Prompts stay fixed: the interval says nothing about other prompts.
-- **prompts clustered by seed** (`clustered_mean_ci`, `clustered_paired_difference`): the observations are
-  per-prompt scores under each seed's model. Prompts under one model are not independent (they share its
-  weights), so a bootstrap over all prompts pooled would count seeds x prompts independent units and give
-  intervals far too narrow. The two-stage bootstrap resamples seeds, then prompts within each drawn seed:
-  it keeps the seed-to-seed variance and adds the held-out prompt sampling variance the seed-level
-  interval leaves out. Right when the claim is about the prompt distribution too, or when a table's seeds
-  are few and its prompts many.
-
-Method: the percentile bootstrap (`scipy.stats.bootstrap(method="percentile")`), 9,999 resamples, a fixed
-random state, so every table is reproducible to the last digit. Not BCa: with 3-5 seeds BCa's acceleration
-comes from 3-5 leave-one-out means and its bias correction from a lumpy bootstrap distribution (3 values
-have only 10 distinct resample means), so its corrections are noise; the percentile interval stays inside
-the data's range and is what rliable reports. Be honest about small n: with 3 seeds each resample has a
-1/27 chance of repeating the smallest value, more than 2.5 %, so the 95 % percentile interval is exactly
-[min, max] of the seeds, which covers the true mean only about 75 % of the time (1 - 2 x 1/2^3 for a
-symmetric spread). A verdict at n = 3 is weaker than its "95 %" says; `Interval.n` travels with it.
+- **Seed-level means and paired differences: Student-t intervals over seeds** (df = n - 1). Each seed is one
+  training run, its value the mean over the same held-out prompts; the t-interval holds its 95 % coverage for
+  normal seeds at any n >= 2 (tests/test_stats.py simulates the suite's n). A percentile bootstrap over 3 seeds
+  is the seeds' [min, max] and covers about 75 %: it is not used for seeds.
+- **Ratios** (RAFT's time over GRPO's): a t-interval of the mean log ratio, exponentiated (a geometric mean).
+- **Bootstrap only from n = 10** (BCa), e.g. over prompts; `bca_mean_ci` refuses fewer.
+- **Seeds and prompts crossed** (`crossed_paired_difference`): every seed evaluates the same prompts, so the
+  per-(seed, prompt) differences form a seeds x prompts table; the two-way ("pigeonhole") bootstrap resamples
+  seeds and prompts independently, so the interval carries the prompt sampling variance the seed-level one
+  leaves out. Shown beside the t-interval, not instead of it: with 5 seeds its seed dimension is thin.
+- **Power**: `detectable_effect` is the smallest true mean difference a two-sided 5 % paired t-test over these
+  seeds detects with 80 % power; every "not resolved" states it.
+- **Verdicts**: "reproduces" / "opposite" when the interval excludes 0 on the paper's side / the other side;
+  "identical runs" when the two sides are the same runs to the bit (nothing to resolve); else "not resolved at
+  this sample size" with the detectable effect. Primary verdicts are Holm-adjusted across the paper's tables
+  (`holm`); the rest are exploratory.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -38,25 +33,44 @@ import pandas as pd
 from scipy import stats as _st
 
 CONFIDENCE = 0.95
+POWER = 0.80
 N_RESAMPLES = 9_999
 RANDOM_STATE = 0
+MIN_BOOTSTRAP_N = 10
+"""A bootstrap needs about this many units before its interval is trustworthy (the percentile interval of 3
+seeds is their range)."""
 
 REPRODUCES = "reproduces"
 OPPOSITE = "opposite"
 NOT_RESOLVED = "not resolved at this sample size"
+IDENTICAL = "identical runs"
+VERDICTS = (REPRODUCES, OPPOSITE, NOT_RESOLVED, IDENTICAL)
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its 95 % interval; `n` is the number of resampled units (seeds, usually)."""
+    """A point estimate with its interval: `n` units (seeds, usually), computed by `method`."""
 
     mean: float
     low: float
     high: float
     n: int
+    method: str = "t"
+    """t (Student-t over seeds), log-t (a ratio), bca, crossed bootstrap, or none (one unit)."""
+    sd: float = math.nan
+    """The units' standard deviation (for the power of a test of this size)."""
 
     def __str__(self) -> str:
         return format_interval(self.mean, self.low, self.high)
+
+    @property
+    def label(self) -> str:
+        """What the interval is, for a table's caption: '95 % t-interval, 5 seeds'."""
+        if self.method == "none" or self.n < 2:
+            return f"no interval: n = {self.n}"
+        kinds = {"t": "t-interval", "log-t": "t-interval of the log ratio", "bca": "BCa bootstrap",
+                 "crossed bootstrap": "seeds x prompts bootstrap"}  # fmt: skip
+        return f"95 % {kinds.get(self.method, self.method)}, n = {self.n}"
 
     def as_tuple(self) -> tuple[float, float, float]:
         return (self.mean, self.low, self.high)
@@ -67,8 +81,10 @@ class Interval:
 
 def format_interval(mean: float, low: float, high: float, digits: int = 3) -> str:
     """'0.450 [0.400, 0.510]'; an interval that could not be computed (one seed) shows the mean alone."""
-    if math.isnan(low) or math.isnan(high):
-        return f"{mean:.{digits}f} [no interval: one seed]"
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{mean:.{digits}f} [one seed: no interval]"
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
@@ -81,150 +97,213 @@ def _clean(values: Sequence[float] | np.ndarray | pd.Series, what: str) -> np.nd
     return array
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic, paired: bool, confidence: float, random_state: int):
-    return _st.bootstrap(
-        data,
-        statistic,
-        n_resamples=N_RESAMPLES,
-        paired=paired,
-        vectorized=True,
-        confidence_level=confidence,
-        method="percentile",
-        random_state=np.random.default_rng(random_state),
-    ).confidence_interval
+# ----------------------------------------------------------------------------------------------
+# Seed-level intervals
+# ----------------------------------------------------------------------------------------------
 
 
-def mean_ci(
-    values: Sequence[float] | np.ndarray | pd.Series, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE
-) -> Interval:
-    """Mean over seeds with its percentile-bootstrap interval. One value: the interval is (nan, nan)."""
+def mean_ci(values: Sequence[float] | np.ndarray | pd.Series, confidence: float = CONFIDENCE) -> Interval:
+    """Mean over seeds with its Student-t interval (df = n - 1). One value: no interval (nan, nan)."""
     array = _clean(values, "mean_ci")
     mean = float(array.mean())
     if array.size == 1:
-        return Interval(mean, math.nan, math.nan, 1)
-    if np.ptp(array) == 0:  # every seed agrees: scipy would warn of a degenerate distribution
-        return Interval(mean, mean, mean, array.size)
-    ci = _bootstrap((array,), lambda x, axis: x.mean(axis=axis), False, confidence, random_state)
-    return Interval(mean, float(ci.low), float(ci.high), array.size)
+        return Interval(mean, math.nan, math.nan, 1, "none")
+    sd = float(array.std(ddof=1))
+    half = float(_st.t.ppf(0.5 + confidence / 2, array.size - 1)) * sd / math.sqrt(array.size)
+    return Interval(mean, mean - half, mean + half, array.size, "t", sd)
 
 
-def iqm(values: Sequence[float] | np.ndarray | pd.Series) -> float:
-    """Interquartile mean (rliable): the mean of the middle 50 %, `trim_mean(x, 0.25)`.
-
-    scipy cuts int(0.25 n) values from each end: with 3 seeds nothing is cut (IQM = mean), with 4 or 5 the
-    lowest and highest go. It resists one diverged seed better than the mean and is less noisy than the median.
-    """
-    return float(_st.trim_mean(_clean(values, "iqm"), 0.25))
-
-
-def paired_difference(
-    ours: Sequence[float] | np.ndarray | pd.Series,
-    baseline: Sequence[float] | np.ndarray | pd.Series,
-    confidence: float = CONFIDENCE,
-    random_state: int = RANDOM_STATE,
-) -> Interval:
-    """Mean of ours - baseline over units paired by position (same seed: same held-out prompts and sampling
-    seeds), with the bootstrap interval of the per-unit differences. Pass Series indexed by seed to have
-    them aligned by seed; a seed present in only one is an error, not silently dropped."""
+def _aligned(ours, baseline, what: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(ours, pd.Series) and isinstance(baseline, pd.Series):
         missing = set(ours.index) ^ set(baseline.index)
         if missing:
-            raise ValueError(f"paired_difference: seeds {sorted(missing)} are in only one of the two series")
+            raise ValueError(f"{what}: seeds {sorted(missing)} are in only one of the two series")
         baseline = baseline.loc[ours.index]
-    a, b = _clean(ours, "paired_difference(ours)"), _clean(baseline, "paired_difference(baseline)")
+    a, b = _clean(ours, f"{what}(ours)"), _clean(baseline, f"{what}(baseline)")
     if a.shape != b.shape:
-        raise ValueError(f"paired_difference: {a.size} values against {b.size}; pairs need equal lengths")
-    return mean_ci(a - b, confidence, random_state)
+        raise ValueError(f"{what}: {a.size} values against {b.size}; pairs need equal lengths")
+    return a, b
 
 
-def clustered_mean_ci(
-    values: Sequence[float] | np.ndarray | pd.Series,
-    clusters: Sequence | np.ndarray | pd.Series,
-    confidence: float = CONFIDENCE,
-    random_state: int = RANDOM_STATE,
+def paired_difference(ours, baseline, confidence: float = CONFIDENCE) -> Interval:
+    """Mean of ours - baseline over seeds paired by position (same seed: same held-out prompts and sampling
+    seeds), with the t-interval of the per-seed differences. Series indexed by seed are aligned by seed; a seed
+    present in only one is an error, not silently dropped."""
+    a, b = _aligned(ours, baseline, "paired_difference")
+    return mean_ci(a - b, confidence)
+
+
+def ratio_ci(ours, baseline, confidence: float = CONFIDENCE) -> Interval:
+    """The geometric mean of ours / baseline over seeds, with the t-interval of the mean log ratio
+    exponentiated (ratios are skewed; their logs are closer to normal). Values must be positive."""
+    a, b = _aligned(ours, baseline, "ratio_ci")
+    if (a <= 0).any() or (b <= 0).any():
+        raise ValueError("ratio_ci: every value must be positive")
+    logs = mean_ci(np.log(a / b), confidence)
+    return Interval(math.exp(logs.mean), math.exp(logs.low), math.exp(logs.high), logs.n, "log-t", logs.sd)
+
+
+def iqm(values: Sequence[float] | np.ndarray | pd.Series) -> float:
+    """Interquartile mean (rliable): the mean of the middle 50 %, `trim_mean(x, 0.25)`, a trimmed mean (not
+    the median). scipy cuts int(0.25 n) values from each end: with 3 seeds nothing is cut (IQM = mean), with 4 to
+    7 the lowest and highest go."""
+    return float(_st.trim_mean(_clean(values, "iqm"), 0.25))
+
+
+def prediction_interval(values, confidence: float = CONFIDENCE) -> Interval:
+    """Where one more seed's value lands (not the mean): mean +- t x sd x sqrt(1 + 1/n)."""
+    array = _clean(values, "prediction_interval")
+    if array.size < 2:
+        return Interval(float(array.mean()), math.nan, math.nan, array.size, "none")
+    sd = float(array.std(ddof=1))
+    half = float(_st.t.ppf(0.5 + confidence / 2, array.size - 1)) * sd * math.sqrt(1 + 1 / array.size)
+    mean = float(array.mean())
+    return Interval(mean, mean - half, mean + half, array.size, "t prediction", sd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bootstraps, where there are enough units
+# ----------------------------------------------------------------------------------------------
+
+
+def bca_mean_ci(values, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE) -> Interval:
+    """Mean with a BCa bootstrap interval; at least `MIN_BOOTSTRAP_N` values (use `mean_ci` below that)."""
+    array = _clean(values, "bca_mean_ci")
+    if array.size < MIN_BOOTSTRAP_N:
+        raise ValueError(f"bca_mean_ci: {array.size} values; a bootstrap needs >= {MIN_BOOTSTRAP_N} (use mean_ci)")
+    mean = float(array.mean())
+    if np.ptp(array) == 0:
+        return Interval(mean, mean, mean, array.size, "bca", 0.0)
+    ci = _st.bootstrap((array,), np.mean, n_resamples=N_RESAMPLES, confidence_level=confidence, method="BCa",
+                       random_state=np.random.default_rng(random_state)).confidence_interval  # fmt: skip
+    return Interval(mean, float(ci.low), float(ci.high), array.size, "bca", float(array.std(ddof=1)))
+
+
+def crossed_paired_difference(
+    frame: pd.DataFrame, ours: str, baseline: str, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE
 ) -> Interval:
-    """Mean over prompts grouped by seed (cluster), with a two-stage percentile bootstrap: draw seeds with
-    replacement, then each drawn seed's prompts with replacement; the statistic is the mean of the per-seed
-    means (each seed weighs the same, as in the seed-level table). See the module docstring for when."""
-    array = _clean(values, "clustered_mean_ci")
-    labels = np.asarray(clusters).ravel()
-    if labels.shape != array.shape:
-        raise ValueError(f"clustered_mean_ci: {array.size} values against {labels.size} cluster labels")
-    groups = [array[labels == label] for label in pd.unique(labels)]
-    mean = float(np.mean([g.mean() for g in groups]))
-    if len(groups) == 1 and groups[0].size == 1:
-        return Interval(mean, math.nan, math.nan, 1)
+    """Mean of ours - baseline over a seeds x prompts table (`frame`: columns seed, prompt, ours, baseline; every
+    seed scored on the same prompts), with the two-way bootstrap that resamples seeds and prompts independently
+    (Owen 2007, the "pigeonhole" bootstrap of a crossed design), percentile interval. `n` is the seed count."""
+    for column in ("seed", "prompt", ours, baseline):
+        if column not in frame:
+            raise KeyError(f"crossed_paired_difference: no column {column!r} (columns: {', '.join(frame)})")
+    table = (frame[ours] - frame[baseline]).groupby([frame["seed"], frame["prompt"]]).mean().unstack("prompt")
+    if table.isna().any().any():
+        raise ValueError("crossed_paired_difference: every seed must score every prompt (a crossed design)")
+    values = table.to_numpy()  # (seeds, prompts)
+    seeds, prompts = values.shape
+    mean = float(values.mean())
+    if seeds < 2:
+        return Interval(mean, math.nan, math.nan, seeds, "none")
     rng = np.random.default_rng(random_state)
-    n = len(groups)
-    drawn = rng.integers(0, n, size=(N_RESAMPLES, n))  # (B, seeds): stage one
-    # Stage two, one seed at a time: for every place that seed was drawn, the mean of a fresh resample
-    # of its prompts.
-    inner = np.empty((N_RESAMPLES, n))
-    for index, group in enumerate(groups):
-        where = drawn == index
-        picks = rng.integers(0, group.size, size=(int(where.sum()), group.size))
-        inner[where] = group[picks].mean(axis=1)
-    estimates = inner.mean(axis=1)  # (B,)
+    rows = rng.integers(0, seeds, size=(N_RESAMPLES, seeds))
+    columns = rng.integers(0, prompts, size=(N_RESAMPLES, prompts))
+    # mean of the resampled table = mean over drawn rows of (mean over drawn columns): via per-row column sums
+    estimates = np.array([values[r][:, c].mean() for r, c in zip(rows, columns, strict=True)])
     alpha = (1 - confidence) / 2
     low, high = np.quantile(estimates, [alpha, 1 - alpha])
-    return Interval(mean, float(low), float(high), n)
+    return Interval(mean, float(low), float(high), seeds, "crossed bootstrap", float(table.mean(axis=1).std(ddof=1)))
 
 
-def clustered_paired_difference(
-    frame: pd.DataFrame,
-    ours: str,
-    baseline: str,
-    cluster: str = "seed",
-    confidence: float = CONFIDENCE,
-    random_state: int = RANDOM_STATE,
-) -> Interval:
-    """Paired difference per row (one prompt under one seed, both methods scored on it), clustered by seed."""
-    for column in (ours, baseline, cluster):
-        if column not in frame:
-            raise KeyError(f"clustered_paired_difference: no column {column!r} (columns: {', '.join(frame)})")
-    return clustered_mean_ci(frame[ours] - frame[baseline], frame[cluster], confidence, random_state)
+def percentile_bootstrap_ci(values, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE) -> Interval:
+    """The percentile bootstrap the suite used over seeds before (kept for the coverage test that retires it:
+    at 3 seeds it is the seeds' [min, max])."""
+    array = _clean(values, "percentile_bootstrap_ci")
+    if np.ptp(array) == 0:
+        return Interval(float(array.mean()), float(array[0]), float(array[0]), array.size, "percentile")
+    ci = _st.bootstrap((array,), np.mean, n_resamples=N_RESAMPLES, confidence_level=confidence,
+                       method="percentile", random_state=np.random.default_rng(random_state)).confidence_interval  # fmt: skip
+    return Interval(float(array.mean()), float(ci.low), float(ci.high), array.size, "percentile")
 
 
-def probability_of_improvement(
-    ours: Sequence[float] | np.ndarray | pd.Series,
-    baseline: Sequence[float] | np.ndarray | pd.Series,
-    confidence: float = CONFIDENCE,
-    random_state: int = RANDOM_STATE,
-) -> Interval:
-    """P(X > Y) + P(X = Y) / 2 for a run X of ours and a run Y of the baseline (rliable; the Mann-Whitney U
-    over n x m), with an interval from resampling each side's seeds independently. Above 0.5: ours tends
-    to win. It reads the runs as unpaired; use `paired_difference` when seeds are paired."""
-    x, y = _clean(ours, "probability_of_improvement(ours)"), _clean(baseline, "probability_of_improvement(baseline)")
+def coverage(interval, n: int, trials: int = 2_000, seed: int = 0) -> float:
+    """Share of `trials` simulated samples of n standard-normal seeds whose `interval(values)` holds 0."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(trials):
+        result = interval(rng.standard_normal(n))
+        hits += result.low <= 0 <= result.high
+    return hits / trials
 
-    def statistic(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-        wins = (a[..., :, None] > b[..., None, :]).mean(axis=(-1, -2))
-        ties = (a[..., :, None] == b[..., None, :]).mean(axis=(-1, -2))
-        return wins + 0.5 * ties
 
-    point = float(statistic(x, y))
-    if x.size == 1 and y.size == 1:
-        return Interval(point, math.nan, math.nan, 1)
-    ci = _bootstrap((x, y), statistic, False, confidence, random_state)
-    return Interval(point, float(ci.low), float(ci.high), min(x.size, y.size))
+# ----------------------------------------------------------------------------------------------
+# Power, tests and verdicts
+# ----------------------------------------------------------------------------------------------
+
+
+def detectable_effect(interval: Interval, power: float = POWER, confidence: float = CONFIDENCE) -> float:
+    """The smallest true mean difference a two-sided paired t-test at 1 - confidence over `interval.n` seeds with
+    their spread `interval.sd` detects with probability `power`: (t_{1-a/2} + t_{power}) x sd / sqrt(n), df n-1
+    (the usual normal-approximation formula with t quantiles). NaN below 2 seeds; 0 when every seed agrees."""
+    if interval.n < 2 or math.isnan(interval.sd):
+        return math.nan
+    df = interval.n - 1
+    return (_st.t.ppf(0.5 + confidence / 2, df) + _st.t.ppf(power, df)) * interval.sd / math.sqrt(interval.n)
+
+
+def p_value(interval: Interval) -> float:
+    """Two-sided p-value of the t-test of mean = 0 behind a t-interval (log-t: of log ratio = 0)."""
+    if interval.n < 2 or math.isnan(interval.sd):
+        return math.nan
+    if interval.sd == 0:
+        return 0.0 if interval.mean != 0 else 1.0
+    center = math.log(interval.mean) if interval.method == "log-t" else interval.mean
+    statistic = center / (interval.sd / math.sqrt(interval.n))
+    return float(2 * _st.t.sf(abs(statistic), interval.n - 1))
+
+
+def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down; family-wise error held at the level compared against)."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    adjusted, running = {}, 0.0
+    m = len(order)
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def holm_interval(interval: Interval, family_size: int, rank: int) -> Interval:
+    """The t-interval at the confidence the Holm step of `rank` (0-based, by p-value) uses in a family."""
+    level = 1 - (1 - CONFIDENCE) / max(1, family_size - rank)
+    if interval.n < 2:
+        return interval
+    half = float(_st.t.ppf(0.5 + level / 2, interval.n - 1)) * interval.sd / math.sqrt(interval.n)
+    return replace(interval, low=interval.mean - half, high=interval.mean + half)
 
 
 Direction = Literal["up", "down"] | int
 
 
-def verdict(interval: Interval | tuple[float, float, float], paper_direction: Direction) -> str:
-    """What the interval of a change (a paired difference, last-minus-first along a sweep, ours - baseline)
-    says about the paper's direction: "reproduces" if it excludes 0 on the paper's side, "opposite" if it
-    excludes 0 on the other side, "not resolved at this sample size" if it holds 0 (or could not be computed).
+def verdict(interval: Interval | tuple[float, float, float], paper_direction: Direction, identical: bool = False) -> str:
+    """What the interval of a change (a paired difference, last-minus-first along a sweep, ours - baseline) says
+    about the paper's direction: "reproduces" if it excludes 0 on the paper's side (a ratio: 1), "opposite" if on
+    the other side, "identical runs" when `identical` (the two sides are the same runs), else "not resolved at this
+    sample size" (it holds 0, touching included, or could not be computed).
 
     `paper_direction`: "up" / +1 (the paper's value rises) or "down" / -1.
     """
     sign = {"up": 1, "down": -1, 1: 1, -1: -1}.get(paper_direction)  # type: ignore[arg-type]
     if sign is None:
         raise ValueError(f"verdict: paper_direction must be 'up', 'down', 1 or -1, got {paper_direction!r}")
+    if identical:
+        return IDENTICAL
     low, high = (interval.low, interval.high) if isinstance(interval, Interval) else tuple(interval)[1:3]
-    if math.isnan(low) or math.isnan(high) or low <= 0 <= high:
+    null = 1.0 if isinstance(interval, Interval) and interval.method == "log-t" else 0.0
+    if math.isnan(low) or math.isnan(high) or low <= null <= high:
         return NOT_RESOLVED
-    return REPRODUCES if (low > 0) == (sign > 0) else OPPOSITE
+    return REPRODUCES if (low > null) == (sign > 0) else OPPOSITE
+
+
+def reading(interval: Interval, paper_direction: Direction, identical: bool = False, digits: int = 3) -> str:
+    """The verdict with what it rests on: 'reproduces: +0.35 [0.10, 0.54] (95 % t-interval, n = 5)'; a "not
+    resolved" adds the effect the seeds could have detected."""
+    word = verdict(interval, paper_direction, identical)
+    text = f"{word}: {format_interval(interval.mean, interval.low, interval.high, digits)} ({interval.label})"
+    if word == NOT_RESOLVED and interval.n > 1:
+        text += f"; detectable at 80 % power: {detectable_effect(interval):.{digits}g}"
+    return text
 
 
 def paper_direction(first: float, last: float) -> Literal["up", "down"]:
@@ -235,11 +314,9 @@ def paper_direction(first: float, last: float) -> Literal["up", "down"]:
     return "up" if last > first else "down"
 
 
-def trend(
-    rows: pd.DataFrame, setting: str, metric: str, first, last, seed: str = "seed", random_state: int = RANDOM_STATE
-) -> Interval:
-    """Paired difference last-minus-first along a sweep, seed by seed (the same seed's runs at the two ends
-    share prompts and sampling seeds). `rows` holds one row per (setting, seed)."""
+def trend(rows: pd.DataFrame, setting: str, metric: str, first, last, seed: str = "seed") -> Interval:
+    """Paired difference last-minus-first along a sweep, seed by seed (the same seed's runs at the two ends share
+    prompts and sampling seeds). `rows` holds one row per (setting, seed)."""
     for column in (setting, metric, seed):
         if column not in rows:
             raise KeyError(f"trend: no column {column!r} (columns: {', '.join(rows)})")
@@ -252,17 +329,13 @@ def trend(
             raise ValueError(f"trend: {setting} == {value!r} has more than one row for a seed")
         return chosen.set_index(seed)[metric]
 
-    return paired_difference(at(last), at(first), random_state=random_state)
+    return paired_difference(at(last), at(first))
 
 
 def summarize(
-    rows: pd.DataFrame,
-    metrics: Sequence[str],
-    by: str | Sequence[str] = "setting",
-    seed: str = "seed",
-    random_state: int = RANDOM_STATE,
+    rows: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "setting", seed: str = "seed"
 ) -> pd.DataFrame:
-    """Per-seed rows -> one row per setting: for each metric M the mean as `M`, its interval as
+    """Per-seed rows -> one row per setting: for each metric M the mean as `M`, its 95 % t-interval as
     `M_ci95_low` / `M_ci95_high` and its interquartile mean `M_iqm`; then `n_seeds`. Settings keep their
     first-seen order (a sweep's order), not sorted."""
     keys = [by] if isinstance(by, str) else list(by)
@@ -279,17 +352,12 @@ def summarize(
         for metric in metrics:
             values = group[metric].dropna()
             if values.empty:
-                record |= dict.fromkeys(
-                    [metric, f"{metric}_ci95_low", f"{metric}_ci95_high", f"{metric}_iqm"], math.nan
-                )
+                names = [metric, f"{metric}_ci95_low", f"{metric}_ci95_high", f"{metric}_iqm"]
+                record |= dict.fromkeys(names, math.nan)
                 continue
-            interval = mean_ci(values, random_state=random_state)
-            record |= {
-                metric: interval.mean,
-                f"{metric}_ci95_low": interval.low,
-                f"{metric}_ci95_high": interval.high,
-                f"{metric}_iqm": iqm(values),
-            }
+            interval = mean_ci(values)
+            record |= {metric: interval.mean, f"{metric}_ci95_low": interval.low,
+                       f"{metric}_ci95_high": interval.high, f"{metric}_iqm": iqm(values)}  # fmt: skip
         record["n_seeds"] = int(group[seed].nunique())
         out.append(record)
     return pd.DataFrame(out).set_index(keys if len(keys) > 1 else keys[0])

@@ -212,10 +212,11 @@ def test_run_refuses_at_start_on_a_gpu_what_clearly_cannot_fit(llama_dir, prompt
     import torch
 
     import raftlib.loop
+    import raftlib.start
     from conftest import base_config
 
     monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(raftlib.loop.Hardware, "detect", classmethod(lambda cls, gpus: Hardware(gpus, 0.001)))
+    monkeypatch.setattr(raftlib.start.Hardware, "detect", classmethod(lambda cls, gpus: Hardware(gpus, 0.001)))
     config = RAFTConfig.from_dict(base_config(llama_dir, prompts_file, tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"needs about .* GiB per process \(estimate\), more than the 0\.0 GiB"):
         raftlib.loop.run(config)

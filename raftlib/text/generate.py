@@ -97,3 +97,23 @@ def generate_samples(
     """
     drawer = batch_drawer(decoder, text_format, draw)
     return flatten(run_batches(prompts, draw.prompts_per_batch, drawer, batches, unit="prompt"))
+
+
+def generate_from(model, tokenizer, prompts: Sequence[Prompt], section, draw: Draw, batches=None) -> list[Sample]:
+    """K samples per prompt from a loaded model and a `GenerationSection`, through the decoder the section names
+    (for code that holds a model rather than a run: data generation, benchmarks). Prompts are encoded as
+    `section.chat_template` says; the decoder is closed afterwards."""
+    from raftlib.text.config import ModelSection, RAFTConfig
+    from raftlib.text.decoding import DecoderSpec, build_decoder
+    from raftlib.text.prompts import TextFormat
+
+    text_format = TextFormat.of(tokenizer, model, section)
+    widest = max(len(ids) for ids in text_format.encode(prompts))
+    config = RAFTConfig(model=ModelSection(path=str(getattr(model, "name_or_path", ""))), generation=section)
+    decoder = build_decoder(
+        DecoderSpec(model, config, text_format, draw.prompts_per_batch * draw.samples_per_prompt, widest)
+    )
+    try:
+        return generate_samples(decoder, text_format, prompts, draw, batches)
+    finally:
+        decoder.close()

@@ -111,8 +111,17 @@ class RewardModelScorer:
         self.use_chat_template = use_chat_template
         self.model = None
         self.tokenizer = None
+        self.holders = 0
+        """setup() calls not yet matched by teardown(): the model stays loaded while anyone holds it."""
 
     def setup(self) -> None:
+        """Load the model, once: nested setup/teardown pairs (a stage inside a caller that holds the reward for
+        several stages) share one load, freed when the outermost teardown comes."""
+        self.holders += 1
+        if self.model is None:
+            self._load()
+
+    def _load(self) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -148,12 +157,16 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
+        check_against_sentencepiece(self.tokenizer, self.path)
 
     def teardown(self) -> None:
         import gc
 
         import torch
 
+        self.holders = max(0, self.holders - 1)
+        if self.holders:
+            return
         self.model = None
         self.tokenizer = None
         gc.collect()
@@ -198,6 +211,42 @@ class RewardModelScorer:
         finally:
             if loaded_here:
                 self.teardown()
+
+
+SENTENCEPIECE_PROBES = (
+    "###Human: How do I   bake bread?\n\n###Assistant:  First, mix  flour and water.",
+    "  Two  spaces,\ttabs\t and trailing spaces   ",
+    "Numbers 1,024 and 3.14; emoji 🙂 and accents: café, naïve.",
+)
+"""Texts with what HH-RLHF holds and converted fast tokenizers get wrong (runs of spaces: transformers#24233)."""
+
+
+def check_against_sentencepiece(tokenizer, path: str) -> None:
+    """When the model dir ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
+    must encode as sentencepiece does; a converted fast tokenizer that differs (Open-LLaMA's, on repeated
+    spaces) would score other tokens than the reward model was trained on: refuse it, naming a text."""
+    from pathlib import Path
+
+    from raftlib.hub import ModelLoadError
+
+    model_file = Path(path) / "tokenizer.model"
+    if not model_file.is_file():
+        return
+    try:
+        import sentencepiece
+    except ImportError:
+        return  # nothing to compare against (sentencepiece is in the suite's environment)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    for text in SENTENCEPIECE_PROBES:
+        fast = tokenizer(text, add_special_tokens=False)["input_ids"]
+        slow = processor.encode(text)
+        if fast != slow:
+            raise ModelLoadError(
+                f"reward model {path!r}: its fast tokenizer encodes {text!r} as {fast[:12]}... but its "
+                f"tokenizer.model (sentencepiece) as {slow[:12]}...: the reward model would score other tokens than "
+                "it was trained on. Re-export the tokenizer (tokenizer.json from the sentencepiece model) or fix "
+                "its normalizer (transformers#24233)"
+            )
 
 
 def reward_model(path: str, **kwargs: Any) -> RewardFn:

@@ -1,0 +1,84 @@
+"""The hh_rlhf notebook's comparisons and claims, from its per-seed Table 3 rows and per-prompt rows.
+
+Each comparison is a paired difference over seeds (Student-t), shown beside the crossed seeds x prompts interval
+from the per-prompt rows (every seed scores the same held-out prompts); the verdicts (`report.Claim`) follow from
+the t-interval. One claim per paper table is primary (docs/statistics.md); the rest are exploratory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from raftsuite import stats
+from raftsuite.report import Claim
+
+PAPER_TABLE3 = {
+    "sft": {"proxy_reward": 0.772, "perplexity": 3.781, "msttr_100": 0.597, "distinct_2": 0.250, "length_words": 145.4},
+    "raft": {"proxy_reward": 2.294, "perplexity": 4.031, "msttr_100": 0.611, "distinct_2": 0.258, "length_words": 156.2},
+    "ppo": {"proxy_reward": 2.077},
+}
+"""Table 3 of Dong et al. 2023 (LLaMA-7B-SFT, RAFT-K32 at lambda 1, PPO beta 0.1): docs/paper.md."""
+
+
+def paired_rows(
+    per_seed: pd.DataFrame, per_prompt: pd.DataFrame, raft: str, baselines: Mapping[str, str], metrics: Sequence[str]
+) -> pd.DataFrame:
+    """RAFT minus each baseline per metric: the t-interval over seeds and the crossed seeds x prompts interval
+    (per-prompt metrics only), with n and the effect the seeds could detect at 80 % power."""
+    by_seed = per_seed.set_index(["method", "seed"])
+    rows = []
+    for name, baseline in baselines.items():
+        for metric in metrics:
+            seeds = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[baseline][metric])
+            crossed = _crossed(per_prompt, raft, baseline, metric)
+            rows.append({"comparison": name, "metric": metric, "t_interval": str(seeds), "n_seeds": seeds.n,
+                         "crossed_interval": "—" if crossed is None else str(crossed),
+                         "detectable_at_80pct_power": stats.detectable_effect(seeds), "t": seeds})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _crossed(per_prompt: pd.DataFrame, raft: str, baseline: str, metric: str) -> stats.Interval | None:
+    if per_prompt.empty or metric not in per_prompt or per_prompt[metric].isna().all():
+        return None
+    wide = per_prompt.pivot_table(index=["seed", "prompt"], columns="method", values=metric).reset_index()
+    return stats.crossed_paired_difference(wide, raft, baseline)
+
+
+def table3_claims(paired: pd.DataFrame, directions: pd.DataFrame, hh_data: bool) -> list[Claim]:
+    """Every verdict of the notebook. Primary (docs/statistics.md): RAFT above GRPO on the reward that is not
+    optimised (tiny: the hidden gold preference; HH-RLHF: the proxy, the only one there), the analogue of the
+    paper's RAFT-K32 over PPO (2.294 against 2.077)."""
+    primary_metric = "proxy_reward" if hh_data else "gold_reward"
+    claims = []
+    for row in paired.itertuples():
+        paper = f"RAFT {PAPER_TABLE3['raft']['proxy_reward']} vs PPO {PAPER_TABLE3['ppo']['proxy_reward']}"
+        paper = paper if "GRPO" in row.comparison and row.metric == "proxy_reward" else "—"
+        primary = "GRPO" in row.comparison and row.metric == primary_metric
+        claims.append(Claim("Table 3", f"{row.comparison}, {row.metric.replace('_', ' ')}", paper, row.t, "up",
+                            primary=primary))  # fmt: skip
+    for row in directions.itertuples():
+        paper = f"SFT {row.paper_sft} -> RAFT {row.paper_raft}"
+        claims.append(Claim("Table 3", f"SFT -> RAFT, {row.metric.replace('_', ' ')}", paper, row.t,
+                            row.paper_direction))  # fmt: skip
+    return claims
+
+
+def sft_to_raft(per_seed: pd.DataFrame, raft: str, sft: str, metrics: Sequence[str]) -> pd.DataFrame:
+    """RAFT minus SFT per metric over seeds, beside the paper's SFT -> RAFT-K32 change and its direction."""
+    by_seed = per_seed.set_index(["method", "seed"])
+    rows = []
+    for metric in metrics:
+        interval = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[sft][metric])
+        before, after = PAPER_TABLE3["sft"][metric], PAPER_TABLE3["raft"][metric]
+        direction = stats.paper_direction(before, after)
+        rows.append({"metric": metric, "paper_sft": before, "paper_raft": after, "paper_direction": direction,
+                     "ours_raft_minus_sft": str(interval), "n_seeds": interval.n,
+                     "verdict": stats.verdict(interval, direction), "t": interval})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def visible(frame: pd.DataFrame) -> pd.DataFrame:
+    """A comparison table without its interval objects (column `t`; for display and CSV)."""
+    return frame.drop(columns=["t"])
