@@ -16,7 +16,7 @@ HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup standins laion-head browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency reasoning check-profile tiny-lm tiny-math tiny-digits toy soak clean
+.PHONY: help setup known-profile standins laion-head browser test lint format reproduce-all report hh_rlhf ablations sd_resolution sd_alignment efficiency reasoning check-profile tiny-lm tiny-math tiny-digits toy soak clean
 
 help:
 	@echo "make reproduce-all   set up .venv and run the main job (tiny profile, offline)"
@@ -47,7 +47,13 @@ $(STAMP): environment.yml pyproject.toml tools/requirements_from_env.py
 	# transformers imports torchvision when it is there): nothing in the suite uses them (environment.yml).
 	if [ -z "$(HAS_NVIDIA_GPU)" ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	# Notebooks are committed without outputs: the pre-commit hook strips staged ones (tools/strip_outputs.py).
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then git config core.hooksPath .githooks; fi
 	touch $@
+
+# A mistyped PROFILE or notebook fails here, in a second, before setup spends minutes (standard library only).
+known-profile:
+	@$(PYTHON) tools/check_profile.py $(PROFILE) $(filter-out known-profile reproduce-all,$(MAKECMDGOALS))
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -77,7 +83,7 @@ test: lint browser
 # differently), and the committed tiny numbers were made this way; `make hh_rlhf` etc. use the same one thread.
 THREADS_tiny := --threads 1
 JOBS_tiny := --jobs 2
-reproduce-all: setup $(if $(filter dryrun,$(PROFILE)),standins)
+reproduce-all: known-profile setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(if $(RESUME),,rm -rf runs/$(PROFILE))
 	$(PY) -m raftsuite.runner all --profile $(PROFILE) $(THREADS_$(PROFILE)) $(JOBS_$(PROFILE))
 
@@ -91,10 +97,10 @@ standins: setup
 laion-head: setup
 	$(PY) -m raftlib.diffusion.fetch_laion assets/laion
 
-hh_rlhf ablations sd_resolution sd_alignment efficiency: setup $(if $(filter dryrun,$(PROFILE)),standins)
+hh_rlhf ablations sd_resolution sd_alignment efficiency: known-profile setup $(if $(filter dryrun,$(PROFILE)),standins)
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE) $(THREADS_$(PROFILE))
 
-reasoning: setup
+reasoning: known-profile setup
 	$(PY) -m raftsuite.runner run $@ --profile $(PROFILE) $(THREADS_$(PROFILE))
 
 report: setup

@@ -106,9 +106,16 @@ def rows_to_prompts(rows: Sequence[dict[str, Any]], column: str, source: str, un
 
 
 def load_prompts(section: DataSection, seed: int = 0) -> PromptSplits:
-    """Read prompts and hold out `eval_prompts` of them (after a shuffle seeded by `seed`)."""
+    """Read prompts and hold out `eval_prompts` of them (after a shuffle seeded by `seed`), or, with
+    `data.eval_file`, train on every prompt and evaluate on every row of that file."""
     rows, unit = read_rows(section.prompts, section.split)
     prompts = rows_to_prompts(rows, section.prompt_column, section.prompts, unit)
+    if section.eval_file:
+        eval_rows, eval_unit = read_rows(section.eval_file, section.split)
+        held_out = rows_to_prompts(eval_rows, section.prompt_column, section.eval_file, eval_unit)
+        logger.info("prompts: %d train from %s, %d held out from %s", len(prompts), section.prompts, len(held_out),
+                    section.eval_file)  # fmt: skip
+        return PromptSplits(train=prompts, eval=held_out)
     if section.eval_prompts >= len(prompts):
         raise DataError(
             f"data.eval_prompts = {section.eval_prompts} leaves no training prompt out of {len(prompts)} in {section.prompts}"

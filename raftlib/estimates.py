@@ -125,6 +125,21 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
     },
 }  # fmt: skip
+# Qwen2.5 (the gpu profiles' policies; config.json of each repo, as published: grouped-query attention, tied
+# embeddings below 7B). Qwen2.5-Math's context is 4,096 positions, the base Qwen2.5's 32,768.
+_QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "rope_theta": 10000.0}
+KNOWN_SHAPES["Qwen/Qwen2.5-0.5B"] = _QWEN2 | {
+    "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "num_hidden_layers": 24, "max_position_embeddings": 32768, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+}  # fmt: skip
+KNOWN_SHAPES["Qwen/Qwen2.5-Math-1.5B"] = _QWEN2 | {
+    "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
+    "num_hidden_layers": 28, "max_position_embeddings": 4096, "tie_word_embeddings": True,
+}  # fmt: skip
+KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"] = _QWEN2 | {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "num_hidden_layers": 28, "max_position_embeddings": 4096, "tie_word_embeddings": False, "vocab_size": 152064,
+}  # fmt: skip
 KNOWN_SHAPES["openlm-research/open_llama_3b"] = KNOWN_SHAPES["weqweasdas/hh_rlhf_rm_open_llama_3b"] | {
     "architectures": ["LlamaForCausalLM"]
 }
@@ -180,8 +195,11 @@ def _read_json(file: Path) -> dict[str, Any]:
         raise ConfigError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def model_shape(raw: dict[str, Any], source: str, *, head: Literal["lm", "score"] = "lm") -> ModelShape:
-    """Count parameters exactly by building the model on the meta device; read the widths from the config."""
+def model_shape(
+    raw: dict[str, Any], source: str, *, head: Literal["lm", "score"] = "lm", lora_targets: list[str] | None = None
+) -> ModelShape:
+    """Count parameters exactly by building the model on the meta device; read the widths from the config.
+    `lora_targets`: the config's `model.lora.target_modules` (None: peft's default for the architecture)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -204,7 +222,7 @@ def model_shape(raw: dict[str, Any], source: str, *, head: Literal["lm", "score"
         source=source, params=params, layers=_first(config, "num_hidden_layers", "n_layer"), hidden=hidden,
         kv_dim=kv_heads * head_dim, intermediate=intermediate, vocab=config.vocab_size,
         gated_mlp=hasattr(model.get_submodule(_first_layer_mlp(model)), "gate_proj"),
-        lora_params_per_rank=_lora_params_per_rank(model, config.model_type),
+        lora_params_per_rank=_lora_params_per_rank(model, config.model_type, lora_targets),
     )  # fmt: skip
 
 
@@ -235,15 +253,37 @@ def _first_layer_mlp(model) -> str:
     return next(name for name, _ in model.named_modules() if name.endswith(".mlp"))
 
 
-def _lora_params_per_rank(model, model_type: str, targets: list[str] | None = None) -> int:
-    import torch
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+}  # fmt: skip
+"""peft's default LoRA targets for the architectures the suite plans (peft.utils.constants
+TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), so a plan needs no peft; peft's own table wins when installed."""
 
-    targets = targets or DEFAULTS.get(model_type, [])
+
+def lora_default_targets(model_type: str) -> list[str]:
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    except ImportError:  # the library installed alone: a full fine-tune never needs peft, a plan neither
+        return LORA_DEFAULT_TARGETS.get(model_type, [])
+    return list(DEFAULTS.get(model_type, LORA_DEFAULT_TARGETS.get(model_type, [])))
+
+
+def _lora_params_per_rank(model, model_type: str, targets: list[str] | None = None) -> int:
+    """A + B of every adapted module at rank 1: (in + out) features of each target Linear, or of each target
+    transformers Conv1D (GPT-2's fused projections, whose weight is (in, out))."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    targets = targets or lora_default_targets(model_type)
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(module, torch.nn.Linear):
             total += module.in_features + module.out_features
+        elif isinstance(module, Conv1D):
+            total += sum(module.weight.shape)
     return total
 
 

@@ -119,6 +119,27 @@ def _summed(accelerator, *values: float) -> list[float]:
     return totals.tolist()
 
 
+def warn_low_precision_masters(model, learning_rate: float) -> list[str]:
+    """Warn when trainable weights are not float32: AdamW then updates the rounded weights themselves.
+
+    bf16 keeps 8 significant bits, so a weight w moves only when its update exceeds half its spacing, between
+    |w| x 2^-9 and |w| x 2^-8; an AdamW update is about the learning rate, so at lr 1e-6 only weights with |w|
+    below 2.6e-4 to 5.1e-4 can change at all (a few percent of a trained model's). float32 master weights under bf16 autocast
+    (`training.mixed_precision: bf16`, `model.dtype: float32`) keep every update; LoRA adapters are float32 in
+    peft whatever the base's dtype. Returns the dtypes it warned about (empty: all float32)."""
+    low = sorted(
+        {str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)}
+    )
+    if low:
+        logger.warning(
+            "fine-tuning weights held in %s (pure low-precision AdamW): with 8 significant bits an update of about "
+            "lr = %g moves only weights with |w| below %.2g to %.2g; load model.dtype: float32 and set "
+            "training.mixed_precision: bf16 (float32 master weights under bf16 autocast) unless this is intended",
+            ", ".join(low), learning_rate, learning_rate * 2**8, learning_rate * 2**9,
+        )  # fmt: skip
+    return low
+
+
 def train_stage(
     model,
     items: list,
@@ -144,6 +165,7 @@ def train_stage(
     started = time.perf_counter()
     items = list(loss.prepare(model, items))  # from the policy that drew them, before any update
 
+    warn_low_precision_masters(model, section.learning_rate)
     fused = accelerator.device.type == "cuda"  # one kernel per step for all tensors on a GPU
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],

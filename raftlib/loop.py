@@ -135,9 +135,12 @@ def _select(run: Run, iteration: int, policy, samples, scores: Scores) -> list:
             section.strategy, key, np.array([s.prompt_id for s in samples]), np.array([s.sample_index for s in samples]),
             samples_per_prompt=run.config.generation.samples_per_prompt, keep_per_prompt=section.keep_per_prompt,
             threshold=section.threshold, max_kept=section.max_kept,
+            count=section.kept_counts[iteration - 1] if section.strategy == "count" else None,
         )  # fmt: skip
         if not selection.kept.any():
-            raise RuntimeError(f"iteration {iteration}: no sample could be kept ({selection.invalid_count} invalid rewards)")
+            raise RuntimeError(
+                f"iteration {iteration}: no sample could be kept ({selection.invalid_count} invalid rewards)"
+            )
         rows = sample_rows(iteration, samples, scores, selection, ref_logprobs, modality.sample_settings())
 
         def write() -> None:
@@ -186,7 +189,8 @@ def _evaluate(run: Run, iteration: int, policy) -> None:
     if stage.done:
         return
     metrics: dict[str, Any] = {}
-    if run.splits.eval:
+    loop = run.config.loop
+    if run.splits.eval and (iteration % loop.eval_every == 0 or iteration == loop.iterations):
         evaluation.draw(run.modality, policy, run.splits.eval, run.config, stage.batches())
         samples = stage.assemble()  # every process's batches
         if run.is_main:  # the main process scores and measures; the others wait at the next barrier

@@ -116,7 +116,8 @@ def resolve_component(component: RewardComponentSection) -> RewardFn:
 
 @dataclass
 class WeightedReward:
-    """A weighted sum of named components. The total is None when any component is None for a sample."""
+    """A weighted sum of named components. The total is None when any weighted component is None for a sample;
+    a component of weight 0 is only recorded (its column in the Parquet rows), so its None changes nothing."""
 
     components: list[tuple[str, float, RewardFn]]
     timeout_s: float | None = None
@@ -145,7 +146,7 @@ class WeightedReward:
             values[name] = check_reward_output(name, output, count)
         total: list[float | None] = []
         for i in range(count):
-            parts = [(weight, values[name][i]) for name, weight, _ in self.components]
+            parts = [(weight, values[name][i]) for name, weight, _ in self.components if weight != 0]
             if any(v is None for _, v in parts):
                 total.append(None)
             else:

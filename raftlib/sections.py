@@ -59,6 +59,9 @@ class DataSection:
     """Dataset split, when `prompts` is a Hugging Face dataset."""
     eval_prompts: int = 64
     """Prompts held out (after a seeded shuffle) for the per-iteration held-out evaluation."""
+    eval_file: str | None = None
+    """Held-out prompts from a file of their own (.jsonl/.parquet/.csv, every row; same prompt column), e.g. a
+    benchmark's test set; then `eval_prompts` must be 0 and every row of `prompts` trains."""
     reference_column: str | None = None
     """Column with reference responses; when set, eval reports their perplexity."""
     max_prompt_tokens: int | None = None
@@ -68,6 +71,8 @@ class DataSection:
         require(bool(self.prompts), f"{key}.prompts", self.prompts, "is required")
         require(bool(self.prompt_column), f"{key}.prompt_column", self.prompt_column, "is empty")
         require(self.eval_prompts >= 0, f"{key}.eval_prompts", self.eval_prompts, "must be >= 0")
+        if self.eval_file:
+            require(self.eval_prompts == 0, f"{key}.eval_prompts", self.eval_prompts, "must be 0 with data.eval_file")
         if self.max_prompt_tokens is not None:
             require(self.max_prompt_tokens >= 1, f"{key}.max_prompt_tokens", self.max_prompt_tokens, "must be >= 1")
 
@@ -124,8 +129,9 @@ class RewardSection:
 
 @dataclass(frozen=True)
 class SelectionSection:
-    strategy: Literal["local", "global", "threshold"] = "local"
-    """local: best of K per prompt (paper default); global: top 1/K of the batch; threshold: key >= threshold."""
+    strategy: Literal["local", "global", "threshold", "count"] = "local"
+    """local: best of K per prompt (paper default); global: top 1/K of the batch; threshold: key >= threshold;
+    count: the `kept_counts[t - 1]` best of the batch at iteration t (a control matched to another run's counts)."""
     kl_coef: float = 0.0
     """beta of Eq. 5: rank by r - beta * log(pi_theta / pi_0). Changes the ranking only, never the loss."""
     keep_per_prompt: int = 1
@@ -134,6 +140,9 @@ class SelectionSection:
     """threshold: keep every sample whose ranking key is >= this value."""
     max_kept: int | None = None
     """After the strategy, keep at most this many, best key first (the SD notebook: top 8 of 10 winners)."""
+    kept_counts: list[int] | None = None
+    """count: how many samples to keep at each iteration, e.g. the counts a threshold run kept, so a random control
+    (a random reward) fine-tunes on exactly as many samples as the run it controls."""
     external_samples: str | None = None
     """A .jsonl/.parquet of extra (prompt_id, completion) candidates, e.g. a teacher's, added to the pool."""
 
@@ -146,6 +155,11 @@ class SelectionSection:
             require(
                 self.threshold is not None, f"{key}.threshold", self.threshold, "is required when strategy is threshold"
             )
+        if self.strategy == "count":
+            require(
+                bool(self.kept_counts), f"{key}.kept_counts", self.kept_counts, "is required when strategy is count"
+            )
+            require(all(c >= 1 for c in self.kept_counts), f"{key}.kept_counts", self.kept_counts, "must all be >= 1")
 
 
 @dataclass(frozen=True)
@@ -214,6 +228,11 @@ class LoopSection:
     """b: prompts sampled per stage (paper: 2048)."""
     eval_samples_per_prompt: int = 1
     """Completions per held-out prompt at each evaluation."""
+    eval_every: int = 1
+    """Evaluate after every this-many iterations (and after the last; the initial model always): 1 evaluates
+    every iteration, a larger value saves the held-out generation of the others."""
+    eval_kl: bool = True
+    """Measure the held-out samples' KL to the initial model (text: one more forward per sample with pi_0)."""
     keep_checkpoints: int | None = None
     """Keep only the newest this-many iteration checkpoints (None keeps all; final/ is always written)."""
     process_group_timeout_minutes: float = 60.0
@@ -235,6 +254,7 @@ class LoopSection:
             "must be > 0",
         )
         require(self.iterations >= 1, f"{key}.iterations", self.iterations, "must be >= 1")
+        require(self.eval_every >= 1, f"{key}.eval_every", self.eval_every, "must be >= 1")
         require(
             self.prompts_per_iteration >= 1, f"{key}.prompts_per_iteration", self.prompts_per_iteration, "must be >= 1"
         )
@@ -289,6 +309,8 @@ class ConfigFile:
             )
         elif self.selection.strategy == "global":
             kept = self.loop.prompts_per_iteration
+        elif self.selection.strategy == "count":
+            kept = max(self.selection.kept_counts)
         else:
             return self.selection.max_kept
         return kept if self.selection.max_kept is None else min(kept, self.selection.max_kept)
@@ -317,6 +339,17 @@ class ConfigFile:
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
         require(bool(self.output_dir), "output_dir", self.output_dir, "is empty")
+        # An optional package a setting asks for: named here, before any model loads (accelerate would drop a
+        # missing tracker without a word; peft would fail minutes in, at the first fine-tune).
+        require_package(self.logging.tensorboard, "tensorboard", "logging.tensorboard", True, "tensorboard")
+        lora = getattr(self.model, "lora", None)
+        require_package(lora is not None, "peft", "model.lora", lora, "lora")
+        if self.selection.strategy == "count":
+            counts = self.selection.kept_counts
+            require(
+                len(counts) >= self.loop.iterations, "selection.kept_counts", counts,
+                f"holds {len(counts)} counts for {self.loop.iterations} iterations (loop.iterations)",
+            )  # fmt: skip
         return self
 
     @classmethod
@@ -370,6 +403,17 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
 def require(ok: bool, key: str, value: Any, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r}: {message}")
+
+
+def require_package(asked: bool, module: str, key: str, value: Any, extra: str) -> None:
+    """When a setting asks for an optional package, it must import; else the error names the install command."""
+    import importlib.util
+
+    if asked and importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{key} = {value!r} needs the {module} package, which is not installed: "
+            f"pip install 'raftlib[{extra}]' (or pip install {module}); or leave the setting off"
+        )
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:

@@ -68,11 +68,15 @@ def select_global(key: np.ndarray, prompt_ids: np.ndarray, sample_indices: np.nd
     The count is round(N * fraction) of all N samples, unusable ones included, so invalid rewards
     shrink the kept set rather than letting worse samples in.
     """
-    key, prompt_ids, sample_indices = _check(key, prompt_ids, sample_indices)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return select_count(key, prompt_ids, sample_indices, math.floor(len(key) * fraction + 0.5))
+
+
+def select_count(key: np.ndarray, prompt_ids: np.ndarray, sample_indices: np.ndarray, count: int) -> Selection:
+    """The `count` best of the batch (fewer when fewer rewards are usable): a control matched in kept count."""
+    key, prompt_ids, sample_indices = _check(key, prompt_ids, sample_indices)
     valid = np.isfinite(key)
-    count = min(math.floor(len(key) * fraction + 0.5), int(valid.sum()))
     order = [i for i in _order(np.where(valid, key, -np.inf), prompt_ids, sample_indices) if valid[i]]
     kept = np.zeros(len(key), dtype=bool)
     kept[order[:count]] = True
@@ -98,6 +102,7 @@ def select(
     keep_per_prompt: int = 1,
     threshold: float | None = None,
     max_kept: int | None = None,
+    count: int | None = None,
 ) -> Selection:
     """Dispatch on `selection.strategy`; then keep at most `max_kept` of the chosen, best key first."""
     if strategy == "local":
@@ -108,6 +113,10 @@ def select(
         if threshold is None:
             raise ValueError("threshold selection needs a threshold")
         selection = select_threshold(key, prompt_ids, threshold)
+    elif strategy == "count":
+        if count is None:
+            raise ValueError("count selection needs a count")
+        selection = select_count(key, prompt_ids, sample_indices, count)
     else:
         raise ValueError(f"unknown selection strategy {strategy!r}")
     if max_kept is not None:

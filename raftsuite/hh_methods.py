@@ -5,7 +5,7 @@ hh_rlhf.ipynb and efficiency.ipynb run these (one cache, shared); ablations.ipyn
     settings = MethodSettings.from_parameters(parameters, setup)        # everything a run depends on
     root = runs_root(work.parent, settings, plan)                        # runs/PROFILE/method_runs/<hash>
     record = method_run(root, settings, plan, MethodRun("raft", 2e-4, seed=0))
-    sweep = learning_rate_sweep(root, settings, plan, {"raft": [1e-4, 2e-4, 4e-4]}, seed=0)
+    sweep = sweep_until_interior(root, settings, plan, {"raft": [1e-4, 2e-4, 4e-4]}, seed=0)
 
 Every run goes into its own process(es) (`raftsuite.children`), so its time and peak memory are its own; it
 trains on the plan's fit prompts only and is evaluated on the plan's curve prompts by raftlib's one evaluation
@@ -16,6 +16,7 @@ master weights (bf16 only as autocast on a GPU) and, with `lora_rank`, train the
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -26,8 +27,10 @@ from typing import Any
 import pandas as pd
 
 from raftlib.records import Prompt
-from raftsuite import children, hh
+from raftsuite import children, hh, sweeps
 from raftsuite.cache import as_json, cached
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("raft", "grpo", "random")
 """raft: RAFT on the proxy reward; grpo: TRL's GRPO on it; random: RAFT whose reward ranks at random (the matched
@@ -151,6 +154,9 @@ def raft_config(
             "max_new_tokens": s.max_new_tokens,
             "prompts_per_batch": s.prompts_per_batch,
             "backend": s.generation_backend,
+            # HH text is its own format ("\n\nHuman: ... \n\nAssistant:"), read as plain text by the SFT, GRPO,
+            # the evaluation and the perplexity alike: no chat template, even where the tokenizer has one (Qwen2.5)
+            "chat_template": "never",
         },
         "reward": reward,
         "selection": {"strategy": "local", "kl_coef": 0.0},
@@ -201,7 +207,9 @@ def held_out_evaluation(model, settings: MethodSettings, prompts: Sequence[Promp
     """raftlib's evaluation of `model` (loaded; on its device) on `prompts`, as every HH model is evaluated."""
     from raftlib.evaluation import evaluate_policy
 
-    return evaluate_policy(model, evaluation_config(settings, seed), prompts, reward=reward or evaluation_reward(settings))
+    return evaluate_policy(
+        model, evaluation_config(settings, seed), prompts, reward=reward or evaluation_reward(settings)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +220,8 @@ def held_out_evaluation(model, settings: MethodSettings, prompts: Sequence[Promp
 def raft_curve(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Run RAFT (in a child); one point per iteration: completions drawn, training seconds (no eval), held-out
     reward."""
+    import pyarrow.parquet as pq
+
     from raftlib import RAFTConfig, run
 
     result = run(RAFTConfig.from_dict(config))
@@ -220,9 +230,29 @@ def raft_curve(config: dict[str, Any]) -> list[dict[str, Any]]:
     for row in result.metrics:
         stages = ("time_generate_s", "time_score_s", "time_select_s", "time_finetune_s")
         seconds += sum(row.get(key) or 0.0 for key in stages)
+        rows = pq.read_table(result.run_dir / f"iter_{row['iteration']:04d}" / "eval_samples.parquet").to_pylist()
         points.append({"step": row["iteration"], "samples": row["iteration"] * per_iteration,
-                       "train_seconds": seconds, "eval_reward": row["eval_reward_mean"]})  # fmt: skip
+                       "train_seconds": seconds, "eval_reward": row["eval_reward_mean"],
+                       "prompts": prompt_rewards(rows)})  # fmt: skip
     return points
+
+
+def prompt_rewards(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """{prompt id: mean reward of its held-out samples} of one evaluation's rows (None rewards left out)."""
+    by_prompt: dict[str, list[float]] = {}
+    for row in rows:
+        if row["reward"] is not None:
+            by_prompt.setdefault(str(row["prompt_id"]), []).append(float(row["reward"]))
+    return {prompt: sum(values) / len(values) for prompt, values in by_prompt.items()}
+
+
+def curve_prompts(records: Mapping[tuple[str, int], Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (method, seed, step, held-out prompt) of the runs' curves: the per-prompt Parquet."""
+    rows = [{"method": method, "seed": seed, "step": point["step"], "samples": point["samples"], "prompt": int(p),
+             "eval_reward": reward}
+            for (method, seed), record in records.items() for point in record["curve"]
+            for p, reward in point.get("prompts", {}).items()]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def method_run(
@@ -291,75 +321,21 @@ def validation_reward(root: str | Path, settings: MethodSettings, plan: hh.Promp
     return cached(Path(f"{record['run_dir']}.validation.json"), params, score)
 
 
-def learning_rate_sweep(
-    root: str | Path,
-    settings: MethodSettings,
-    plan: hh.PromptPlan,
-    grids: Mapping[str, Sequence[float]],
-    seed: int,
-    links: Mapping[str, str | Path] | None = None,
-) -> pd.DataFrame:
-    """Each method at each learning rate of its grid, one seed, scored on the validation prompts.
-
-    Returns one row per (method, learning_rate): seed, validation_reward, wall seconds, `chosen` (the highest
-    validation reward of its method) and `interior` (the chosen rate is neither end of its grid: a chosen end
-    means the grid must extend, `extend_grid`). The chosen rate then runs with every seed (the sweep's run is
-    that seed's run, not a rerun).
-    """
-    rows = []
-    for method, rates in grids.items():
-        if not rates:
-            raise ValueError(f"learning_rate_sweep: no learning rates for {method}")
-        for rate in sorted(float(r) for r in rates):
-            record = method_run(root, settings, plan, MethodRun(method, rate, seed), (links or {}).get(method))
-            rows.append({"method": method, "learning_rate": rate, "seed": seed,
-                         "validation_reward": validation_reward(root, settings, plan, record),
-                         "process_seconds": record["process_seconds"]})  # fmt: skip
-    return mark_chosen(pd.DataFrame(rows))
-
-
-def mark_chosen(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Add `chosen` (per method, the highest validation reward; a tie keeps the lower rate) and `interior` (the
-    method's chosen rate lies strictly between the ends of its grid)."""
-    sweep = sweep.sort_values(["method", "learning_rate"], kind="stable").reset_index(drop=True)
-    best = set(sweep.groupby("method", sort=False)["validation_reward"].idxmax().tolist())
-    interior = {}
-    for method, group in sweep.groupby("method", sort=False):
-        rate = float(group.loc[group.index.isin(best), "learning_rate"].iloc[0])
-        interior[method] = bool(group["learning_rate"].min() < rate < group["learning_rate"].max())
-    return sweep.assign(chosen=sweep.index.isin(best), interior=sweep["method"].map(interior))
-
-
-def chosen_rates(sweep: pd.DataFrame) -> dict[str, float]:
-    """{method: the learning rate the sweep chose on validation}."""
-    return {row.method: float(row.learning_rate) for row in sweep[sweep["chosen"]].itertuples()}
-
-
-def extend_grid(sweep: pd.DataFrame, method: str, factor: float = 2.0) -> list[float] | None:
-    """The method's grid with one more rate beyond the end its chosen rate sits on (x factor or / factor), or
-    None when the chosen rate is interior, or the grid is one fixed rate (no choice to make)."""
-    rows = sweep[sweep["method"] == method]
-    rates = sorted(rows["learning_rate"].tolist())
-    chosen = float(rows[rows["chosen"]]["learning_rate"].iloc[0])
-    if len(rates) == 1 or rates[0] < chosen < rates[-1]:
-        return None
-    return [*rates, rates[-1] * factor] if chosen == rates[-1] else [rates[0] / factor, *rates]
-
-
 def sweep_until_interior(
     root: str | Path, settings: MethodSettings, plan: hh.PromptPlan, grids: Mapping[str, Sequence[float]],
     seed: int, max_extensions: int = 3,
 ) -> pd.DataFrame:  # fmt: skip
-    """`learning_rate_sweep`, extending each method's grid (`extend_grid`) until its chosen rate is interior or
-    `max_extensions` rates were added; the returned rows say which methods stayed at an end (`interior`)."""
-    grids = {method: list(rates) for method, rates in grids.items()}
-    for _ in range(max_extensions + 1):
-        sweep = learning_rate_sweep(root, settings, plan, grids, seed)
-        extended = {m: extend_grid(sweep, m) for m in grids}
-        if all(grid is None for grid in extended.values()):
-            return sweep
-        grids = {m: grid or grids[m] for m, grid in extended.items()}
-    return learning_rate_sweep(root, settings, plan, grids, seed)
+    """Each method at each learning rate of its grid, one seed, scored on the validation prompts, each grid
+    extended until its chosen rate is interior (`raftsuite.sweeps`). One row per (method, learning_rate): seed,
+    validation_reward, process seconds, `chosen`, `interior`. The chosen rate then runs with every seed (the
+    sweep's run is that seed's run, not a rerun)."""
+
+    def score(method: str, rate: float) -> dict[str, Any]:
+        record = method_run(root, settings, plan, MethodRun(method, rate, seed))
+        return {"seed": seed, "validation_reward": validation_reward(root, settings, plan, record),
+                "process_seconds": record["process_seconds"]}  # fmt: skip
+
+    return sweeps.sweep_until_interior(grids, score, max_extensions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,19 +366,22 @@ def grpo_curve(job: dict[str, Any]) -> list[dict[str, Any]]:
             self.points: list[dict[str, Any]] = []
             self.started = 0.0
             self.eval_seconds = 0.0
+            self.max_steps = 0
 
         def measure(self, step: int, model) -> None:
             if not main_process:
                 return
             began = time.perf_counter()
-            value = held_out_evaluation(model, settings, split.eval, run.seed, reward).metrics["eval_reward_mean"]
+            evaluation = held_out_evaluation(model, settings, split.eval, run.seed, reward)
+            value = evaluation.metrics["eval_reward_mean"]
             training = began - self.started - self.eval_seconds
             self.eval_seconds += time.perf_counter() - began
             self.points.append({"step": step, "samples": step * per_step, "train_seconds": training,
-                                "eval_reward": value})  # fmt: skip
+                                "eval_reward": value, "prompts": prompt_rewards(evaluation.rows)})  # fmt: skip
+            logger.info("GRPO step %d/%d | eval reward %.3f | %.1fs training", step, self.max_steps, value, training)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.started = time.perf_counter()
+            self.started, self.max_steps = time.perf_counter(), state.max_steps
             self.measure(0, model)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -481,4 +460,3 @@ def run_grpo(
     history = [h for h in trainer.state.log_history if "reward" in h]
     return as_json({"steps": steps, "samples": steps * completions_per_step, "seconds": seconds,
                     "reward_per_step": [h["reward"] for h in history]})  # fmt: skip
-

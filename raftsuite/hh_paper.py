@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from raftlib.config import ModelSection, TrainingSection
 from raftlib.data import DataError
 from raftlib.records import Prompt
 from raftlib.store import atomic_write_text
 from raftlib.text.finetune import finetune
 from raftlib.text.models import load_policy, load_tokenizer, save_model
+from raftsuite import children
 
 logger = logging.getLogger(__name__)
 
@@ -230,10 +229,13 @@ def prepare_paper_setup(
     policy_dtype: str = "bfloat16",
     mixed_precision: str = "bf16",
     gradient_checkpointing: bool = False,
+    num_processes: int = 1,
+    sft_accelerate_config: str = "",
     progress: bool = True,
 ) -> PaperSetup:
     """HH-RLHF prompts (train and test kept apart), and the SFT policy: `sft_model` if given, else one epoch of
-    SFT of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT).
+    SFT of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT), in its own process(es)
+    (`sft_child`: fp32 master weights, `mixed_precision` autocast, `num_processes` under `sft_accelerate_config`).
 
     Built once per settings under `directory` (every notebook of a profile passes the same one): under an
     exclusive lock, into a temporary dir renamed into place, with setup.json written last; a second caller
@@ -294,31 +296,24 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     if not sft_model:
-        section = ModelSection(path=policy_model, dtype=settings["policy_dtype"])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        policy = load_policy(section, device=device)
-        if settings["gradient_checkpointing"]:
-            policy.gradient_checkpointing_enable()
         rows = train[: settings["sft_examples"]] if settings["sft_examples"] else train
         eos = [tokenizer.eos_token_id]
-        examples = [
-            (
-                tokenizer(r["prompt"])["input_ids"],
-                tokenizer(" " + r["reference"], add_special_tokens=False)["input_ids"] + eos,
-            )
-            for r in rows
-        ]
-        training = TrainingSection(
-            learning_rate=settings["sft_learning_rate"],
-            epochs=1,
-            micro_batch_size=settings["sft_micro_batch_size"],
-            mixed_precision=settings["mixed_precision"],
-            gradient_checkpointing=settings["gradient_checkpointing"],
-        )
-        policy, _ = finetune(
-            policy, examples, training, pad_id=tokenizer.pad_token_id, seed=0, iteration=0, progress=progress
-        )
-        save_model(policy, tokenizer, directory / "sft")
+        examples = directory / "sft_examples.jsonl"
+        with open(examples, "w", encoding="utf-8") as handle:  # the raw HH text, as RAFT reads it (no template)
+            for r in rows:
+                prompt = tokenizer(r["prompt"])["input_ids"]
+                completion = tokenizer(" " + r["reference"], add_special_tokens=False)["input_ids"] + eos
+                handle.write(json.dumps([prompt, completion]) + "\n")
+        training = {"learning_rate": settings["sft_learning_rate"], "epochs": 1,
+                    "micro_batch_size": settings["sft_micro_batch_size"], "mixed_precision": settings["mixed_precision"],
+                    "gradient_checkpointing": settings["gradient_checkpointing"]}  # fmt: skip
+        job = {"policy_model": policy_model, "examples": str(examples), "training": training,
+               "output_dir": str(directory / "sft"), "progress": progress}  # fmt: skip
+        # Its own process(es): the kernel never holds the SFT's GPU memory when the RAFT workers start, and a 7B
+        # full fine-tune (fp32 masters: 16 bytes per parameter) can shard over FSDP (`sft_accelerate_config`).
+        children.run_in_child("raftsuite.hh_paper:sft_child", {"job": job}, directory / "sft.child.json",
+                              directory / "sft.log", num_processes=settings["num_processes"],
+                              accelerate_config=settings["sft_accelerate_config"])  # fmt: skip
         sft_model = str(directory / "sft")
     return PaperSetup(
         sft_model=sft_model,
@@ -329,6 +324,32 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
         eval_prompts=len(test),
         seconds=time.perf_counter() - started,
     )
+
+
+def sft_child(job: dict[str, Any]) -> None:
+    """One epoch of SFT on HH-RLHF chosen responses (in a child; every worker under `accelerate launch`).
+
+    The weights load in float32 whatever the RAFT policy's dtype: they are the optimizer's master weights, under
+    `training.mixed_precision` autocast (bf16 on a GPU). Pure-bf16 AdamW would round away most updates at lr 2e-5
+    (raftlib.finetune warns when a fine-tune's trainable weights are not float32). Under an FSDP launch the
+    weights are gathered once to the main process, which writes the model.
+    """
+    from raftlib.sharding import build_accelerator, full_state_dict, is_sharded
+
+    section = TrainingSection(**job["training"])
+    accelerator = build_accelerator(section)
+    tokenizer = load_tokenizer(ModelSection(path=job["policy_model"]))
+    policy = load_policy(ModelSection(path=job["policy_model"], dtype="float32"), device=accelerator.device)
+    with open(job["examples"], encoding="utf-8") as handle:
+        examples = [tuple(json.loads(line)) for line in handle]
+    policy, _ = finetune(policy, examples, section, pad_id=tokenizer.pad_token_id, seed=0, iteration=0,
+                         accelerator=accelerator, progress=job["progress"])  # fmt: skip
+    weights = full_state_dict(policy) if is_sharded(accelerator) else None
+    if accelerator.is_main_process:
+        save_model(policy, tokenizer, Path(job["output_dir"]), state_dict=weights)
+    accelerator.wait_for_everyone()
+    del policy, weights
+    accelerator.free_memory()
 
 
 def paper_reference_rows() -> dict[str, dict[str, Any]]:

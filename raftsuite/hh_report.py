@@ -16,7 +16,13 @@ from raftsuite.report import Claim
 
 PAPER_TABLE3 = {
     "sft": {"proxy_reward": 0.772, "perplexity": 3.781, "msttr_100": 0.597, "distinct_2": 0.250, "length_words": 145.4},
-    "raft": {"proxy_reward": 2.294, "perplexity": 4.031, "msttr_100": 0.611, "distinct_2": 0.258, "length_words": 156.2},
+    "raft": {
+        "proxy_reward": 2.294,
+        "perplexity": 4.031,
+        "msttr_100": 0.611,
+        "distinct_2": 0.258,
+        "length_words": 156.2,
+    },
     "ppo": {"proxy_reward": 2.077},
 }
 """Table 3 of Dong et al. 2023 (LLaMA-7B-SFT, RAFT-K32 at lambda 1, PPO beta 0.1): docs/paper.md."""

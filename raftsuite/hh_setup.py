@@ -101,6 +101,9 @@ class SetupRequest:
     policy_dtype: str = "float32"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    num_processes: int = 1
+    sft_accelerate_config: str = ""
+    """The SFT's launch config (FSDP for a 7B full fine-tune: fp32 masters and AdamW are 16 bytes per parameter)."""
     show_progress: bool = False
 
     @classmethod
@@ -138,6 +141,8 @@ def _paper(runs_dir: Path, r: SetupRequest) -> HHSetup:
         policy_dtype=r.policy_dtype,
         mixed_precision=r.mixed_precision,
         gradient_checkpointing=r.gradient_checkpointing,
+        num_processes=r.num_processes,
+        sft_accelerate_config=r.sft_accelerate_config,
         progress=r.show_progress,
     )
     return HHSetup(

@@ -124,7 +124,9 @@ def evaluate_seeds(table: Table3, seeds: Sequence[int], cache_dir: str | Path) -
     model, one row per seed, model and prompt)."""
     rows, prompts = [], []
     for seed in seeds:
-        result = cached(Path(cache_dir) / f"seed_{seed}.json", table.params(seed), lambda seed=seed: seed_rows(table, seed))
+        result = cached(
+            Path(cache_dir) / f"seed_{seed}.json", table.params(seed), lambda seed=seed: seed_rows(table, seed)
+        )
         rows += result["rows"]
         prompts += result["prompts"]
     return pd.DataFrame(rows), pd.DataFrame(prompts)

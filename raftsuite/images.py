@@ -68,12 +68,12 @@ def random_reward(images: list, prompts: list[str], **columns: Any) -> list[floa
     return values
 
 
-def heldout_rewards(run_dir: Path, reward: WeightedReward, batch_size: int = 64) -> dict[int, float]:
-    """{iteration: mean reward over the run's held-out images}, re-scored with `reward` (the experiment's real
-    reward) from eval_samples.parquet.
+def heldout_scores(run_dir: Path, reward: WeightedReward, batch_size: int = 64) -> dict[int, list[float | None]]:
+    """{iteration: the reward of each held-out image}, re-scored with `reward` (the experiment's real reward) from
+    eval_samples.parquet.
 
     The random-selection control ranks by a random reward, so its own eval_reward_mean is random too; both
-    arms are compared on this re-scoring instead (for a RAFT run it equals metrics.jsonl's eval_reward_mean).
+    arms are compared on this re-scoring instead (for a RAFT run its mean equals metrics.jsonl's eval_reward_mean).
     The prompts' columns (a prompt's label, say) come from the run's own config and held-out split.
     """
     from raftlib.config import load_config
@@ -83,16 +83,13 @@ def heldout_rewards(run_dir: Path, reward: WeightedReward, batch_size: int = 64)
 
     config = load_config(Path(run_dir) / "config.yaml")
     columns = columns_by_prompt(load_prompts(config.data, config.seed).eval)
-    means = {}
-    for iteration in iterations_of(run_dir):
-        scores = score_samples(
+    return {
+        iteration: score_samples(
             reward, eval_images(run_dir, iteration), columns, inputs=ImageModality.reward_inputs,
             batch_size=batch_size, batches=Batches(progress=False),
-        )  # fmt: skip
-        values = np.array([np.nan if r is None else r for r in scores.reward], dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        means[iteration] = float(finite.mean()) if finite.size else math.nan
-    return means
+        ).reward
+        for iteration in iterations_of(run_dir)
+    }  # fmt: skip
 
 
 MEASURES = {
@@ -105,12 +102,25 @@ MEASURES = {
 }
 """Every per-iteration measure `measures` can give, with the label the tables and figures use."""
 
+PER_IMAGE = ("eval_reward", "p_prompted_digit", "prompted_digit_accuracy")
+"""The measures defined per image, so also per prompt (the others are measures of a set of images)."""
 
-def measures(run_dir: Path, reward: WeightedReward, classifier: Path | None = None) -> pd.DataFrame:
+
+def _mean(values: Sequence[float | None]) -> float:
+    finite = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def measures(
+    run_dir: Path, reward: WeightedReward, classifier: Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per iteration (0 = the base model), on the held-out images: the reward, diversity and, with the digit
-    classifier (tiny profile), the distances to the real digits and the prompted digit's probability.
+    classifier (tiny profile), the distances to the real digits and the prompted digit's probability; and the
+    per-image measures per prompt (one row per iteration and distinct prompt text: the held-out prompts repeat
+    their strings, so a prompt is its text, the unit a crossed interval resamples).
 
-    - `eval_reward`: `heldout_rewards` (the same scorer for RAFT and the control);
+    - `eval_reward`: `heldout_scores` (the same scorer for RAFT and the control);
     - `diversity`: mean RMS pixel distance between images of the same prompt (0 = collapsed);
     - `frechet_distance`: between digit-classifier features of these images and of the real held-out digits
       (FID's formula in the classifier's 64-d feature space; lower = closer to the data);
@@ -119,46 +129,53 @@ def measures(run_dir: Path, reward: WeightedReward, classifier: Path | None = No
     - `prompted_digit_accuracy`: how often the classifier reads the prompted digit.
     Reward hacking shows as reward up while the distances grow.
     """
-    rewards = heldout_rewards(run_dir, reward)
+    rewards = heldout_scores(run_dir, reward)
     if classifier is not None:
         held_x, _ = digits.real_digits("heldout")
         model = digits.load_classifier(classifier)
         real_features = digits.classifier_features(held_x, model)
-    rows = []
+    rows, per_prompt = [], []
     for iteration in iterations_of(run_dir):
         samples = eval_images(run_dir, iteration)
         images = [s.image for s in samples]
-        row = {
-            "iteration": iteration,
-            "eval_reward": rewards[iteration],
-            "diversity": within_prompt_diversity(images, [s.prompt for s in samples]),
-        }
+        per_image = {"eval_reward": rewards[iteration]}
+        row = {"iteration": iteration, "diversity": within_prompt_diversity(images, [s.prompt for s in samples])}
         if classifier is not None:
             with torch.no_grad():
                 probabilities = model(digits.as_tensor(images)).softmax(-1).numpy()  # (N, 10)
             labels = np.array([s.class_label for s in samples])
+            per_image |= {"p_prompted_digit": probabilities[np.arange(len(labels)), labels].tolist(),
+                          "prompted_digit_accuracy": (probabilities.argmax(-1) == labels).astype(float).tolist()}  # fmt: skip
             row |= {
                 "frechet_distance": digits.frechet_distance(digits.classifier_features(images, model), real_features),
                 "nearest_real_distance": digits.nearest_real_distance(images, held_x),
-                "p_prompted_digit": float(probabilities[np.arange(len(labels)), labels].mean()),
-                "prompted_digit_accuracy": float(np.mean(probabilities.argmax(-1) == labels)),
             }
-        rows.append(row)
-    return pd.DataFrame(rows)
+        rows.append(row | {name: _mean(values) for name, values in per_image.items()})
+        by_text: dict[str, list[int]] = {}
+        for index, sample in enumerate(samples):
+            by_text.setdefault(sample.prompt, []).append(index)
+        for text, members in by_text.items():
+            per_prompt.append({"iteration": iteration, "prompt": text, "images": len(members)}
+                              | {name: _mean([values[i] for i in members]) for name, values in per_image.items()})  # fmt: skip
+    return pd.DataFrame(rows), pd.DataFrame(per_prompt)
 
 
 def measure_runs(
     runs: Mapping[str, Mapping[int, Path]], reward: WeightedReward, classifier: Path | None = None
-) -> pd.DataFrame:
-    """`measures` of every run, stacked: columns arm, seed, iteration and the measures (one row per
-    arm x seed x iteration). runs: {arm: {seed: run directory}}."""
-    frames = [
-        measures(run_dir, reward, classifier).assign(arm=arm, seed=seed)
-        for arm, by_seed in runs.items()
-        for seed, run_dir in by_seed.items()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`measures` of every run, stacked: (one row per arm x seed x iteration, one per arm x seed x iteration x
+    prompt text), columns arm, seed, iteration and the measures. runs: {arm: {seed: run directory}}."""
+    frames, prompt_frames = [], []
+    for arm, by_seed in runs.items():
+        for seed, run_dir in by_seed.items():
+            rows, per_prompt = measures(run_dir, reward, classifier)
+            frames.append(rows.assign(arm=arm, seed=seed))
+            prompt_frames.append(per_prompt.assign(arm=arm, seed=seed))
+    frame, prompts = pd.concat(frames, ignore_index=True), pd.concat(prompt_frames, ignore_index=True)
+    first = ["arm", "seed", "iteration"]
+    return frame[[*first, *(c for c in frame if c not in first)]], prompts[
+        [*first, *(c for c in prompts if c not in first)]
     ]
-    frame = pd.concat(frames, ignore_index=True)
-    return frame[["arm", "seed", "iteration", *(c for c in frame if c not in ("arm", "seed", "iteration"))]]
 
 
 def plot_measures(rows: pd.DataFrame, metrics: Sequence[str], title: str):
@@ -169,8 +186,12 @@ def plot_measures(rows: pd.DataFrame, metrics: Sequence[str], title: str):
     from raftsuite import plots
 
     plots.use_style()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.0), squeeze=False)
-    for index, (axis, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+    columns = min(3, len(metrics))  # at most 3 panels a row: the figure stays readable at a page's width
+    lines = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.8 * lines), squeeze=False)
+    for axis in axes.ravel()[len(metrics) :]:
+        axis.set_visible(False)
+    for index, (axis, metric) in enumerate(zip(axes.ravel(), metrics, strict=False)):
         plots.plot_iteration_bands(rows, metric, MEASURES.get(metric, metric), metric.replace("_", " "), hue="arm",
                                    xlabel="iteration (0 = base model)", ax=axis)  # fmt: skip
         axis.title.set_fontsize(9)
@@ -225,54 +246,65 @@ def reading(interval: stats.Interval, expected: str | None) -> str:
     return {stats.REPRODUCES: "rises", stats.OPPOSITE: "falls"}.get(word, word)
 
 
-def change_summary(per_seed: pd.DataFrame, expected: Mapping[str, str]) -> pd.DataFrame:
-    """`changes` rows -> one row per (measure, comparison): mean change, ci95_low / ci95_high (percentile
-    bootstrap over seeds of the paired differences), IQM, n_seeds, the expected direction and the verdict.
+_PAIRS = {  # comparison -> ((arm, at last?), (arm, at last?)): ours minus baseline
+    BEFORE_AFTER: (("RAFT", True), ("RAFT", False)),
+    CONTROL_BEFORE_AFTER: (("random selection", True), ("random selection", False)),
+    AGAINST_CONTROL: (("RAFT", True), ("random selection", True)),
+}
+
+
+def _crossed(per_prompt: pd.DataFrame, measure: str, comparison: str, first: int, last: int):
+    """The crossed seeds x prompt-texts interval of a comparison (None where the measure is not per image), over
+    the prompt texts every seed scored (each seed holds out its own rows, so a seed can miss a text)."""
+    if per_prompt is None or measure not in per_prompt:
+        return None
+    (arm_a, late_a), (arm_b, late_b) = _PAIRS[comparison]
+
+    def side(arm: str, late: bool) -> pd.Series:
+        rows = per_prompt[(per_prompt["arm"] == arm) & (per_prompt["iteration"] == (last if late else first))]
+        return rows.set_index(["seed", "prompt"])[measure]
+
+    wide = pd.DataFrame({"ours": side(arm_a, late_a), "baseline": side(arm_b, late_b)}).dropna().reset_index()
+    seeds = wide["seed"].nunique()
+    common = wide.groupby("prompt")["seed"].nunique()
+    wide = wide[wide["prompt"].isin(common[common == seeds].index)]
+    return stats.crossed_paired_difference(wide, "ours", "baseline") if len(wide) else None
+
+
+def change_summary(
+    per_seed: pd.DataFrame, expected: Mapping[str, str], per_prompt: pd.DataFrame | None = None,
+    first: int = 0, last: int | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """`changes` rows -> one row per (measure, comparison): the mean change with its 95 % Student-t interval over
+    seeds (`t`, a stats.Interval: what the verdict reads), the crossed seeds x prompts interval from `per_prompt`
+    where the measure is per image, the effect the seeds could detect at 80 % power, the expected direction and
+    the verdict.
 
     expected: {measure: "up" | "down"} for the measures whose direction the paper claims (RAFT raises its
     reward; the alignment notebook, p(prompted class)); for RAFT - random selection the same direction is
     the claim that ranking, not fine-tuning alone, does the work.
     """
-    summary = stats.summarize(per_seed, ["change"], by=["measure", "comparison"])
-    summary["expected"] = [expected.get(measure, "") for measure, _ in summary.index]
-    summary["verdict"] = [
-        reading(stats.Interval(r.change, r.change_ci95_low, r.change_ci95_high, int(r.n_seeds)), r.expected or None)
-        for _, r in summary.iterrows()
-    ]
-    return summary
+    rows = []
+    for (measure, comparison), group in per_seed.groupby(["measure", "comparison"], sort=False):
+        interval = stats.mean_ci(group["change"])
+        crossed = _crossed(per_prompt, measure, comparison, first, last) if last is not None else None
+        rows.append({"measure": measure, "comparison": comparison, "change": str(interval), "n_seeds": interval.n,
+                     "crossed_interval": "—" if crossed is None else str(crossed),
+                     "detectable_at_80pct_power": stats.detectable_effect(interval),
+                     "expected": expected.get(measure, ""),
+                     "verdict": reading(interval, expected.get(measure)), "t": interval})  # fmt: skip
+    return pd.DataFrame(rows).set_index(["measure", "comparison"])
 
 
 def interval_of(summary: pd.DataFrame, measure: str, comparison: str) -> stats.Interval:
-    row = summary.loc[(measure, comparison)]
-    return stats.Interval(float(row.change), float(row.change_ci95_low), float(row.change_ci95_high), int(row.n_seeds))
-
-
-def _cell(mean: float, low: float, high: float, n: float) -> str:
-    if pd.isna(mean):
-        return "—"
-    if pd.isna(n):  # a reference row (the paper's number): no seeds, no interval
-        return f"{mean:g}"
-    return stats.format_interval(mean, low, high)
-
-
-def interval_table(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """A `stats.summarize` table as text for reading: each metric as "mean [ci95_low, ci95_high]", plus n_seeds.
-    Rows without seeds (the paper's reference numbers) show their value alone; a missing value shows "—"."""
-    n = summary["n_seeds"] if "n_seeds" in summary else pd.Series(float("nan"), index=summary.index)
-    table = pd.DataFrame(index=summary.index)
-    for metric in metrics:
-        values = summary.reindex(columns=[metric, f"{metric}_ci95_low", f"{metric}_ci95_high"])
-        table[metric] = [_cell(*row, count) for row, count in zip(values.itertuples(index=False), n, strict=True)]
-    table["n_seeds"] = ["" if pd.isna(count) else str(int(count)) for count in n]
-    return table
+    return summary.loc[(measure, comparison), "t"]
 
 
 def change_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """`change_summary` as text for reading: measure label, comparison, the change with its interval, the claimed
-    direction and the verdict."""
-    table = interval_table(summary, ["change"])
-    table["expected"] = summary["expected"].replace("", "—")
-    table["verdict"] = summary["verdict"]
+    """`change_summary` as text for reading: measure label, comparison, the change with its t-interval, the
+    crossed interval, n, the claimed direction and the verdict."""
+    table = summary.drop(columns="t").copy()
+    table["expected"] = table["expected"].replace("", "—")
     table.index = table.index.set_levels([MEASURES.get(m, m) for m in table.index.levels[0]], level=0)
     return table
 

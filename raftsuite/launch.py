@@ -45,7 +45,7 @@ class LaunchError(RuntimeError):
     """An `accelerate launch` subprocess failed; the message ends with the tail of its log."""
 
 
-SHOWN = re.compile(r"iter \d+/\d+ \||already holds this run|WARNING raftlib|ERROR|Error|error:|Traceback|^log: ")
+SHOWN = re.compile(r"(iter|step) \d+/\d+ \||already holds this run|WARNING raftlib|ERROR|Error|error:|Traceback|^log: ")
 """The lines of a child's output a notebook cell shows: raftlib's per-iteration summary, resumes, problems."""
 
 

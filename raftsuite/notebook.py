@@ -69,6 +69,7 @@ def start(name: str, namespace: MutableMapping[str, Any]) -> Parameters:
     from raftsuite import runner
 
     root = paths.at_repo_root()
+    runner.use_root(root)  # this checkout's notebooks and profiles, not those of wherever raftsuite is installed
     defaults = runner.notebook_parameters(name)
     cell = {key: namespace[key] for key in defaults if key in namespace}
     profile = cell.get("profile", "tiny")

@@ -108,7 +108,14 @@ def plot_iteration_bands(
         ax.fill_between(band["iteration"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0)
         ax.plot(band["iteration"], band["mean"], color=color, linewidth=2.2, marker="o", markersize=4)
         handles.append(
-            Line2D([], [], color=color, linewidth=2.2, marker="o", label=f"{label} (n={runs['seed'].nunique()} seeds)")
+            Line2D(
+                [],
+                [],
+                color=color,
+                linewidth=2.2,
+                marker="o",
+                label=f"{label} (n={runs['seed'].nunique()} seed{'s' * (runs['seed'].nunique() != 1)})",
+            )
         )
     handles += [
         Line2D([], [], color="grey", linewidth=0.8, alpha=0.6, label="one seed"),
@@ -120,6 +127,15 @@ def plot_iteration_bands(
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return fig
+
+
+def panels(count: int, width: float = 4.4, height: float = 3.6):
+    """(figure, list of `count` axes side by side): one figure of several small panels."""
+    import matplotlib.pyplot as plt
+
+    use_style()
+    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return fig, list(axes[0])
 
 
 def plot_sweep(
@@ -220,7 +236,9 @@ def plot_paired_differences(
         ax.errorbar([interval.mean], [row], xerr=xerr, fmt="o", color=color, capsize=5, markersize=7)
         verdict = f" · {verdicts[label]}" if verdicts and label in verdicts else ""
         ticks.append(f"{label}\n{interval} (n={interval.n}){verdict}")
-    ax.axvline(0, color="black", linewidth=1, linestyle=":")
+    nulls = {intervals[label].null for label in labels}  # 0 for differences, 1 for ratios
+    for null in nulls:
+        ax.axvline(null, color="black", linewidth=1, linestyle=":")
     ax.set_yticks(range(len(labels)), ticks, fontsize=9)
     ax.set_ylim(len(labels) - 0.5, -0.5)  # first comparison on top, half a row of margin
     ax.set(title=title, xlabel=xlabel)

@@ -1,46 +1,51 @@
-"""The reasoning notebook's pieces: verifiers, prompt sources, the four methods, evaluation and statistics.
+"""The reasoning notebook's pieces: verifiers, problem files, the four methods as cached child runs.
 
 RAFT for verifiable rewards (rejection-sampling fine-tuning) against RAFT++ (Xiong et al. 2025, arXiv
-2504.11343: the same selection with a clipped per-token importance ratio), TRL's GRPO, and a matched
-random-selection control, at equal sample budgets, over several seeds:
+2504.11343: the same selection with a clipped per-token importance ratio), TRL's GRPO, and a random-selection
+control matched in kept count, at equal sample budgets, over several seeds:
 
 - RAFT: keep every verified-correct sample (`selection.strategy: threshold`, threshold 1), cross-entropy.
 - RAFT++: the same kept set, `training.loss: raftpp` (ratio to the sampling policy, PPO clip).
-- random: the same number of samples kept per prompt as RAFT would keep (c correct of K -> c kept), but
-  chosen at random among the K, correct or not: what fine-tuning on the policy's own samples does without
-  the verifier's choice.
-- GRPO: TRL's GRPOTrainer with the same prompts, K, batch of prompts per generation and learning rate.
+- random: at each iteration exactly as many samples as the same seed's RAFT run kept (`selection.strategy:
+  count` with RAFT's per-iteration counts), chosen by a random key, correct or not: what fine-tuning on the
+  policy's own samples does without the verifier's choice, on the same amount of data.
+- GRPO: TRL's GRPOTrainer with the same prompts, K and prompts per generation; `grpo_updates_per_generation`
+  optimizer steps per generated batch, each in micro-batches of `micro_batch_size` (gradient accumulation).
 
-Every model is scored by the same function (`evaluate_policy`): n samples per held-out problem at the
-evaluation temperature, pass@1 (the paper's avg@n) and pass@n, and the token-level entropy of those
-samples under the model.
+Every model is scored by raftlib's one evaluation path (`raftlib.evaluation`) on its own device: RAFT's loop
+evaluates each iteration on the held-out problems (`data.eval_file`), GRPO's callback calls the same function
+after each generated batch's updates. n samples per held-out problem at the sampling temperature give pass@1
+(the paper's avg@n), pass@n and the token entropy of the samples; every (seed, method, iteration, problem) is
+kept as one per-problem row. Learning rates are chosen per method on validation problems that no run trains on
+and no table reports (`raftsuite.sweeps`), each grid extended until its choice is interior. Each run is a child
+process (`raftsuite.children`: its own time and memory, `accelerate launch` when several processes are asked
+for), cached by its parameters (`raftsuite.cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
+import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from raftlib.batches import Batches
-from raftlib.records import Prompt
+from raftsuite import children, sweeps
+from raftsuite.cache import as_json, cached
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("RAFT", "RAFT++", "GRPO", "random")
 
 PAPER = {
-    "source": "Xiong et al. 2025, arXiv 2504.11343 v2 (Qwen2.5-Math-7B), as quoted in /work/shared/PAPER.md",
+    "source": "Xiong et al. 2025, arXiv 2504.11343 v2 (Qwen2.5-Math-7B), (docs/paper.md)",
     "metric": "average of MATH500, Minerva Math, OlympiadBench accuracy (avg@16, temperature 1.0), percent",
     "rows": {
         "base": 23.6,
@@ -159,35 +164,8 @@ def verifier_path(name: str) -> str:
     return f"raftsuite.reasoning:{VERIFIERS[name].__name__}"
 
 
-def matched_random(verifier: str = "arithmetic", seed: int = 0):
-    """Reward factory of the random-selection control: per prompt, c of its K samples get 1.0 at random.
-
-    c is how many of them the verifier accepts, so `threshold` selection at 1.0 keeps as many samples per
-    prompt as RAFT would, chosen without looking at correctness. The choice is seeded by the prompt text,
-    the completions and `seed`, so a resumed run keeps the same ones. Needs a prompt's K samples in one
-    reward batch (reward.batch_size a multiple of K; samples arrive grouped by prompt).
-    """
-    verify = VERIFIERS[verifier]
-
-    def random_matched(prompts: list[str], completions: list[str], answer: list[str], **columns: Any):
-        truth = verify(prompts, completions, answer)
-        out: list[float | None] = [0.0] * len(completions)
-        groups: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            groups.setdefault(prompt, []).append(i)
-        for prompt, members in groups.items():
-            correct = sum(truth[i] == 1.0 for i in members)
-            digest = hashlib.sha256(json.dumps([seed, prompt, [completions[i] for i in members]]).encode()).digest()
-            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-            for i in rng.permutation(members)[:correct]:
-                out[int(i)] = 1.0
-        return out
-
-    return random_matched
-
-
 # ----------------------------------------------------------------------------------------------
-# Prompt sources
+# Problem files: train, validation (chooses learning rates), held-out (reported), all fitting the context
 # ----------------------------------------------------------------------------------------------
 
 
@@ -249,366 +227,476 @@ def math_prompts(
     return out
 
 
-def arithmetic_prompts(directory: Path, eval_problems: int, seed: int = 0) -> tuple[Path, dict[str, list[Prompt]]]:
-    """The tiny task: train-split problems as the RAFT prompt file, `eval_problems` held-out ones to score."""
-    from raftsuite import tinymath
+@dataclass(frozen=True)
+class ProblemFiles:
+    """The three disjoint problem files of a profile (JSONL: prompt, answer; held-out rows also name their set)."""
 
-    train, heldout = tinymath.split()
-    train_path = tinymath.write_prompts(directory / "train.jsonl", train)
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.permutation(len(heldout))[:eval_problems].tolist())
-    eval_set = [Prompt(i, heldout[i][0], {"answer": str(heldout[i][1])}) for i in chosen]
-    return train_path, {"held-out arithmetic": eval_set}
+    train: str
+    """What every method trains on (RAFT's prompts, GRPO's dataset)."""
+    validation: str
+    """Scored once per sweep run (its final model): chooses the learning rates; never trained on, never reported."""
+    held_out: str
+    """Scored at every iteration: the reported numbers (column `set`: the benchmark, averaged as in the paper)."""
+    dropped: dict[str, int]
+    """Problems dropped from each file because prompt + max_new_tokens exceeds the model's context."""
+
+    def sizes(self) -> dict[str, int]:
+        return {name: _line_count(Path(getattr(self, name))) for name in ("train", "validation", "held_out")}
+
+    def sets(self) -> dict[int, str]:
+        """{held-out prompt id (its row): its set}."""
+        return {i: row["set"] for i, row in enumerate(read_rows(self.held_out))}
 
 
-def prompts_from_rows(rows: Sequence[dict[str, str]]) -> list[Prompt]:
-    return [Prompt(i, r["prompt"], {"answer": r["answer"]}) for i, r in enumerate(rows)]
+def _line_count(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def fitting_rows(rows: Sequence[dict[str, Any]], model: str, max_new_tokens: int) -> tuple[list[dict[str, Any]], int]:
+    """The rows whose prompt (as the run encodes it: chat template "auto") plus `max_new_tokens` fits the model's
+    context window, and how many were dropped: every method then sees the same problems."""
+    from raftlib.config import GenerationSection, ModelSection
+    from raftlib.records import Prompt
+    from raftlib.text.models import load_tokenizer, read_model_config
+    from raftlib.text.prompts import TextFormat, context_window
+
+    section = ModelSection(path=model)
+    model_config, generation_config = read_model_config(section)
+    text_format = TextFormat.of(load_tokenizer(section), generation_config, GenerationSection(chat_template="auto"))
+    prompts = [Prompt(i, row["prompt"], {}) for i, row in enumerate(rows)]
+    keep, _, dropped = text_format.fitting(prompts, max_new_tokens, context_window(model_config), "problems")
+    return [rows[p.prompt_id] for p in keep], dropped
+
+
+def problem_files(directory: str | Path, parameters: Mapping[str, Any]) -> ProblemFiles:
+    """Write the train, validation and held-out files the notebook's parameters ask for, under `directory`.
+
+    No `train_dataset` (the tiny profile): the arithmetic task; its held-out pool (problems never seen in
+    pretraining) gives `eval_problems` reported and, disjoint from them, `validation_problems` validation
+    problems. Else: `train_dataset` rows, of which a seeded `validation_problems` are held back for validation,
+    and every `eval_datasets` set (each `eval_problems` long, 0: all), one `set` column naming each.
+    """
+    directory, p = Path(directory), parameters
+    if not p["train_dataset"]:
+        from raftsuite import tinymath
+
+        train_pairs, pool = tinymath.split()
+        order = np.random.default_rng(0).permutation(len(pool))
+        reported, validation = order[: p["eval_problems"]], order[p["eval_problems"] :][: p["validation_problems"]]
+        if len(validation) < p["validation_problems"]:
+            raise ValueError(f"eval_problems + validation_problems exceed the {len(pool)} held-out arithmetic problems")
+        train = [{"prompt": q, "answer": str(a)} for q, a in train_pairs]
+        held_out = [
+            {"prompt": pool[i][0], "answer": str(pool[i][1]), "set": "held-out arithmetic"} for i in sorted(reported)
+        ]
+        validation = [{"prompt": pool[i][0], "answer": str(pool[i][1])} for i in sorted(validation)]
+    else:
+        rows = math_prompts(p["train_dataset"], split=p["train_split"], problem_column=p["train_problem_column"],
+                            answer_column=p["train_answer_column"], limit=p["train_limit"] or None)  # fmt: skip
+        order = np.random.default_rng(1).permutation(len(rows))
+        validation = [rows[i] for i in sorted(order[: p["validation_problems"]])]
+        train = [rows[i] for i in sorted(order[p["validation_problems"] :])]
+        held_out = []
+        for name, problem, answer in zip(
+            p["eval_datasets"], p["eval_problem_columns"], p["eval_answer_columns"], strict=True
+        ):
+            part = math_prompts(name, split=p["eval_split"], problem_column=problem, answer_column=answer,
+                                limit=p["eval_problems"] or None)  # fmt: skip
+            held_out += [row | {"set": name} for row in part]
+    files, dropped = {}, {}
+    for name, rows in (("train", train), ("validation", validation), ("held_out", held_out)):
+        kept, dropped[name] = fitting_rows(rows, p["base_model"], p["max_new_tokens"])
+        files[name] = str(write_jsonl(directory / f"{name}.jsonl", kept))
+    return ProblemFiles(**files, dropped=dropped)
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: the same function for every method
+# Settings and runs
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    samples_per_prompt: int = 8
-    """n: completions per held-out problem (the paper: 16, avg@16)."""
-    temperature: float = 1.0
+class ReasoningSettings:
+    """Everything a run depends on besides its method, learning rate and seed (equal settings: one cache)."""
+
+    base_model: str
+    verifier: str = "arithmetic"
+    iterations: int = 20
+    prompts_per_iteration: int = 128
+    samples_per_prompt: int = 4
     max_new_tokens: int = 6
-    prompts_per_batch: int = 64
-    seed: int = 0
-
-
-def evaluate_policy(model, tokenizer, prompts: Sequence[Prompt], verifier: str, settings: EvalSettings) -> dict:
-    """pass@1 (avg@n), pass@n, unparsable share and token entropy of n samples per held-out problem."""
-    from raftlib import metrics as M
-    from raftlib.config import GenerationSection
-    from raftlib.loop import EVAL_STREAM
-    from raftlib.text.generate import generate_samples
-
-    generation = GenerationSection(
-        samples_per_prompt=settings.samples_per_prompt, temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens, prompts_per_batch=settings.prompts_per_batch, chat_template="auto",
-    )  # fmt: skip
-    samples = generate_samples(model, tokenizer, list(prompts), generation, seed=settings.seed, stream=EVAL_STREAM, batches=Batches(progress=False))  # fmt: skip
-    answers = {p.prompt_id: p.columns["answer"] for p in prompts}
-    rewards = VERIFIERS[verifier]([s.prompt for s in samples], [s.completion for s in samples],
-                                  [answers[s.prompt_id] for s in samples])  # fmt: skip
-    n = settings.samples_per_prompt
-    passes = M.pass_at_k_metrics([s.prompt_id for s in samples], rewards, 1.0, n, prefix="eval")
-    return {
-        "pass_at_1": passes["eval_pass_at_1"],
-        f"pass_at_{n}": passes["eval_pass_at_k"],
-        "unparsable": float(np.mean([r is None for r in rewards])),
-        "entropy": M.token_entropy_mean([s.entropy for s in samples], [s.completion_token_count for s in samples]),
-    }
-
-
-def evaluate_sets(model, tokenizer, eval_sets: dict[str, list[Prompt]], verifier: str, settings: EvalSettings) -> dict:
-    """`evaluate_policy` on each held-out set; the headline numbers are the mean over sets (the paper's average)."""
-    per_set = {name: evaluate_policy(model, tokenizer, ps, verifier, settings) for name, ps in eval_sets.items()}
-    row = {key: float(np.mean([r[key] for r in per_set.values()])) for key in next(iter(per_set.values()))}
-    if len(per_set) > 1:
-        row |= {f"{name}/pass_at_1": r["pass_at_1"] for name, r in per_set.items()}
-    return row
-
-
-# ----------------------------------------------------------------------------------------------
-# The four methods
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    iterations: int
-    prompts_per_iteration: int
-    samples_per_prompt: int
-    learning_rate: float
-    micro_batch_size: int
+    temperature: float = 1.0
+    """Sampling temperature of training and of evaluation alike (the paper: 1.0 both)."""
+    eval_samples_per_prompt: int = 8
+    """n of avg@n / pass@n on every held-out problem (the paper: 16)."""
+    eval_every: int = 1
+    """Evaluate on the held-out problems after every this-many iterations (and the last), every method alike."""
+    micro_batch_size: int = 16
+    loss_chunk_tokens: int = 0
+    """RAFT++'s and SFT's logits this many positions at a time (0: whole): a 152k vocabulary needs it at 3k tokens."""
     epochs: int = 1
-    max_new_tokens: int = 6
-    temperature: float = 1.0
     clip_range: float = 0.2
     clip_range_high: float = 0.2
     grpo_updates_per_generation: int = 4
-    """GRPO's optimizer steps per generated batch (TRL steps_per_generation): its mini-batches."""
-    model_dtype: str = "float32"
-    """Weights dtype of every method's policy (bfloat16 for the paper's 7B)."""
+    """GRPO's optimizer steps per generated batch (TRL steps_per_generation / gradient accumulation)."""
+    grpo_use_vllm: bool = False
+    """TRL's GRPO generates with vLLM colocated in each training process (`use_vllm`, 30 % of the GPU): a
+    generation batch of 512 rows x 3,072 tokens per GPU does not fit HF generate's KV cache (profile_plan)."""
+    policy_dtype: str = "float32"
+    """Master weights: float32 for every method (bf16 as autocast only, `mixed_precision`)."""
+    mixed_precision: str = "no"
+    lora_rank: int = 0
+    gradient_checkpointing: bool = False
+    generation_backend: str = "eager"
+    prompts_per_batch: int = 16
+    num_processes: int = 1
+    accelerate_config: str = ""
+    torch_threads: int = 0
+    """Each run's torch CPU threads (0: torch's default); a model this small runs fastest on one."""
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> ReasoningSettings:
+        from raftsuite import hh
+
+        values = {f.name: parameters[f.name] for f in fields(cls) if f.name in parameters}
+        values["policy_dtype"] = hh.resolve_dtype(values.get("policy_dtype", "float32"))
+        return cls(**values)
 
     @property
     def samples_per_iteration(self) -> int:
         return self.prompts_per_iteration * self.samples_per_prompt
 
 
-def raft_config(method: str, model: str, train_prompts: Path, budget: Budget, verifier: str, seed: int, run_dir: Path,
-                *, progress: bool = False) -> dict[str, Any]:  # fmt: skip
-    """The raftlib config of RAFT, RAFT++ or the random control (they differ only in reward and loss)."""
-    if method not in ("RAFT", "RAFT++", "random"):
-        raise ValueError(f"{method!r} is not a raftlib method")
-    reward: dict[str, Any] = {"fn": verifier_path(verifier)}
-    if method == "random":
-        reward = {"fn": "raftsuite.reasoning:matched_random", "args": {"verifier": verifier, "seed": seed}}
-    k = budget.samples_per_prompt
+@dataclass(frozen=True)
+class MethodRun:
+    method: str
+    """RAFT, RAFT++, GRPO or random."""
+    learning_rate: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.replace('+', 'p')}_lr{self.learning_rate:g}_seed{self.seed}"
+
+
+def raft_config(settings: ReasoningSettings, files: ProblemFiles, run: MethodRun, output_dir: str | Path,
+                kept_counts: Sequence[int] = ()) -> dict[str, Any]:  # fmt: skip
+    """The raftlib config of RAFT, RAFT++ or the random control (they differ in reward, selection and loss)."""
+    s = settings
+    if run.method not in ("RAFT", "RAFT++", "random"):
+        raise ValueError(f"{run.method!r} is not a raftlib method (RAFT, RAFT++, random)")
+    if run.method == "random":
+        if len(kept_counts) < s.iterations:
+            raise ValueError(f"the random control needs RAFT's kept count of each of {s.iterations} iterations")
+        # Ranked by a random key; the verifier rides along at weight 0, so its evaluation is scored as RAFT's.
+        reward = {"fn": [{"fn": verifier_path(s.verifier), "weight": 0.0, "name": "correct"},
+                         {"fn": "raftsuite.hh:random_reward", "name": "random"}]}  # fmt: skip
+        selection = {"strategy": "count", "kept_counts": [int(c) for c in kept_counts]}
+    else:
+        reward = {"fn": [{"fn": verifier_path(s.verifier), "name": "correct"}]}
+        selection = {"strategy": "threshold", "threshold": 1.0}
     return {
-        "model": {"path": model, "dtype": budget.model_dtype},
-        "data": {"prompts": str(train_prompts), "eval_prompts": 0},  # scored by evaluate_sets on held-out sets
-        "generation": {"samples_per_prompt": k, "temperature": budget.temperature,
-                       "max_new_tokens": budget.max_new_tokens, "prompts_per_batch": 16, "chat_template": "auto"},
-        "reward": reward | {"batch_size": 16 * k},  # whole prompts per batch: the random control needs them
-        "selection": {"strategy": "threshold", "threshold": 1.0},
-        "training": {"learning_rate": budget.learning_rate, "epochs": budget.epochs,
-                     "micro_batch_size": budget.micro_batch_size, "lr_scheduler": "constant",
-                     "loss": "raftpp" if method == "RAFT++" else "sft", "clip_range": budget.clip_range,
-                     "clip_range_high": budget.clip_range_high},
-        "loop": {"iterations": budget.iterations, "prompts_per_iteration": budget.prompts_per_iteration},
-        "logging": {"progress_bars": progress, "tensorboard": False, "level": "WARNING"},
-        "seed": seed,
-        "output_dir": str(run_dir),
+        "model": {"path": s.base_model, "dtype": s.policy_dtype}
+        | ({"lora": {"r": s.lora_rank, "alpha": 2 * s.lora_rank}} if s.lora_rank else {}),
+        "data": {"prompts": files.train, "eval_prompts": 0, "eval_file": files.held_out},
+        "generation": {"samples_per_prompt": s.samples_per_prompt, "temperature": s.temperature,
+                       "max_new_tokens": s.max_new_tokens, "prompts_per_batch": s.prompts_per_batch,
+                       "chat_template": "auto", "backend": s.generation_backend},
+        "reward": reward | {"batch_size": 256},
+        "selection": selection,
+        "training": {"learning_rate": run.learning_rate, "epochs": s.epochs, "micro_batch_size": s.micro_batch_size,
+                     "lr_scheduler": "constant", "loss": "raftpp" if run.method == "RAFT++" else "sft",
+                     "loss_chunk_tokens": s.loss_chunk_tokens,
+                     "clip_range": s.clip_range, "clip_range_high": s.clip_range_high,
+                     "mixed_precision": s.mixed_precision, "gradient_checkpointing": s.gradient_checkpointing},
+        "loop": {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
+                 "eval_samples_per_prompt": s.eval_samples_per_prompt, "eval_every": s.eval_every,
+                 "eval_kl": False, "pass_threshold": 1.0, "keep_checkpoints": 1},
+        "logging": {"progress_bars": False, "tensorboard": False},
+        "seed": run.seed,
+        "output_dir": str(output_dir),
     }  # fmt: skip
 
 
-def run_raftlib_method(method: str, model: str, train_prompts: Path, eval_sets, budget: Budget, verifier: str,
-                       seed: int, run_dir: Path, eval_settings: EvalSettings, base_row: dict) -> list[dict]:  # fmt: skip
-    """One raftlib run, then every iteration's checkpoint scored on the held-out sets: one row per iteration."""
-    from transformers import AutoModelForCausalLM
+def evaluation_config(settings: ReasoningSettings, files: ProblemFiles, seed: int, held_out: str | None = None):
+    """How every model is evaluated (`raftlib.evaluation.evaluate_policy`): RAFT's evaluation settings, seed
+    `seed`'s evaluation stream, on `held_out` (default: the held-out file; the validation file for a sweep)."""
+    from raftlib import RAFTConfig
+
+    raw = raft_config(settings, files, MethodRun("RAFT", 1e-4, seed), "unused")  # the verifier, as "correct"
+    raw["data"]["eval_file"] = held_out or files.held_out
+    return RAFTConfig.from_dict(raw)
+
+
+def per_problem(rows: Sequence[Mapping[str, Any]], sets: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Evaluation rows (one per sample) -> one row per problem: share correct (its pass@1), any correct (pass@n
+    with n its samples), share unparsable, token entropy (nats per token), and its set. Correct is the verifier's
+    component `reward/correct` (the random control's total is its random key)."""
+    by_problem: dict[int, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_problem.setdefault(int(row["prompt_id"]), []).append(row)
+    out = []
+    for problem, samples in sorted(by_problem.items()):
+        rewards = [s["reward/correct"] for s in samples]
+        correct = [r is not None and r >= 1.0 for r in rewards]
+        tokens = sum(int(s["completion_token_count"]) for s in samples)
+        entropy = sum(float(s["entropy"] or 0.0) for s in samples) / tokens if tokens else math.nan
+        out.append({"problem": problem, "set": sets.get(problem, ""), "pass_at_1": float(np.mean(correct)),
+                    "pass_at_n": float(any(correct)), "unparsable": float(np.mean([r is None for r in rewards])),
+                    "entropy": entropy})  # fmt: skip
+    return out
+
+
+def curve_point(problems: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """One iteration's numbers from its per-problem rows: each measure averaged over the problems of each set,
+    then over the sets (the paper's average over benchmarks), plus each set's pass@1 when there are several."""
+    by_set: dict[str, list[Mapping[str, Any]]] = {}
+    for row in problems:
+        by_set.setdefault(row["set"], []).append(row)
+    point = {key: float(np.mean([np.mean([r[key] for r in rows]) for rows in by_set.values()]))
+             for key in ("pass_at_1", "pass_at_n", "unparsable", "entropy")}  # fmt: skip
+    if len(by_set) > 1:
+        point |= {f"{name}/pass_at_1": float(np.mean([r["pass_at_1"] for r in rows])) for name, rows in by_set.items()}
+    return point
+
+
+def _validation_score(model, settings: ReasoningSettings, files: ProblemFiles, seed: int) -> float:
+    from raftlib.evaluation import evaluate_policy
+
+    config = evaluation_config(settings, files, seed, held_out=files.validation)
+    return float(evaluate_policy(model, config).metrics["eval_pass_at_1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs, each in a child process: raftlib's loop, or TRL's GRPO with raftlib's evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _threads(settings: ReasoningSettings) -> None:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+def raftlib_curve(job: dict[str, Any]) -> dict[str, Any]:
+    """RAFT, RAFT++ or the random control (in a child): per-problem rows of every iteration's held-out
+    evaluation (iteration 0: the base model), the per-iteration kept count and training numbers, and the final
+    model's validation pass@1."""
+    import pyarrow.parquet as pq
 
     from raftlib import RAFTConfig, run
-    from raftlib.store import RunStore
-    from raftlib.text.models import load_tokenizer
+    from raftsuite import hh
 
-    started = time.perf_counter()
-    config = RAFTConfig.from_dict(raft_config(method, model, train_prompts, budget, verifier, seed, run_dir))
-    result = run(config)
-    seconds = time.perf_counter() - started
-    tokenizer = load_tokenizer(config.model)
-    store = RunStore(run_dir)
-    rows = [base_row | {"method": method, "seed": seed, "iteration": 0, "samples": 0}]
-    for metrics in result.metrics:
-        t = metrics["iteration"]
-        if t == 0:
-            continue
-        policy = AutoModelForCausalLM.from_pretrained(store.checkpoint_dir(t))
-        row = evaluate_sets(policy, tokenizer, eval_sets, verifier, eval_settings)
-        row |= {
-            "method": method, "seed": seed, "iteration": t, "samples": t * budget.samples_per_iteration,
-            "kept": metrics["kept_count"], "train_correct": metrics["reward_mean"],
-            "train_entropy": metrics["sample_token_entropy"], "run_seconds": seconds,
-        }  # fmt: skip
-        rows.append(row)
-    return rows
+    settings, files = ReasoningSettings(**job["settings"]), ProblemFiles(**job["files"])
+    _threads(settings)
+    result = run(RAFTConfig.from_dict(job["config"]))
+    if children.rank() != 0:
+        return {}
+    sets = files.sets()
+    iterations, problems = [], []
+    for row in result.metrics:
+        t = int(row["iteration"])
+        evaluated = Path(result.run_dir) / f"iter_{t:04d}" / "eval_samples.parquet"
+        if evaluated.is_file():  # loop.eval_every skips some iterations
+            problems += [r | {"iteration": t} for r in per_problem(pq.read_table(evaluated).to_pylist(), sets)]
+        iterations.append({"iteration": t, "kept": row.get("kept_count"), "train_correct": row.get("reward/correct_mean"),
+                           "train_entropy": row.get("sample_token_entropy"),
+                           "train_seconds": sum(row.get(f"time_{s}_s") or 0.0 for s in ("generate", "score", "select", "finetune"))})  # fmt: skip
+    model, _ = hh.load_causal_lm(result.final_dir, settings.policy_dtype)
+    validation = _validation_score(model, settings, files, int(job["config"]["seed"]))
+    return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
 
 
-def run_grpo_method(model: str, train_prompts: Path, eval_sets, budget: Budget, verifier: str, seed: int,
-                    output_dir: Path, eval_settings: EvalSettings, base_row: dict) -> list[dict]:  # fmt: skip
-    """TRL's GRPO at RAFT's sample budget, scored by `evaluate_sets` after each generated batch's updates.
+def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
+    """TRL's GRPO (in a child) at RAFT's sample budget; the held-out evaluation after each generated batch's
+    `grpo_updates_per_generation` optimizer steps, by raftlib's evaluation (main process only)."""
+    import os
 
-    One "iteration" = one generation of prompts_per_iteration x K completions, then
-    `grpo_updates_per_generation` optimizer steps on mini-batches of it (as RAFT++ replays its batch).
-    """
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
-    from raftsuite.hh import grpo_config
+    from raftlib.config import ModelSection
+    from raftlib.evaluation import evaluate_policy
+    from raftlib.text.models import load_tokenizer
+    from raftsuite import hh
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    k, updates = budget.samples_per_prompt, budget.grpo_updates_per_generation
-    if budget.samples_per_iteration % updates:
-        raise ValueError(f"{budget.samples_per_iteration} samples per iteration do not split into {updates} updates")
-    verify = VERIFIERS[verifier]
+    settings, files, run = ReasoningSettings(**job["settings"]), ProblemFiles(**job["files"]), MethodRun(**job["run"])
+    s, main_process, sets = settings, children.rank() == 0, files.sets()
+    _threads(settings)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_update, rest = divmod(s.samples_per_iteration, s.grpo_updates_per_generation * processes * s.micro_batch_size)
+    if rest or per_update < 1:
+        raise ValueError(
+            f"GRPO: {s.samples_per_iteration} samples per iteration do not split into grpo_updates_per_generation "
+            f"{s.grpo_updates_per_generation} x {processes} processes x micro_batch_size {s.micro_batch_size}"
+        )
+    config = evaluation_config(settings, files, run.seed)
+    verify = VERIFIERS[s.verifier]
+    iterations, problems = [], []
 
     def correct(prompts, completions, answer, **kwargs):  # TRL logs reward functions by __name__
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational: messages
         return [0.0 if r is None else r for r in verify(prompts, texts, answer)]  # TRL needs a number
 
-    rows = [base_row | {"method": "GRPO", "seed": seed, "iteration": 0, "samples": 0}]
-    started = time.perf_counter()
-
     class Evaluate(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % updates == 0:
-                t = state.global_step // updates
-                logged = [h for h in state.log_history if "reward" in h][-updates:]
-                row = evaluate_sets(model, tokenizer, eval_sets, verifier, eval_settings)
-                row |= {
-                    "method": "GRPO", "seed": seed, "iteration": t, "samples": t * budget.samples_per_iteration,
-                    "train_correct": float(np.mean([h["reward"] for h in logged])) if logged else math.nan,
-                    "train_entropy": float(np.mean([h["entropy"] for h in logged if "entropy" in h]))
-                    if any("entropy" in h for h in logged) else math.nan,
-                    "run_seconds": time.perf_counter() - started,
-                }  # fmt: skip
-                rows.append(row)
+        def __init__(self) -> None:
+            self.started, self.eval_seconds = 0.0, 0.0
 
+        def measure(self, step: int, state, model) -> None:
+            t = step // s.grpo_updates_per_generation
+            logged = [h for h in state.log_history if "reward" in h][-s.grpo_updates_per_generation :]
+            began = time.perf_counter()
+            if main_process:
+                rows = per_problem(evaluate_policy(model, config).rows, sets)
+                problems.extend(r | {"iteration": t} for r in rows)
+                logger.info("GRPO iter %d/%d | train reward %s | eval pass@1 %.3f | %.1fs", t, s.iterations,
+                            f"{np.mean([h['reward'] for h in logged]):.3f}" if logged else "-",
+                            curve_point(rows)["pass_at_1"], began - self.started)  # fmt: skip
+            iterations.append({"iteration": t, "kept": None,
+                               "train_correct": float(np.mean([h["reward"] for h in logged])) if logged else None,
+                               "train_entropy": float(np.mean([h["entropy"] for h in logged if "entropy" in h]))
+                               if any("entropy" in h for h in logged) else None,
+                               "train_seconds": began - self.started - self.eval_seconds})  # fmt: skip
+            self.eval_seconds += time.perf_counter() - began
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.started = time.perf_counter()
+            self.measure(0, state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            t, rest = divmod(state.global_step, s.grpo_updates_per_generation)
+            if not rest and (t % s.eval_every == 0 or t == s.iterations):  # as RAFT's loop.eval_every
+                self.measure(state.global_step, state, model)
+
+    peft_config = None
+    if s.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, task_type="CAUSAL_LM")
     use_cpu = not torch.cuda.is_available()
-    args = grpo_config(
-        output_dir, seed=seed, use_cpu=use_cpu,
-        per_device_train_batch_size=budget.samples_per_iteration // updates,
-        steps_per_generation=updates,
-        num_generations=k,
-        max_completion_length=budget.max_new_tokens,
-        temperature=budget.temperature,
-        learning_rate=budget.learning_rate,
-        lr_scheduler_type="constant",
-        epsilon=budget.clip_range,
-        epsilon_high=budget.clip_range_high,
-        beta=0.0,
-        max_steps=budget.iterations * updates,
-        gradient_checkpointing=False,
-        bf16=not use_cpu,  # fp32 on a CPU, as RAFT's tiny runs
-        model_init_kwargs={"dtype": budget.model_dtype},
+    args = hh.grpo_config(
+        job["output_dir"], seed=run.seed, use_cpu=use_cpu,
+        per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=per_update,
+        steps_per_generation=s.grpo_updates_per_generation * per_update,  # one generation per iteration
+        num_generations=s.samples_per_prompt, max_completion_length=s.max_new_tokens, temperature=s.temperature,
+        learning_rate=run.learning_rate, lr_scheduler_type="constant", epsilon=s.clip_range,
+        epsilon_high=s.clip_range_high, beta=0.0, max_steps=s.iterations * s.grpo_updates_per_generation,
+        gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; the runs' setting rules
+        bf16=s.mixed_precision == "bf16" and not use_cpu,  # autocast, as RAFT's `training.mixed_precision`
+        model_init_kwargs={"dtype": getattr(torch, s.policy_dtype)},  # fp32 master weights, as RAFT's
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if s.grpo_use_vllm else {}),
     )  # fmt: skip
-    records = [json.loads(line) for line in Path(train_prompts).read_text().splitlines()]
+    records = read_rows(files.train)
+    tokenizer = load_tokenizer(ModelSection(path=s.base_model))
     if getattr(tokenizer, "chat_template", None):  # as raftlib's chat_template "auto": a user turn in the template
         records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
-    dataset = Dataset.from_list(records)
-    trainer = GRPOTrainer(model=model, reward_funcs=[correct], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Evaluate()])  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
+    trainer = GRPOTrainer(model=s.base_model, reward_funcs=[correct], args=args, train_dataset=Dataset.from_list(records),
+                          processing_class=tokenizer, callbacks=[Evaluate()], peft_config=peft_config)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
     trainer.train()
-    for row in rows[1:]:
-        row["run_seconds"] = time.perf_counter() - started
-    return rows
+    if not main_process:
+        return {}
+    validation = _validation_score(trainer.model, settings, files, run.seed)
+    return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
 
 
-# ----------------------------------------------------------------------------------------------
-# Statistics: intervals over seeds, and the verdict
-# ----------------------------------------------------------------------------------------------
+def method_run(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, run: MethodRun,
+               kept_counts: Sequence[int] = ()) -> dict[str, Any]:  # fmt: skip
+    """One run in its own process(es), made once (ROOT/NAME.json, keyed by run, settings and problem files):
+    per-iteration and per-problem rows, validation pass@1, peak memory and wall time. RAFT-family runs resume
+    their run directory after a kill as raftlib does; GRPO (TRL keeps no resumable state here) starts again."""
+    root = Path(root)
+    run_dir = root / run.name
+    params = {
+        "run": asdict(run),
+        "settings": asdict(settings),
+        "files": asdict(files),
+        "kept_counts": list(kept_counts),
+    }
+
+    def make() -> dict[str, Any]:
+        job = {"settings": asdict(settings), "files": asdict(files), "run": asdict(run), "output_dir": str(run_dir)}
+        if run.method == "GRPO":
+            shutil.rmtree(run_dir, ignore_errors=True)
+            function = "raftsuite.reasoning:grpo_curve"
+        else:
+            job["config"] = raft_config(settings, files, run, run_dir, kept_counts)
+            function = "raftsuite.reasoning:raftlib_curve"
+        launch = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
+        child = children.run_in_child(function, {"job": job}, root / f"{run.name}.child.json", root / f"{run.name}.log",
+                                      **launch)  # fmt: skip
+        return as_json(child["result"] | {"peak_rss_mib": child["peak_rss_mib"], "peak_cuda_mib": child["peak_cuda_mib"],
+                                          "process_seconds": child["process_seconds"], "run_dir": str(run_dir)})  # fmt: skip
+
+    return cached(root / f"{run.name}.json", params, make)
 
 
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over seeds (scipy.stats.bootstrap); a point when all are equal."""
-    from scipy.stats import bootstrap
+def runs_root(parent: str | Path, settings: ReasoningSettings, files: ProblemFiles) -> Path:
+    """WORK_DIR/runs/<hash of settings and problem files>: a changed setting never reads another's runs."""
+    import hashlib
 
-    data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(data) == 0:
-        return (math.nan, math.nan)
-    if len(data) == 1 or np.all(data == data[0]):
-        return (float(data.mean()), float(data.mean()))
-    result = bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=9999, method="percentile",
-                       random_state=np.random.default_rng(seed))  # fmt: skip
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    key = json.dumps({"settings": asdict(settings), "files": asdict(files)}, sort_keys=True)
+    root = Path(parent) / "runs" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(json.loads(key), indent=1) + "\n")
+    return root
 
 
-def summarize(frame: pd.DataFrame, value: str, by: Sequence[str] = ("method", "iteration")) -> pd.DataFrame:
-    """Mean over seeds with its 95 % bootstrap interval, per group."""
-    rows = []
-    for keys, group in frame.groupby(list(by), sort=True):
-        low, high = bootstrap_ci(group[value].tolist())
-        rows.append(dict(zip(by, keys if isinstance(keys, tuple) else (keys,), strict=True))
-                    | {"seeds": len(group), "mean": group[value].mean(), "ci95_low": low, "ci95_high": high})  # fmt: skip
-    return pd.DataFrame(rows)
+def sweep(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, grids: Mapping[str, Sequence[float]],
+          seed: int):  # fmt: skip
+    """Each of RAFT, RAFT++ and GRPO at each rate of its grid (seed `seed`), chosen on validation pass@1, grids
+    extended until the choice is interior (`raftsuite.sweeps`). The random control takes RAFT's rate."""
+
+    def score(method: str, rate: float) -> dict[str, Any]:
+        record = method_run(root, settings, files, MethodRun(method, rate, seed))
+        return {"seed": seed, "validation_reward": record["validation_pass_at_1"],
+                "process_seconds": record["process_seconds"]}  # fmt: skip
+
+    return sweeps.sweep_until_interior(grids, score)
 
 
-def paired_difference(
-    frame: pd.DataFrame, value: str, a: str, b: str, iteration: int, first: int | None = None
-) -> dict[str, float]:
-    """Mean over seeds of value(a) - value(b) (paired by seed: same base, same prompts order).
-
-    At one `iteration`, or averaged over iterations `first`..`iteration` when `first` is given (each seed's
-    mean over those iterations first, then the interval over seeds).
-    """
-    lo = iteration if first is None else first
-    window = frame[(frame["iteration"] >= lo) & (frame["iteration"] <= iteration)]
-    at = window.pivot_table(index="seed", columns="method", values=value, aggfunc="mean")
-    diffs = (at[a] - at[b]).dropna().tolist()
-    low, high = bootstrap_ci(diffs)
-    return {"mean": float(np.mean(diffs)) if diffs else math.nan, "ci95_low": low, "ci95_high": high,
-            "seeds": len(diffs)}  # fmt: skip
-
-
-def sign_of(interval: dict[str, float]) -> str:
-    """'yes' when the interval is above 0, 'no' when below, 'not resolved' when it holds 0."""
-    if not math.isfinite(interval["ci95_low"]):
-        return "not resolved"
-    if interval["ci95_low"] > 0:
-        return "yes"
-    if interval["ci95_high"] < 0:
-        return "no"
-    return "not resolved"
+def all_runs(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, chosen: Mapping[str, float],
+             methods: Sequence[str], seeds: Sequence[int]) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
+    """{(method, seed): record} at each method's chosen rate; the random control at RAFT's rate and RAFT's kept
+    counts of the same seed (RAFT runs first)."""
+    records = {}
+    order = [m for m in ("RAFT", "RAFT++", "GRPO", "random") if m in methods]
+    for seed in seeds:
+        for method in order:
+            rate = chosen["RAFT" if method == "random" else method]
+            counts = ()
+            if method == "random":
+                raft = records.get(("RAFT", seed)) or method_run(root, settings, files, MethodRun("RAFT", rate, seed))
+                counts = [row["kept"] for row in raft["iterations"] if row["iteration"] > 0]
+            record = records[(method, seed)] = method_run(root, settings, files, MethodRun(method, rate, seed), counts)
+            ends = [curve_point([r for r in record["problems"] if r["iteration"] == t])["pass_at_1"]
+                    for t in (0, settings.iterations)]  # fmt: skip
+            logger.info(
+                "%s seed %d: held-out pass@1 %.3f -> %.3f (%.0f s)", method, seed, *ends, record["process_seconds"]
+            )
+    return records
 
 
-def entropy_verdict(frame: pd.DataFrame, method: str = "RAFT++", early: int = 1) -> dict[str, Any]:
-    """Does the paper's pattern appear: `method` ahead of GRPO early (mean pass@1 over iterations 1..`early`),
-    its entropy below GRPO's at the end, and GRPO level with or ahead of it at the end? Each part read from a
-    paired 95 % interval over seeds."""
-    last = int(frame["iteration"].max())
-    parts = {
-        f"{method} ahead of GRPO over iterations 1-{early} (mean pass@1)": paired_difference(
-            frame, "pass_at_1", method, "GRPO", early, first=1
-        ),
-        f"{method} entropy below GRPO's at iteration {last}": paired_difference(frame, "entropy", "GRPO", method, last),
-        f"GRPO catches up by iteration {last} (GRPO - {method} pass@1 >= 0)": paired_difference(
-            frame, "pass_at_1", "GRPO", method, last
-        ),
-    }  # fmt: skip
-    answers = {name: sign_of(d) for name, d in parts.items()}
-    lead, collapse, catch_up = answers.values()
-    catch_up_ok = catch_up in ("yes", "not resolved")  # level (interval holds 0) counts as caught up
-    if lead == "yes" and collapse == "yes" and catch_up_ok:
-        verdict = "appears"
-    elif "no" in (lead, collapse) or catch_up == "no":
-        verdict = "does not appear"
-    else:
-        verdict = "not resolved"
-    return {"verdict": verdict, "parts": answers, "intervals": parts}
+def frames(records: Mapping[tuple[str, int], Mapping[str, Any]], settings: ReasoningSettings):
+    """(per-iteration frame, per-problem frame) of every run: method, seed, iteration, samples drawn so far, the
+    curve point (`curve_point`), kept count and training numbers; per problem: its measures."""
+    import pandas as pd
 
-
-# ----------------------------------------------------------------------------------------------
-# Tables and figures
-# ----------------------------------------------------------------------------------------------
-
-
-def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table (v2, percent) beside ours (final-iteration pass@1 in percent, mean and 95 % interval)."""
-    last = int(frame["iteration"].max())
-    rows = []
-    for name, value in PAPER["rows"].items():
-        rows.append({"row": f"paper v2: {name}", "accuracy_pct": value, "ci95_low": None, "ci95_high": None,
-                     "seeds": None, "setting": "Qwen2.5-Math-7B, MATH500/Minerva/OlympiadBench avg@16"})  # fmt: skip
-    base = frame[frame["iteration"] == 0].drop_duplicates("seed")
-    low, high = bootstrap_ci(base["pass_at_1"].tolist())
-    rows.append({"row": "ours: base", "accuracy_pct": 100 * base["pass_at_1"].mean(), "ci95_low": 100 * low,
-                 "ci95_high": 100 * high, "seeds": len(base), "setting": "iteration 0"})  # fmt: skip
-    final = frame[frame["iteration"] == last]
-    for method in METHODS:
-        values = final[final["method"] == method]["pass_at_1"]
-        if values.empty:
-            continue
-        low, high = bootstrap_ci(values.tolist())
-        rows.append({"row": f"ours: {method}", "accuracy_pct": 100 * values.mean(), "ci95_low": 100 * low,
-                     "ci95_high": 100 * high, "seeds": len(values), "setting": f"iteration {last}"})  # fmt: skip
-    return pd.DataFrame(rows).set_index("row")
-
-
-def plot_curves(frame: pd.DataFrame, panels: Sequence[tuple[str, str]]):
-    """One panel per (column, title) over iterations: thin per-seed lines, the mean with a 95 % bootstrap band."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    palette = dict(zip(METHODS, sns.color_palette("colorblind", len(METHODS)), strict=True))
-    columns = 2 if len(panels) > 2 else len(panels)
-    rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    axes = axes.ravel()[: len(panels)]
-    for ax, (column, title) in zip(axes, panels, strict=True):
-        data = frame.dropna(subset=[column])
-        if data.empty:
-            ax.set_visible(False)
-            continue
-        sns.lineplot(data=data, x="iteration", y=column, hue="method", units="seed", estimator=None, lw=0.7,
-                     alpha=0.35, palette=palette, ax=ax, legend=False)  # fmt: skip
-        sns.lineplot(data=data, x="iteration", y=column, hue="method", errorbar=("ci", 95), n_boot=2000, seed=0,
-                     lw=2, palette=palette, ax=ax, marker="o")  # fmt: skip
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def save_with_seeds(summary: pd.DataFrame, per_seed: pd.DataFrame, output_dir: Path, name: str) -> None:
-    """`name.csv` (mean and interval per group) and `name_seeds.csv` (every seed's value) side by side."""
-    summary.to_csv(Path(output_dir) / f"{name}.csv", index=False, float_format="%.4f")
-    per_seed.to_csv(Path(output_dir) / f"{name}_seeds.csv", index=False, float_format="%.4f")
+    curve, problems = [], []
+    for (method, seed), record in records.items():
+        by_iteration: dict[int, list[dict[str, Any]]] = {}
+        for row in record["problems"]:
+            by_iteration.setdefault(int(row["iteration"]), []).append(row)
+            problems.append({"method": method, "seed": seed} | row)
+        for row in record["iterations"]:
+            t = int(row["iteration"])
+            if t not in by_iteration:  # not evaluated (eval_every)
+                continue
+            curve.append({"method": method, "seed": seed, "iteration": t, "samples": t * settings.samples_per_iteration}
+                         | curve_point(by_iteration[t]) | {k: v for k, v in row.items() if k != "iteration"})  # fmt: skip
+    return pd.DataFrame(curve), pd.DataFrame(problems)

@@ -63,11 +63,17 @@ def plot_run_curves(metrics: pd.DataFrame, title: str = ""):
 
 
 def sample_viewer(
-    run_dirs: str | Path | Sequence[str | Path], gold=None, prompts_per_run: int = 2, max_rejected: int = 3
+    run_dirs: str | Path | Sequence[str | Path],
+    gold=None,
+    prompts_per_run: int = 2,
+    max_rejected: int = 3,
+    reward_label: str = "proxy",
 ) -> str:
     """HTML: for each run (a seed's), at its first, middle and last iteration, `prompts_per_run` prompts that have a
     kept sample, the kept completion beside rejected ones, each with the reward it was ranked by and, with `gold`
-    (a reward callable: the tiny setting's hidden preference), the gold reward it never saw. Best first."""
+    (a reward callable: the tiny setting's hidden preference), the gold reward it never saw. Best first.
+    `reward_label` names the ranking reward ("proxy": a reward model's; "verifier": 1 right, 0 wrong, None
+    unreadable)."""
     import pyarrow.parquet as pq
 
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
@@ -85,12 +91,17 @@ def sample_viewer(
             for prompt_id in with_kept:
                 rows = sorted(by_prompt[prompt_id], key=lambda r: -_key(r["reward"]))
                 shown = [r for r in rows if r["kept"]] + [r for r in rows if not r["kept"]][:max_rejected]
-                golds = gold([r["prompt"] for r in shown], [r["completion"] for r in shown]) if gold else [None] * len(shown)
-                cells = "".join(_cell(r, "kept" if r["kept"] else "rejected", g) for r, g in zip(shown, golds, strict=True))
+                golds = (
+                    gold([r["prompt"] for r in shown], [r["completion"] for r in shown])
+                    if gold
+                    else [None] * len(shown)
+                )
+                cells = "".join(_cell(r, "kept" if r["kept"] else "rejected", g, reward_label)
+                                for r, g in zip(shown, golds, strict=True))  # fmt: skip
                 body.append(f"<tr><th class='text'>{html.escape(rows[0]['prompt'])}</th>{cells}</tr>")
             parts.append(
                 f"<h4>{html.escape(run_dir.name)}, iteration {iteration}: kept (green) beside rejected (red), "
-                f"best proxy reward first</h4><table class='raft-samples'>{''.join(body)}</table>"
+                f"best {reward_label} reward first</h4><table class='raft-samples'>{''.join(body)}</table>"
             )
     return f"<div>{_VIEWER_STYLE}{''.join(parts)}</div>"
 
@@ -110,9 +121,9 @@ def _key(value: float | None) -> float:
     return -math.inf if value is None or not math.isfinite(value) else value
 
 
-def _cell(row: dict[str, Any], kind: str, gold: float | None = None) -> str:
+def _cell(row: dict[str, Any], kind: str, gold: float | None = None, label: str = "proxy") -> str:
     reward = "None" if row["reward"] is None else f"{row['reward']:.3f}"
-    shown = f"proxy {reward}" + ("" if gold is None else f" · gold {gold:.3f}")
+    shown = f"{label} {reward}" + ("" if gold is None else f" · gold {gold:.3f}")
     return (
         f"<td class='{kind}'><div class='reward'>{kind} · {html.escape(shown)}</div>"
         f"<div class='text'>{html.escape(row['completion'])}</div></td>"
@@ -283,6 +294,49 @@ def collapse_logs(notebook: Any) -> Any:
     return notebook
 
 
+_TABLE_ROW = re.compile(r"<tr[ >]")
+_RELATIVE_LINK = re.compile(r"\]\((\.\./)")
+
+
+def fold_long_tables(notebook: Any, rows: int = 15) -> Any:
+    """Put each HTML table output of more than `rows` rows into a closed <details> block (its title stays in
+    view), so long tables do not push the figures down the page. In place; returns the notebook."""
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            page = output.get("data", {}).get("text/html")
+            if page is None or "<table" not in page or "raft-samples" in page or "raft-log" in page:
+                continue
+            page = "".join(page) if isinstance(page, list) else page
+            count = len(_TABLE_ROW.findall(page))
+            if count > rows:
+                title, _, table = page.partition("<table")
+                output["data"]["text/html"] = (f"{title}<details class='raft-table'><summary>show the table ({count - 1} "
+                                               f"rows)</summary><table{table}</details>")  # fmt: skip
+    return notebook
+
+
+def relink_for_report(notebook: Any, depth: int = 2) -> Any:
+    """Markdown links written for the notebook's folder (notebooks/: `../docs/x.md`) rewritten for the report's
+    (results/PROFILE/NAME/: `depth` more levels down), so they resolve from where the report is read."""
+    prefix = "../" * depth
+    for cell in notebook.cells:
+        if cell.get("cell_type") == "markdown":
+            cell["source"] = _RELATIVE_LINK.sub(lambda m: f"]({prefix}{m.group(1)}", cell["source"])
+    return notebook
+
+
+def headline_html(output_dir: str | Path) -> str:
+    """The report's headline (headline.json) as the block the report opens with; empty when there is none."""
+    path = Path(output_dir) / "headline.json"
+    if not path.is_file():
+        return ""
+    headline = json.loads(path.read_text())
+    items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(format_headline_value(v))}</li>"
+                    for k, v in headline.get("numbers", {}).items())  # fmt: skip
+    return (f"<div id='raft-headline'><h2>{html.escape(headline.get('title', 'Headline'))}</h2><ul>{items}</ul>"
+            f"<p><small>{html.escape(headline.get('note', ''))}</small></p></div>")  # fmt: skip
+
+
 # ---- claims: every verdict a notebook draws, for its report and the results page ----------------------
 
 CLAIMS_FILE = "claims.json"
@@ -339,9 +393,15 @@ def claims_markdown(claims: pd.DataFrame) -> str:
     lines = []
     for row in claims.itertuples():
         detectable = row.detectable_at_80pct_power
-        extra = f"; detectable at 80 % power: {detectable:.3g}" if detectable is not None and detectable == detectable else ""
+        extra = (
+            f"; detectable at 80 % power: {detectable:.3g}"
+            if detectable is not None and detectable == detectable
+            else ""
+        )
         star = " (primary)" if row.primary else ""
-        lines.append(f"- **{row.verdict}**{star}: {row.claim}: ours {row.ours} ({row.interval}{extra}); paper {row.paper}")
+        lines.append(
+            f"- **{row.verdict}**{star}: {row.claim}: ours {row.ours} ({row.interval}{extra}); paper {row.paper}"
+        )
     return "\n".join(lines)
 
 
@@ -369,6 +429,8 @@ def show_table(frame: pd.DataFrame, title: str, note: str = "") -> None:
     """Display a table under a bold title (with its unit) and an optional note, NaN shown as a dash."""
     from IPython.display import HTML, display
 
+    counts = [c for c in frame.columns if c in ("seeds", "n_seeds", "n") and pd.api.types.is_numeric_dtype(frame[c])]
+    frame = frame.astype(dict.fromkeys(counts, "Int64"))  # counts as integers, a dash where there is none
     body = frame.to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
     caption = f"<p><b>{html.escape(title)}</b>" + (f"<br><small>{html.escape(note)}</small>" if note else "") + "</p>"
     display(HTML(caption + body))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import html
 import json
 import logging
 import os
@@ -26,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from raftsuite.report import format_headline_value
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +68,9 @@ def notebook_parameters(name: str) -> dict[str, Any]:
     tags = [c.get("metadata", {}).get("tags", []) for c in notebook.cells]
     main = [i for i, t in enumerate(tags) if "parameters" in t]
     if len(main) != 1:
-        raise ParameterError(f"notebooks/{name}.ipynb: expected exactly one cell tagged 'parameters', found {len(main)}")
+        raise ParameterError(
+            f"notebooks/{name}.ipynb: expected exactly one cell tagged 'parameters', found {len(main)}"
+        )
     more = [i for i, t in enumerate(tags) if any(tag.startswith("parameters-") for tag in t)]
     if any(i > main[0] for i in more):
         raise ParameterError(f"notebooks/{name}.ipynb: a 'parameters-...' cell after the 'parameters' cell would "
@@ -96,9 +95,24 @@ def _literal_assignments(node: ast.stmt) -> dict[str, Any]:
     return {}
 
 
+def use_root(root: Path) -> None:
+    """Read notebooks, profiles and results of the checkout at `root` (a kernel started in another checkout that
+    shares this environment: `raftsuite.notebook.start` calls this with the root it found)."""
+    global ROOT, NOTEBOOKS, PROFILES, RESULTS
+    ROOT = Path(root).resolve()
+    NOTEBOOKS = ROOT / "notebooks"
+    PROFILES = NOTEBOOKS / "profiles.yaml"
+    RESULTS = ROOT / "results"
+
+
 def load_profile(profile: str) -> dict[str, dict[str, Any]]:
-    profiles = yaml.safe_load(PROFILES.read_text(encoding="utf-8")) or {}
-    if profile not in profiles:
+    # Top-level keys starting with "_" hold YAML anchors that profiles merge (`<<: *name`), not profiles.
+    profiles = {
+        name: entry
+        for name, entry in (yaml.safe_load(PROFILES.read_text(encoding="utf-8")) or {}).items()
+        if not name.startswith("_")
+    }
+    if profile not in profiles or profile.startswith("_"):
         raise ParameterError(f"{PROFILES.relative_to(ROOT)}: no profile {profile!r} (profiles: {', '.join(profiles)})")
     return profiles[profile] or {}
 
@@ -188,6 +202,8 @@ def run_notebook(
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     started = time.perf_counter()
     error = None
+    papermill_log = logging.getLogger("papermill")
+    papermill_log.addFilter(_known_parameters_only)
     try:
         papermill.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"),
@@ -204,6 +220,8 @@ def run_notebook(
         # (papermill's cell index counts cells it injects, so it matches neither the source nor the copy).
         first_line = next((line for line in exc.source.splitlines() if line.strip()), "")
         error = f"cell In [{exc.exec_count}] `{first_line.strip()[:80]}` raised {exc.ename}: {exc.evalue}"
+    finally:
+        papermill_log.removeFilter(_known_parameters_only)
     seconds = time.perf_counter() - started
     report = out_dir / "report.html"
     caption = f"profile {profile} · {time.strftime('%Y-%m-%d %H:%M')} · {seconds / 60:.1f} min"
@@ -221,6 +239,12 @@ def run_notebook(
     return Outcome(name, error is None, seconds, report, error)
 
 
+def _known_parameters_only(record: logging.LogRecord) -> bool:
+    """Drop papermill's "Passed unknown parameter" warning: papermill reads only the cell tagged `parameters`,
+    while check_parameters has already validated every value against that cell and the `parameters-*` ones."""
+    return not record.getMessage().startswith("Passed unknown parameter")
+
+
 def render_report(executed: Path, report: Path, caption: str = "", header: dict[str, Any] | None = None) -> None:
     """HTML with images embedded and no external script: it opens from a USB stick with no network.
 
@@ -231,11 +255,12 @@ def render_report(executed: Path, report: Path, caption: str = "", header: dict[
     from nbconvert import HTMLExporter
 
     from raftsuite import header as run_header
-    from raftsuite.report import collapse_logs
+    from raftsuite.report import collapse_logs, fold_long_tables, headline_html, relink_for_report
 
     exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)], embed_images=True)
-    notebook = collapse_logs(nbformat.read(executed, as_version=4))
-    resources = {"raft_caption": caption, "raft_header_html": run_header.to_html(header) if header else ""}
+    notebook = relink_for_report(fold_long_tables(collapse_logs(nbformat.read(executed, as_version=4))))
+    resources = {"raft_caption": caption, "raft_header_html": run_header.to_html(header) if header else "",
+                 "raft_headline_html": headline_html(executed.parent)}  # fmt: skip
     body, _ = exporter.from_notebook_node(notebook, resources=resources)
     report.write_text(body, encoding="utf-8")
 
@@ -324,46 +349,28 @@ def _status(profile: str, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _check_plan(profile: str) -> int:
+    """A GPU profile (gpu, paper): print every planned stage of every notebook, and refuse (exit 3) when one
+    clearly cannot fit, naming the notebook parameter to change (`raftsuite.profile_plan`)."""
+    from raftsuite import profile_plan
+
+    if profile not in profile_plan.HARDWARE:
+        return 0
+    rows = profile_plan.plan_profile(profile)
+    print(f"\nplanned stages of profile {profile!r} (estimates; raftsuite.profile_plan, docs/profiles.md):\n")
+    print(profile_plan.table(rows))
+    too_big = [r for r in rows if r.clearly_too_big]
+    for r in too_big:
+        print(f"error: {r.notebook}: {r.stage} needs about {r.memory_gib:.0f} GiB per GPU of {r.gpu_gib:.0f}: "
+              f"change {r.change}", file=sys.stderr)  # fmt: skip
+    return 3 if too_big else 0
+
+
 def write_index(results: Path | None = None) -> Path:
-    """results/index.html: every report of every profile with its headline numbers and status."""
-    results = results or RESULTS
-    rows = []
-    for status_path in sorted(results.glob("*/*/status.json")):
-        directory = status_path.parent
-        status = json.loads(status_path.read_text())
-        headline_path = directory / "headline.json"
-        headline = json.loads(headline_path.read_text()) if headline_path.is_file() else {}
-        numbers = "".join(
-            f"<li>{html.escape(str(label))}: <b>{html.escape(format_headline_value(value))}</b></li>"
-            for label, value in headline.get("numbers", {}).items()
-        )
-        state = "ok" if status["ok"] else f"FAILED: {status['error']}"
-        rows.append(
-            f"<tr><td>{html.escape(directory.parent.name)}</td>"
-            f"<td><a href='{html.escape(directory.parent.name)}/{html.escape(directory.name)}/report.html'>"
-            f"{html.escape(headline.get('title', directory.name))}</a></td>"
-            f"<td><ul>{numbers}</ul>{html.escape(headline.get('note', ''))}</td>"
-            f"<td class='{'ok' if status['ok'] else 'failed'}'>{html.escape(state)}</td>"
-            f"<td>{status['seconds'] / 60:.1f} min<br>{html.escape(status['finished'])}</td></tr>"
-        )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>RAFT experiment suite: results</title>
-<style>
-body {{ font: 15px/1.45 sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px solid #ddd; padding: 8px; vertical-align: top; text-align: left; }}
-td.ok {{ color: #1a7f37; }} td.failed {{ color: #b42318; }} ul {{ margin: 0; padding-left: 1.2em; }}
-</style></head><body>
-<h1>RAFT experiment suite: results</h1>
-<p>Reward rAnked FineTuning (Dong et al. 2023, arXiv 2304.06767), reproduced by notebooks executed with papermill.
-The <code>tiny</code> profile runs offline on 2 CPU cores with models the suite builds itself; its numbers are not the
-paper's and each report says where the setting differs. Regenerate with <code>make reproduce-all</code>.</p>
-<table><thead><tr><th>profile</th><th>report</th><th>headline numbers</th><th>status</th><th>wall time</th></tr></thead>
-<tbody>{"".join(rows)}</tbody></table>
-</body></html>
-"""
-    index = results / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    """results/index.html: the claim table of every profile (`raftsuite.index`)."""
+    from raftsuite import index
+
+    return index.write_index(results or RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ParameterError(f"profile {args.profile!r}: no notebook {name!r}")
                 check_parameters(name, values, f"profile {args.profile!r}")
             print(f"profile {args.profile!r}: {len(profile)} notebooks, parameters valid")
-            return 0
+            return _check_plan(args.profile)
         profile_notebooks = load_profile(args.profile)
         names = args.notebooks if args.command == "run" else [n for n in notebook_names() if n in profile_notebooks]
         for name in names:

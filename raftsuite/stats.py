@@ -75,8 +75,14 @@ class Interval:
     def as_tuple(self) -> tuple[float, float, float]:
         return (self.mean, self.low, self.high)
 
+    @property
+    def null(self) -> float:
+        """No change: 0 for a difference, 1 for a ratio (log-t)."""
+        return 1.0 if self.method == "log-t" else 0.0
+
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        """The interval excludes no change (0; a ratio's 1)."""
+        return self.low > self.null or self.high < self.null
 
 
 def format_interval(mean: float, low: float, high: float, digits: int = 3) -> str:
@@ -235,20 +241,22 @@ def coverage(interval, n: int, trials: int = 2_000, seed: int = 0) -> float:
 def detectable_effect(interval: Interval, power: float = POWER, confidence: float = CONFIDENCE) -> float:
     """The smallest true mean difference a two-sided paired t-test at 1 - confidence over `interval.n` seeds with
     their spread `interval.sd` detects with probability `power`: (t_{1-a/2} + t_{power}) x sd / sqrt(n), df n-1
-    (the usual normal-approximation formula with t quantiles). NaN below 2 seeds; 0 when every seed agrees."""
+    (the usual normal-approximation formula with t quantiles). NaN below 2 seeds; 0 when every seed agrees. A
+    ratio (log-t) gives the detectable ratio factor exp(effect on the log scale): 1.4 means a 40 % change."""
     if interval.n < 2 or math.isnan(interval.sd):
         return math.nan
     df = interval.n - 1
-    return (_st.t.ppf(0.5 + confidence / 2, df) + _st.t.ppf(power, df)) * interval.sd / math.sqrt(interval.n)
+    effect = (_st.t.ppf(0.5 + confidence / 2, df) + _st.t.ppf(power, df)) * interval.sd / math.sqrt(interval.n)
+    return math.exp(effect) if interval.method == "log-t" else effect
 
 
 def p_value(interval: Interval) -> float:
     """Two-sided p-value of the t-test of mean = 0 behind a t-interval (log-t: of log ratio = 0)."""
     if interval.n < 2 or math.isnan(interval.sd):
         return math.nan
-    if interval.sd == 0:
-        return 0.0 if interval.mean != 0 else 1.0
     center = math.log(interval.mean) if interval.method == "log-t" else interval.mean
+    if interval.sd == 0:
+        return 0.0 if center != 0 else 1.0
     statistic = center / (interval.sd / math.sqrt(interval.n))
     return float(2 * _st.t.sf(abs(statistic), interval.n - 1))
 
@@ -270,13 +278,18 @@ def holm_interval(interval: Interval, family_size: int, rank: int) -> Interval:
     if interval.n < 2:
         return interval
     half = float(_st.t.ppf(0.5 + level / 2, interval.n - 1)) * interval.sd / math.sqrt(interval.n)
+    if interval.method == "log-t":  # sd is that of the log ratios: widen on the log scale
+        center = math.log(interval.mean)
+        return replace(interval, low=math.exp(center - half), high=math.exp(center + half))
     return replace(interval, low=interval.mean - half, high=interval.mean + half)
 
 
 Direction = Literal["up", "down"] | int
 
 
-def verdict(interval: Interval | tuple[float, float, float], paper_direction: Direction, identical: bool = False) -> str:
+def verdict(
+    interval: Interval | tuple[float, float, float], paper_direction: Direction, identical: bool = False
+) -> str:
     """What the interval of a change (a paired difference, last-minus-first along a sweep, ours - baseline) says
     about the paper's direction: "reproduces" if it excludes 0 on the paper's side (a ratio: 1), "opposite" if on
     the other side, "identical runs" when `identical` (the two sides are the same runs), else "not resolved at this

@@ -165,3 +165,14 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml())
     assert RAFTConfig.from_yaml(path) == config
+
+
+def test_a_missing_optional_package_is_named_with_its_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    raw = {"model": {"path": "m"}, "data": {"prompts": "p.jsonl"}, "reward": {"fn": "length"}, "output_dir": "o"}
+    with pytest.raises(ConfigError, match=r"logging\.tensorboard = True needs the tensorboard package.*pip install"):
+        RAFTConfig.from_dict(raw | {"logging": {"tensorboard": True}})
+    RAFTConfig.from_dict(raw | {"logging": {"tensorboard": False}})  # off: nothing asked, nothing needed

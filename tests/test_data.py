@@ -100,3 +100,21 @@ def test_external_samples(tmp_path):
     bad = jsonl(tmp_path / "bad.jsonl", [{"prompt_id": "1", "completion": "a"}])
     with pytest.raises(DataError, match=rf"{bad}:1: .*integer prompt_id"):
         load_external_samples(str(bad))
+
+
+def test_an_eval_file_holds_the_held_out_prompts_and_every_prompt_trains(tmp_path):
+    train = jsonl(tmp_path / "train.jsonl", ROWS[:5])
+    test = jsonl(tmp_path / "test.jsonl", [{"prompt": "held out", "answer": "7"}, {"prompt": "bad line"}, {}])
+    with pytest.raises(DataError, match=r"test.jsonl:3: no column 'prompt'"):
+        load_prompts(DataSection(prompts=str(train), eval_prompts=0, eval_file=str(test)))
+    test.write_text(test.read_text().splitlines(keepends=True)[0])
+    splits = load_prompts(DataSection(prompts=str(train), eval_prompts=0, eval_file=str(test)))
+    assert [p.text for p in splits.train] == [r["prompt"] for r in ROWS[:5]]
+    assert [(p.text, p.columns["answer"]) for p in splits.eval] == [("held out", "7")]
+
+
+def test_an_eval_file_with_eval_prompts_is_refused():
+    from raftlib.sections import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.eval_prompts"):
+        DataSection(prompts="p.jsonl", eval_prompts=4, eval_file="t.jsonl").validate("data")

@@ -1,7 +1,7 @@
 """raftsuite.hh_setup.prepare: the HH notebooks' one setup call reads the existing builders' caches unchanged.
 
 A setup built by the builder itself (as the notebooks built it before `prepare` existed) must be reused, not
-rebuilt, when `prepare` gets the notebook's parameters: so results and caches stay as they were.
+rebuilt, when `prepare` gets the notebook's parameters as a `SetupRequest`: so results and caches stay as they were.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import pytest
 from raftlib import testing
 from raftlib.config import DataSection
 from raftlib.data import load_prompts
-from raftsuite import hh, hh_paper, hh_setup
+from raftsuite import hh, hh_methods, hh_paper, hh_setup
+from raftsuite.hh_setup import SetupRequest
 
 OPENINGS = Path(__file__).resolve().parent.parent / "notebooks" / "data" / "openings.jsonl"
 
 
 def _parameters(**overrides) -> dict:
-    """The notebooks' parameters (tiny profile's names), shrunk to build in seconds."""
+    """The notebooks' parameters (tiny profile's names), shrunk to build in seconds; with some the setup does not
+    read (a notebook's `globals()` holds them all)."""
     return {
         "dataset": "",
         "eval_prompts": 6,
@@ -40,8 +42,31 @@ def _parameters(**overrides) -> dict:
         "policy_dtype": "float32",
         "mixed_precision": "no",
         "gradient_checkpointing": False,
-        "progress": False,
+        "show_progress": False,
+        "seeds": [0, 1, 2],
+        "learning_rates": [1e-4, 2e-4],
     } | overrides
+
+
+def _request(**overrides) -> SetupRequest:
+    return SetupRequest.from_parameters(_parameters(**overrides))
+
+
+def test_a_request_takes_the_setups_parameters_and_nothing_else():
+    import dataclasses
+
+    import torch
+
+    request = _request(base_model="assets/tiny-lm", policy_dtype="auto", eval_prompts=9)
+    assert (request.base_model, request.eval_prompts, request.setup_max_new_tokens, request.rm_epochs) == (
+        "assets/tiny-lm", 9, 6, 1,
+    )  # fmt: skip
+    assert request.policy_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")  # "auto" resolved
+    assert {f.name for f in dataclasses.fields(SetupRequest)} >= set(_parameters()) - {"seeds", "learning_rates"}
+    assert _request(seeds=[7]) == _request(learning_rates=[1.0])  # the runs' parameters: one cached setup for all
+    assert SetupRequest.from_parameters({"eval_prompts": 8}) == SetupRequest(eval_prompts=8)  # defaults otherwise
+    with pytest.raises(ValueError, match="policy_dtype = 'fp8'"):
+        _request(policy_dtype="fp8")
 
 
 def test_the_tiny_setup_reuses_the_builders_cache_and_holds_out_its_openings(tmp_path):
@@ -56,7 +81,7 @@ def test_the_tiny_setup_reuses_the_builders_cache_and_holds_out_its_openings(tmp
     )
     record = (runs / "hh_setup" / "setup.json").read_bytes()
 
-    setup = hh_setup.prepare(runs, **_parameters(base_model=str(base), openings=str(openings)))
+    setup = hh_setup.prepare(runs, _request(base_model=str(base), openings=str(openings)))
 
     assert (runs / "hh_setup" / "setup.json").read_bytes() == record, "the cached setup was rebuilt"
     assert (setup.sft_model, setup.reward_model, setup.prompts) == (
@@ -82,6 +107,11 @@ def test_the_tiny_setup_reuses_the_builders_cache_and_holds_out_its_openings(tmp
     rows = [json.loads(line)["prompt"] for line in train_only.read_text().splitlines()]
     assert len(rows) == 24 - 6 and not set(rows) & {p.text for p in held_out}
 
+    # the method runs start from what this setup built, and score the tiny setting's gold beside the proxy
+    settings = hh_methods.MethodSettings.from_parameters(_parameters(iterations=2), setup)
+    assert (settings.sft_model, settings.reward_model) == (str(built.sft_model), str(built.reward_model))
+    assert (settings.reward_formatter, settings.max_prompt_tokens, settings.gold) == ("raw", None, True)
+
 
 def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
     from raftsuite.standins import build_all
@@ -98,7 +128,7 @@ def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
     )  # fmt: skip
     record = (runs / "hh_paper_setup" / "setup.json").read_bytes()
 
-    setup = hh_setup.prepare(runs, **_parameters(**hub, eval_prompts=40, max_prompt_tokens=128))
+    setup = hh_setup.prepare(runs, _request(**hub, eval_prompts=40, max_prompt_tokens=128))
 
     assert (runs / "hh_paper_setup" / "setup.json").read_bytes() == record, "the cached setup was rebuilt"
     assert setup.hh_data and (setup.sft_model, setup.prompts) == (str(built.sft_model), built.prompts)
@@ -107,11 +137,14 @@ def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
     assert setup.curve_prompts == min(40, hh_setup.CURVE_PROMPTS_HH)
     assert setup.train_only_prompts(tmp_path / "unused.jsonl") == built.prompts
     assert not (tmp_path / "unused.jsonl").exists()
+    settings = hh_methods.MethodSettings.from_parameters(_parameters(), setup)
+    assert (settings.sft_model, settings.reward_model) == (setup.sft_model, str(standins["reward_model"]))
+    assert (settings.reward_formatter, settings.max_prompt_tokens, settings.gold) == ("open_llama_hh", 128, False)
 
 
 def test_bad_setup_parameters_are_named_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match="reward_formatter = 'chatml'"):
-        hh_setup.prepare(tmp_path, **_parameters(dataset=str(tmp_path / "hh"), reward_formatter="chatml"))
+        hh_setup.prepare(tmp_path, _request(dataset=str(tmp_path / "hh"), reward_formatter="chatml"))
     with pytest.raises(FileNotFoundError, match="policy_model = 'runs/nowhere/policy'"):
-        hh_setup.prepare(tmp_path, **_parameters(dataset="d", policy_model="runs/nowhere/policy"))
+        hh_setup.prepare(tmp_path, _request(dataset="d", policy_model="runs/nowhere/policy"))
     assert list(tmp_path.iterdir()) == []

@@ -1,10 +1,11 @@
-"""Notebooks opened interactively: a kernel started in notebooks/ (as Jupyter starts it) resolves the
-repository-relative parameters after `at_repo_root()`; and JupyterLab itself, in headless Chromium, runs
-a notebook's first cells.
+"""Notebooks opened interactively: a kernel started in notebooks/ (as Jupyter starts it) finds its checkout from
+where it starts (`raftsuite.paths`), moves there and resolves the repository-relative parameters; the first code
+cell, `raftsuite.notebook.start`, applies the profile by hand and checks the parameters; and JupyterLab itself, in
+headless Chromium, runs a notebook's first cells.
 
-The notebook here is built for the test (a real one takes minutes). To check a real notebook's first
-cells instead, pass `nbformat.read(ROOT / "notebooks" / "hh_rlhf.ipynb", as_version=4)` cut to its first
-cells to `execute_as_jupyter_would`, and its path to `open_in_jupyterlab`.
+The notebook here is built for the test (a real one takes minutes); the real notebooks' first cells (parameters
+and `start`) run in `test_a_real_notebooks_first_cells_run_in_a_kernel_started_in_notebooks`. To open one in
+JupyterLab instead, pass its path to `open_in_jupyterlab`.
 """
 
 import json
@@ -34,6 +35,17 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def no_root_variable(monkeypatch):
+    """Every test starts without $RAFT_SUITE_ROOT (kernels inherit this process's environment), and the runner's
+    checkout (`runner.use_root`, which `notebook.start` calls in this process) is put back afterwards."""
+    monkeypatch.delenv(paths.ENV, raising=False)
+    from raftsuite import runner
+
+    for name in ("ROOT", "NOTEBOOKS", "PROFILES", "RESULTS"):
+        monkeypatch.setattr(runner, name, getattr(runner, name))
+
+
 def reads_openings(with_snippet: bool = True) -> nbformat.NotebookNode:
     """A notebook shaped like the suite's: the root cell, a parameters cell of repo-relative strings, a use."""
     notebook = nbformat.v4.new_notebook()
@@ -56,26 +68,77 @@ def execute_as_jupyter_would(notebook: nbformat.NotebookNode, cwd: Path) -> nbfo
     return notebook
 
 
-def expected_output() -> str:
-    first = json.loads((ROOT / "notebooks" / "data" / "openings.jsonl").read_text().splitlines()[0])["prompt"]
-    return f"openings: 400 first: {first} cwd: {ROOT.resolve()}"
+def expected_output(root: Path = ROOT) -> str:
+    first = json.loads((root / "notebooks" / "data" / "openings.jsonl").read_text().splitlines()[0])["prompt"]
+    count = len((root / "notebooks" / "data" / "openings.jsonl").read_text().splitlines())
+    return f"openings: {count} first: {first} cwd: {root.resolve()}"
 
 
-def test_repo_root_comes_from_the_package_not_the_cwd(tmp_path, monkeypatch):
+def second_checkout(directory: Path) -> Path:
+    """Another checkout of the suite (its marker and its own openings), sharing this process's venv and package."""
+    (directory / "notebooks" / "data").mkdir(parents=True)
+    (directory / "notebooks" / "profiles.yaml").write_text("smoke: {}\n")
+    rows = [json.dumps({"prompt": f"the second checkout's opening {i}"}) for i in range(3)]
+    (directory / "notebooks" / "data" / "openings.jsonl").write_text("\n".join(rows) + "\n")
+    return directory.resolve()
+
+
+# ---- where the repository is -------------------------------------------------------------------------
+
+
+def test_the_root_is_the_checkout_the_kernel_starts_in_not_where_the_package_is(tmp_path, monkeypatch):
+    other = second_checkout(tmp_path / "other")
+    assert Path(paths.__file__).resolve().parent.parent == ROOT.resolve()  # the package is this checkout's
+    for start, root in ((ROOT, ROOT), (ROOT / "notebooks", ROOT), (other, other), (other / "notebooks", other)):
+        monkeypatch.chdir(start)
+        assert paths.repo_root() == root.resolve(), start
+        assert paths.repo_root(start) == root.resolve()
+    # a kernel started in the second checkout's notebooks/: its paths are that checkout's
+    monkeypatch.chdir(other / "notebooks")
+    assert paths.resolve("notebooks/data/openings.jsonl") == other / "notebooks" / "data" / "openings.jsonl"
+    assert paths.resolve(tmp_path) == tmp_path  # absolute paths are left as they are
+    assert paths.at_repo_root() == other and Path.cwd() == other
+    assert paths.at_repo_root() == other and Path.cwd() == other  # idempotent
+
+
+def test_an_unknown_directory_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert paths.repo_root() == ROOT.resolve()
-    assert paths.resolve("notebooks/data/openings.jsonl").is_file()
-    assert paths.resolve(tmp_path) == tmp_path
+    message = r"is neither a checkout of the suite nor its notebooks/ folder .*set \$RAFT_SUITE_ROOT"
+    with pytest.raises(FileNotFoundError, match=message):
+        paths.repo_root()
+    with pytest.raises(FileNotFoundError, match=message):
+        paths.at_repo_root()
+    assert Path.cwd() == tmp_path  # nothing moved
+    with pytest.raises(FileNotFoundError, match=message):  # one level up only: notebooks/data is not notebooks/
+        paths.repo_root(ROOT / "notebooks" / "data")
+    with pytest.raises(FileNotFoundError, match=message):
+        paths.resolve("notebooks/data/openings.jsonl")
+
+
+def test_raft_suite_root_names_the_checkout_whatever_the_working_directory(tmp_path, monkeypatch):
+    other = second_checkout(tmp_path / "other")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(paths.ENV, str(other))
+    assert paths.repo_root() == other and paths.repo_root(ROOT) == other
     monkeypatch.setenv(paths.ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"RAFT_SUITE_ROOT = .*: no notebooks/profiles\.yaml there"):
         paths.repo_root()
-    monkeypatch.delenv(paths.ENV)
-    assert paths.at_repo_root() == ROOT.resolve() and Path.cwd() == ROOT.resolve()
+
+
+# ---- a kernel started in notebooks/ --------------------------------------------------------------------
 
 
 def test_a_kernel_started_in_notebooks_runs_the_notebook():
     executed = execute_as_jupyter_would(reads_openings(), ROOT / "notebooks")
     assert executed.cells[2].outputs[0]["text"].strip() == expected_output()
+
+
+def test_a_kernel_started_in_a_second_checkouts_notebooks_stays_in_that_checkout(tmp_path):
+    """The kernel imports raftsuite from this checkout (one venv), but reads the second checkout's files."""
+    other = second_checkout(tmp_path / "other")
+    executed = execute_as_jupyter_would(reads_openings(), other / "notebooks")
+    assert executed.cells[2].outputs[0]["text"].strip() == expected_output(other)
+    assert expected_output(other).startswith("openings: 3 first: the second checkout's opening 0")
 
 
 def test_without_the_snippet_it_fails_as_the_issue_says():
@@ -95,6 +158,76 @@ def test_papermill_from_the_root_gives_the_same_output(tmp_path):
     assert code[-1].outputs[0]["text"].strip() == expected_output()
 
 
+def first_cells(name: str, *extra: str) -> nbformat.NotebookNode:
+    """A real notebook's parameters cells and its first cell up to `start(...)`, then `extra` cells."""
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    parameters = [cell for cell in code if any(t.startswith("parameters") for t in cell.metadata.get("tags", []))]
+    first = code[len(parameters)]
+    lines = first.source.splitlines()
+    upto = next(i for i, line in enumerate(lines) if line.startswith("params = start("))
+    first.source = "\n".join(lines[: upto + 1])
+    notebook.cells = [*parameters, first, *(nbformat.v4.new_code_cell(source) for source in extra)]
+    return notebook
+
+
+def test_a_real_notebooks_first_cells_run_in_a_kernel_started_in_notebooks():
+    show = "import os; print(os.getcwd(), output_dir, work_dir, params.iterations, params.profile)"
+    executed = execute_as_jupyter_would(first_cells("hh_rlhf", show), ROOT / "notebooks")
+    started = "".join(o.get("text", "") for o in executed.cells[-2].outputs)
+    assert started.startswith("hh_rlhf, profile tiny (hand)") and "results in runs/tiny/hh_rlhf/report" in started
+    assert f"repository: {ROOT.resolve()}" in started
+    shown = executed.cells[-1].outputs[0]["text"].split()
+    assert shown == [str(ROOT.resolve()), "runs/tiny/hh_rlhf/report", "runs/tiny/hh_rlhf", "6", "tiny"]
+
+
+# ---- start(): the profile by hand, checked parameters --------------------------------------------------
+
+
+def test_start_by_hand_applies_the_profile_and_writes_under_runs(monkeypatch, capsys):
+    from raftsuite import notebook, runner
+
+    monkeypatch.chdir(ROOT / "notebooks")
+    namespace = runner.notebook_parameters("hh_rlhf") | {"profile": "smoke", "unrelated": object()}
+    params = notebook.start("hh_rlhf", namespace)
+    smoke = runner.load_profile("smoke")["hh_rlhf"]
+    assert Path.cwd() == ROOT.resolve()
+    assert params.iterations == smoke["iterations"] != runner.notebook_parameters("hh_rlhf")["iterations"]
+    assert (params.output_dir, params.work_dir) == ("runs/smoke/hh_rlhf/report", "runs/smoke/hh_rlhf")
+    assert namespace["iterations"] == smoke["iterations"] and namespace["output_dir"] == params.output_dir
+    assert "unrelated" not in params  # only the notebook's parameters
+    assert (params | {"iterations": 1}).iterations == 1 and params.iterations == smoke["iterations"]
+    with pytest.raises(TypeError):
+        params["iterations"] = 1  # read-only
+    with pytest.raises(AttributeError, match="no parameter 'iteration'"):
+        params.iteration  # noqa: B018
+    assert capsys.readouterr().out.startswith("hh_rlhf, profile smoke (hand)")
+
+
+def test_start_under_the_runner_applies_nothing_and_a_bad_value_is_named(monkeypatch):
+    from raftsuite import notebook, runner
+
+    monkeypatch.chdir(ROOT)
+    injected = {"profile": "smoke", "run_by": "runner", "output_dir": "results/smoke/hh_rlhf", "work_dir": "w"}
+    params = notebook.start("hh_rlhf", runner.notebook_parameters("hh_rlhf") | injected)
+    assert params.iterations == runner.notebook_parameters("hh_rlhf")["iterations"]  # papermill already did it
+    assert (params.output_dir, params.work_dir) == ("results/smoke/hh_rlhf", "w")
+    with pytest.raises(runner.ParameterError, match=r"notebooks/hh_rlhf\.ipynb.*iterations = 'six'"):
+        notebook.start("hh_rlhf", runner.notebook_parameters("hh_rlhf") | {"iterations": "six"})
+
+
+def test_start_in_a_second_checkout_applies_that_checkouts_profile(tmp_path, monkeypatch):
+    from raftsuite import notebook, runner
+
+    other = second_checkout(tmp_path / "other")
+    shutil.copy(ROOT / "notebooks" / "hh_rlhf.ipynb", other / "notebooks")
+    (other / "notebooks" / "profiles.yaml").write_text("smoke:\n  hh_rlhf: {iterations: 5}\n")
+    monkeypatch.chdir(other / "notebooks")
+    params = notebook.start("hh_rlhf", runner.notebook_parameters("hh_rlhf") | {"profile": "smoke"})
+    assert Path.cwd() == other
+    assert params.iterations == 5
+
+
 # ---- JupyterLab in headless Chromium -----------------------------------------------------------------
 
 
@@ -107,8 +240,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_jupyterlab(tmp: Path, token: str, port: int) -> subprocess.Popen:
-    """A JupyterLab server rooted at the repository, with its settings, runtime and data dirs in `tmp` (so
+def start_jupyterlab(tmp: Path, token: str, port: int, root: Path = ROOT) -> subprocess.Popen:
+    """A JupyterLab server rooted at a checkout (`root`), with its settings, runtime and data dirs in `tmp` (so
     it touches no user configuration) and autosave off (so it never writes outputs into a notebook)."""
     settings = tmp / "settings" / "@jupyterlab" / "docmanager-extension"
     settings.mkdir(parents=True)
@@ -123,7 +256,7 @@ def start_jupyterlab(tmp: Path, token: str, port: int) -> subprocess.Popen:
     }
     command = [
         *(sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1"),
-        *(f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}"),
+        *(f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"),
         *(f"--LabApp.user_settings_dir={tmp / 'settings'}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"),
         *("--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url="),
     ]
@@ -145,18 +278,18 @@ def start_jupyterlab(tmp: Path, token: str, port: int) -> subprocess.Popen:
         time.sleep(0.5)
 
 
-def open_in_jupyterlab(notebook: Path, cells: int, expect: str, tmp: Path) -> str:
-    """Open `notebook` (inside the repository) in JupyterLab in headless Chromium, run its first `cells`
+def open_in_jupyterlab(notebook: Path, cells: int, expect: str, tmp: Path, root: Path = ROOT) -> str:
+    """Open `notebook` (inside the checkout `root`, which JupyterLab serves) in JupyterLab in headless Chromium, run its first `cells`
     cells with Shift+Enter, and return the text of the first output holding `expect`."""
     from playwright.sync_api import sync_playwright
 
     token, port = uuid.uuid4().hex, _free_port()
-    server = start_jupyterlab(tmp, token, port)
+    server = start_jupyterlab(tmp, token, port, root)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            relative = notebook.resolve().relative_to(ROOT.resolve()).as_posix()
+            relative = notebook.resolve().relative_to(root.resolve()).as_posix()
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{relative}?token={token}", timeout=120_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
             # The kernel is ready when the status bar says so (a cell run before that is dropped, not queued).
@@ -191,15 +324,12 @@ def open_in_jupyterlab(notebook: Path, cells: int, expect: str, tmp: Path) -> st
 
 @needs_chromium
 def test_jupyterlab_opens_a_notebook_and_runs_its_first_cells(tmp_path):
-    # Inside the repository (Jupyter serves only its root dir) but not in it root, in git-ignored runs/.
-    folder = ROOT / "runs" / f"interactive-{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
-    try:
-        notebook = folder / "check.ipynb"
-        nbformat.write(reads_openings(), notebook)
-        before = notebook.read_bytes()
-        text = open_in_jupyterlab(notebook, cells=3, expect="openings: 400", tmp=tmp_path)
-        assert text.strip() == expected_output()
-        assert notebook.read_bytes() == before  # autosave off: the notebook file was not rewritten
-    finally:
-        shutil.rmtree(folder)
+    # Jupyter serves only its root dir and starts the kernel in the notebook's folder: a second checkout's
+    # notebooks/ (outside this repository, so nothing is written into it), which the kernel must stay in.
+    other = second_checkout(tmp_path / "other")
+    notebook = other / "notebooks" / "check.ipynb"
+    nbformat.write(reads_openings(), notebook)
+    before = notebook.read_bytes()
+    text = open_in_jupyterlab(notebook, cells=3, expect="openings: 3", tmp=tmp_path / "jupyter", root=other)
+    assert text.strip() == expected_output(other)
+    assert notebook.read_bytes() == before  # autosave off: the notebook file was not rewritten

@@ -1,6 +1,8 @@
 """The notebooks: committed clean, profiles valid, every notebook runs under papermill, reports open offline."""
 
 import ast
+import dataclasses
+import html
 import json
 import os
 import re
@@ -18,6 +20,9 @@ ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 HUB_ID = re.compile(r"""["']([A-Za-z0-9][\w.-]*/[\w.-]+)["']""")
 LOCAL_PREFIXES = ("notebooks/", "runs/", "results/", "assets/", "raftsuite.", "./")
+
+
+HH_NOTEBOOKS = ("hh_rlhf", "ablations", "efficiency")
 
 
 def test_there_are_notebooks():
@@ -44,24 +49,34 @@ def test_profiles_are_valid(profile):
         runner.check_parameters(name, values, f"profile {profile}")
 
 
-HH_SETUP_PARAMETERS = (
-    "policy_model", "sft_model", "dataset", "reward_model", "subset", "max_prompt_tokens", "eval_prompts",
-    "train_limit", "sft_examples", "policy_dtype", "mixed_precision", "gradient_checkpointing",
-)  # fmt: skip
-"""What `hh_paper.prepare_paper_setup` is keyed on: equal values build runs/PROFILE/hh_paper_setup once."""
+def _values(profile: str, name: str) -> dict:
+    return runner.notebook_parameters(name) | runner.load_profile(profile).get(name, {})
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke", "dryrun", "gpu", "paper"])
+def test_the_text_notebooks_share_one_setup(profile):
+    """One SFT model, reward model and prompt split per profile: equal SetupRequests (what its cache is keyed on)."""
+    from raftsuite.hh_setup import SetupRequest
+
+    requests = {name: SetupRequest.from_parameters(_values(profile, name)) for name in HH_NOTEBOOKS}
+    assert requests["ablations"] == requests["hh_rlhf"] == requests["efficiency"], requests
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke", "paper"])
+def test_efficiency_reuses_hh_rlhf_method_runs(profile):
+    """Equal MethodSettings values: efficiency reads hh_rlhf's RAFT and GRPO runs from one cache directory."""
+    from raftsuite.hh_methods import MethodSettings
+
+    names = {f.name for f in dataclasses.fields(MethodSettings)}
+    shared = {name: {k: v for k, v in _values(profile, name).items() if k in names} for name in HH_NOTEBOOKS[::2]}
+    assert shared["hh_rlhf"] == shared["efficiency"]
 
 
 @pytest.mark.parametrize("profile", ["dryrun", "gpu", "paper"])
-def test_every_notebook_has_an_hh_entry_and_the_text_notebooks_share_one_setup(profile):
+def test_every_notebook_has_an_hh_entry(profile):
     entries = runner.load_profile(profile)
     assert set(entries) == {p.stem for p in NOTEBOOKS}
-
-    def setup_of(name):
-        defaults = runner.notebook_parameters(name)
-        return {key: entries[name].get(key, defaults[key]) for key in HH_SETUP_PARAMETERS}
-
-    assert setup_of("hh_rlhf")["dataset"], f"{profile}: the text notebooks run on HH-RLHF"
-    assert setup_of("ablations") == setup_of("hh_rlhf") == setup_of("efficiency")
+    assert _values(profile, "hh_rlhf")["dataset"], f"{profile}: the text notebooks run on HH-RLHF"
     if profile == "dryrun":  # every code path of the paper profile: 2 processes, LoRA
         for name in ("hh_rlhf", "ablations", "efficiency"):
             assert entries[name]["num_processes"] == 2 and entries[name]["lora_rank"] > 0
@@ -146,15 +161,15 @@ def test_reasoning_reports_four_methods_with_intervals(smoke_results):
 
     results, _ = smoke_results
     directory = results / "smoke" / "reasoning"
-    accuracy = pd.read_csv(directory / "accuracy.csv")
+    accuracy = pd.read_csv(directory / "curve_pass_at_1.csv")
     assert set(accuracy["method"]) == {"RAFT", "RAFT++", "GRPO", "random"}
-    assert accuracy[["ci95_low", "ci95_high"]].notna().all().all()
-    seeds = pd.read_csv(directory / "accuracy_seeds.csv")
-    assert seeds["seed"].nunique() >= 2 and {"method", "iteration", "pass_at_1"} <= set(seeds.columns)
+    assert accuracy[["pass_at_1_ci95_low", "pass_at_1_ci95_high"]].notna().all().all()  # 2 smoke seeds: an interval
+    problems = pd.read_parquet(directory / "problems.parquet")
+    assert set(problems["method"]) == {"RAFT", "RAFT++", "GRPO", "random"} and problems["seed"].nunique() == 2
     table = pd.read_csv(directory / "table_with_paper.csv", index_col=0)
-    assert "paper v2: RAFT++" in table.index and "ours: GRPO" in table.index
-    verdict = json.loads((directory / "verdict.json").read_text())
-    assert verdict["RAFT++"]["verdict"] in ("appears", "does not appear", "not resolved")
+    assert table.loc["RAFT++", "paper v2 (%)"] == 56.1 and table.loc["GRPO"].notna().all()
+    claims = json.loads((directory / "claims.json").read_text())
+    assert sum(c["primary"] for c in claims) == 1 and all(c["n"] == 2 for c in claims)
 
 
 def test_efficiency_compares_both_methods_from_one_run(smoke_results):
@@ -163,12 +178,35 @@ def test_efficiency_compares_both_methods_from_one_run(smoke_results):
     results, _ = smoke_results
     directory = results / "smoke" / "efficiency"
     table = pd.read_csv(directory / "raft_vs_grpo.csv", index_col=0)
-    assert list(table.index) == ["RAFT (raftlib)", "GRPO (TRL)"]
-    assert table[["seconds_to_target", "samples_to_target", "peak_rss_mib", "best_reward"]].notna().all().all()
-    assert table["total_samples"].nunique() == 1  # the same completions budget for both
-    speed = pd.read_csv(directory / "generation_speed_cpu.csv")
-    assert set(speed["backend"]) == {"HF generate", "raftlib eager", "raftlib static"}
-    assert (speed["tokens_per_s"] > 0).all()
+    assert set(table.index) == {"RAFT (raftlib)", "GRPO (TRL)"}
+    ratios = pd.read_csv(directory / "raft_vs_grpo_ratios_seeds.csv")
+    assert {"time_ratio", "samples_ratio", "raft_censored", "grpo_censored", "area_difference_time"} <= set(ratios)
+    reached = ratios["time_ratio"].gt(0) | ratios["raft_censored"] | ratios["grpo_censored"]
+    assert reached.all()  # each seed's ratio is measured, or the seed is marked censored
+    prompts = pd.read_parquet(directory / "raft_vs_grpo_prompts.parquet")
+    assert set(prompts["method"]) == {"raft", "grpo"} and prompts["eval_reward"].notna().all()
+
+
+PER_PROMPT = {
+    "hh_rlhf": "table3_prompts.parquet", "ablations": "ablation_prompts.parquet",
+    "efficiency": "raft_vs_grpo_prompts.parquet", "sd_resolution": "held_out_prompts.parquet",
+    "sd_alignment": "held_out_prompts.parquet", "reasoning": "problems.parquet",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PER_PROMPT))
+def test_every_notebook_keeps_per_prompt_rows_and_its_claims(smoke_results, name):
+    import pandas as pd
+
+    results, _ = smoke_results
+    directory = results / "smoke" / name
+    rows = pd.read_parquet(directory / PER_PROMPT[name])
+    assert len(rows) and "seed" in rows and rows["seed"].notna().all()
+    claims = json.loads((directory / "claims.json").read_text())
+    assert claims and all(c["verdict"] and c["interval"] and c["n"] >= 1 for c in claims)
+    assert sum(c["primary"] for c in claims) >= 1  # each paper table names its primary verdict
+    index = (results / "index.html").read_text()
+    assert all(html.escape(c["claim"]) in index for c in claims)  # the results page lists every verdict
 
 
 def test_failed_notebook_keeps_partial_copy_and_names_the_cell(tmp_path, monkeypatch):
@@ -242,6 +280,8 @@ def open_page(path: Path):
         page.wait_for_load_state("load")
         facts = {
             "images": page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])"),
+            "widths": page.eval_on_selector_all("img", "els => els.map(e => [e.naturalWidth, e.clientWidth])"),
+            "links": page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"),
             "pwned": page.evaluate("window.__raft_pwned === undefined ? null : window.__raft_pwned"),
             "text": page.inner_text("body"),
             "code_hidden": page.evaluate("document.body.classList.contains('raft-hide-code')"),
@@ -266,11 +306,44 @@ def test_report_opens_offline_without_errors(smoke_results, name):
     assert facts["code_hidden"] is True and facts["code_hidden_after_click"] is False
 
 
+def broken_links(page: Path, links: list[str], results: Path) -> list[str]:
+    """The relative links of a page under `results` that resolve to nothing, read as if `results` were the
+    repository's results/ folder (a link to ../../../docs/x.md must find docs/x.md in this checkout)."""
+    broken = []
+    for link in links:
+        if link.startswith(("http:", "https:", "#", "mailto:", "data:")):
+            continue
+        target = (page.parent / link.split("#")[0]).resolve()
+        inside = (
+            target.relative_to(results.parent.resolve()) if target.is_relative_to(results.parent.resolve()) else None
+        )
+        if not target.exists() and (inside is None or not (ROOT / inside).exists()):
+            broken.append(link)
+    return broken
+
+
+@needs_chromium
+@pytest.mark.parametrize("name", ["hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency", "reasoning"])
+def test_report_links_resolve_and_figures_keep_their_size(smoke_results, name):
+    results, _ = smoke_results
+    page = results / "smoke" / name / "report.html"
+    facts, _, _ = open_page(page)
+    assert broken_links(page, facts["links"], results) == []
+    assert any("docs/" in link for link in facts["links"])  # the notebooks cite docs/paper.md, docs/statistics.md
+    shrunk = [(natural, shown) for natural, shown in facts["widths"] if shown < natural - 1]
+    assert shrunk == [], f"figures drawn narrower than their pixels (text unreadable): {shrunk}"
+    body = page.read_text()
+    assert body.index("id='raft-headline'") < body.index('class="jp-Cell')  # the headline opens the report
+
+
 @needs_chromium
 def test_index_lists_reports(smoke_results):
     results, _ = smoke_results
     facts, errors, _ = open_page(results / "index.html")
-    assert (errors == [] and "hh_rlhf" in facts["text"].lower()) or "HH-RLHF" in facts["text"]
+    assert errors == [] and "what reproduces" in facts["text"]
+    assert broken_links(results / "index.html", facts["links"], results) == []
+    for verdict in ("reproduces", "opposite", "not resolved", "identical runs"):
+        assert verdict in facts["text"]  # the counts on top name every kind, coloured badges
 
 
 @needs_chromium

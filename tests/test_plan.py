@@ -231,3 +231,76 @@ def test_the_shipped_paper_profile_fits_the_hardware_it_documents():
     score = stage(estimate, "score (reward model)")
     assert config.reward.components[0].fn == "raftsuite.hh_paper:formatted_reward_model"
     assert score.memory_bytes > 3_324_076_800 * 2  # the Open-LLaMA-3B RM's bf16 weights are counted
+
+
+BLOCK_PEFT = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoPeft(importlib.abc.MetaPathFinder):  # the library installed alone: peft is not there
+        def find_spec(self, name, path=None, target=None):
+            if name == "peft" or name.startswith("peft."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+            return None
+
+    sys.meta_path.insert(0, NoPeft())
+    from raftlib.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_the_planner_needs_no_peft_for_a_full_fine_tune_and_counts_lora_without_it(tmp_path):
+    """`python -m raftlib plan` with peft unimportable: a full fine-tune plans; a LoRA plan counts the adapter from
+    the vendored default targets (GPT-2's fused Conv1D included) and honours `model.lora.target_modules`."""
+    from raftlib.estimates import KNOWN_SHAPES, _lora_params_per_rank, model_shape
+
+    full = subprocess.run(
+        [sys.executable, "-c", BLOCK_PEFT, "plan", str(PAPER), "model.lora=null", "--hardware", "H100-80GB", "--brief"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert full.returncode in (0, 3), full.stderr[-2000:]  # planned (fits or not), not an ImportError
+    assert "| fine-tune (DDP) |" in full.stdout and "peft" not in full.stderr
+    llama = model_shape(dict(KNOWN_SHAPES["huggyllama/llama-7b"]), "llama")
+    assert llama.lora_params_per_rank == 32 * 2 * (4096 + 4096)  # q_proj and v_proj of 32 layers (peft's default)
+    every = model_shape(
+        dict(KNOWN_SHAPES["huggyllama/llama-7b"]), "llama", lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    assert every.lora_params_per_rank == 2 * llama.lora_params_per_rank
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2))
+    assert _lora_params_per_rank(gpt2, "gpt2") == 2 * (64 + 3 * 64)  # c_attn: Conv1D (64 -> 192), was counted 0
+
+
+@pytest.mark.parametrize("profile", ["gpu", "paper"])
+def test_runner_check_plans_every_gpu_stage_of_every_notebook(profile):
+    """`runner check --profile gpu|paper` prints the SFT setup, RAFT, GRPO, best-of-K, reasoning and SD stages, and
+    the shipped profiles fit their hardware."""
+    done = subprocess.run([sys.executable, "-m", "raftsuite.runner", "check", "--profile", profile],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    for stage in ("| hh_rlhf | SFT setup", "| hh_rlhf | RAFT: generate", "| hh_rlhf | GRPO: fine-tune (TRL)",
+                  "| hh_rlhf | best-of-", "| ablations | RAFT: fine-tune", "| efficiency | GRPO: generate",
+                  "| reasoning | RAFT / RAFT++: fine-tune", "| reasoning | GRPO: generate",
+                  "| sd_resolution | RAFT: generate", "| sd_alignment | RAFT: fine-tune"):  # fmt: skip
+        assert stage in done.stdout, stage
+
+
+def test_a_stage_that_cannot_fit_is_refused_naming_the_notebook_parameter():
+    from raftlib.estimates import Hardware
+    from raftsuite import profile_plan, runner
+
+    values = runner.notebook_parameters("reasoning") | runner.load_profile("paper")["reasoning"]
+    hardware = Hardware.preset("A100-80GB", 8)
+    fitting = profile_plan.plan_reasoning(values, hardware)
+    assert not any(r.clearly_too_big for r in fitting)
+    for changed, parameter, stage in ((
+        {"grpo_use_vllm": False}, "grpo_use_vllm", "GRPO: generate"), ({"loss_chunk_tokens": 0}, "loss_chunk_tokens", "RAFT / RAFT++: fine-tune"
+    )):  # fmt: skip
+        rows = profile_plan.plan_reasoning(values | changed, hardware)
+        refused = [r for r in rows if r.clearly_too_big]
+        assert refused and all(r.change == parameter for r in refused if stage in r.stage), changed
+    grpo = profile_plan.plan_hh("hh_rlhf", runner.notebook_parameters("hh_rlhf") | runner.load_profile("gpu")["hh_rlhf"]
+                                | {"grpo_gradient_accumulation_steps": 1}, Hardware.preset("H100-80GB", 1))  # fmt: skip
+    assert any(r.clearly_too_big and r.change == "grpo_gradient_accumulation_steps" for r in grpo)

@@ -111,6 +111,32 @@ def test_token_logprobs_sum_to_the_sequence_logprob(gpt2_dir):
     assert [sum(t) for t in per_token] == pytest.approx(sums, abs=1e-4)
 
 
+def test_chunked_pi_old_and_loss_equal_the_whole_logits(gpt2_dir):
+    """loss_chunk_tokens: pi_old and the RAFT++ loss from hidden states a few positions at a time, the same
+    numbers as from the whole (B, T, V) logits, and the same trained weights."""
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    kept = examples(tokenizer)
+    whole = completion_token_logprobs(model, kept, tokenizer.eos_token_id)
+    chunked = completion_token_logprobs(model, kept, tokenizer.eos_token_id, chunk_tokens=3)
+    for a, b in zip(whole, chunked, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
+    from raftlib.text.losses import build_loss
+
+    grads = {}
+    for chunk in (0, 3):  # the loss and its gradient, whole logits against chunks of 3 positions
+        model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+        loss = build_loss(TrainingSection(loss="raftpp", loss_chunk_tokens=chunk), tokenizer.eos_token_id)
+        items = loss.prepare(model, kept)
+        model.zero_grad()
+        value = loss(model, loss.collate(items))
+        value.backward()
+        grads[chunk] = (float(value), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[3][0] == pytest.approx(grads[0][0], rel=1e-6)
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[3][1][name], rtol=1e-5, atol=1e-5), name
+
+
 def test_one_raftpp_step_equals_one_sft_step(gpt2_dir):
     """Ratio = 1 at the stage's first step (pi_old is the entering policy, no dropout): same update as SFT."""
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
@@ -146,8 +172,7 @@ def test_raftpp_declares_what_it_cannot_do_and_build_loss_refuses_it():
     assert TrainingSection(loss="raftpp").clip_range == 0.2
     with pytest.raises(ConfigError, match=r"training\.packing = true: loss .raftpp. cannot train on packed"):
         build_loss(TrainingSection(loss="raftpp", packing=True), 0)
-    with pytest.raises(ConfigError, match="loss_chunk_tokens = 64: loss 'raftpp' does not chunk its logits"):
-        build_loss(TrainingSection(loss="raftpp", loss_chunk_tokens=64), 0)
+    build_loss(TrainingSection(loss="raftpp", loss_chunk_tokens=64), 0)  # it chunks pi_old and its loss
     with pytest.raises(ConfigError, match=r"training\.clip_range_high = -0\.1"):
         TrainingSection(clip_range_high=-0.1).validate("training")
     with pytest.raises(ConfigError, match=r"loop.pass_k = 5: must be in \[1, eval_samples_per_prompt = 4\]"):

@@ -57,6 +57,11 @@ def test_weighted_mix_logs_each_component_and_none_propagates():
     assert scores.components["length"] == [2.0, 1.0]
     assert scores.components["none_for_empty"] == [1.0, None]
     assert scores.reward == [pytest.approx(0.5 * 2 + 2.0 * 1.0), None]
+    recorded = build_reward(  # weight 0: recorded beside the total, never part of it, its None included
+        RewardSection(fn=[C(fn="length", args={"unit": "chars"}), C(fn="toy_rewards:none_for_empty", weight=0.0)])
+    )
+    scores = recorded.score(["p", "p"], ["aa", " "])
+    assert scores.components["none_for_empty"] == [1.0, None] and scores.reward == [2.0, 1.0]
 
 
 def test_bad_reward_outputs():

@@ -107,3 +107,25 @@ def test_max_kept_caps_the_winners_best_key_first():
     assert capped.kept.tolist() == [False, True, False, False, True, False]  # 0.9 and the tie-broken 0.7
     uncapped = select("local", key, prompt_ids, sample_indices, samples_per_prompt=2, max_kept=5)
     assert uncapped.kept.sum() == 3
+
+
+def test_count_keeps_exactly_the_best_n_and_never_an_invalid_one():
+    key = as_float_array([0.1, 0.9, None, 0.5, 0.7])
+    result = select("count", key, np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 0]), samples_per_prompt=2, count=3)
+    assert result.kept.tolist() == [False, True, False, True, True]
+    short = select("count", key, np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 0]), samples_per_prompt=2, count=9)
+    assert short.kept.sum() == 4 and not short.kept[2]  # fewer usable rewards than asked: all usable ones
+
+
+def test_count_selection_needs_a_count_per_iteration():
+    from raftlib import RAFTConfig
+    from raftlib.sections import ConfigError
+
+    base = {"model": {"path": "m"}, "data": {"prompts": "p.jsonl"}, "reward": {"fn": "length"}, "output_dir": "o"}
+    base["loop"] = {"iterations": 3}
+    with pytest.raises(ConfigError, match=r"selection\.kept_counts"):
+        RAFTConfig.from_dict(base | {"selection": {"strategy": "count"}})
+    with pytest.raises(ConfigError, match="2 counts for 3 iterations"):
+        RAFTConfig.from_dict(base | {"selection": {"strategy": "count", "kept_counts": [4, 5]}})
+    config = RAFTConfig.from_dict(base | {"selection": {"strategy": "count", "kept_counts": [4, 5, 6]}})
+    assert config.kept_per_iteration == 6

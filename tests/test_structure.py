@@ -36,3 +36,33 @@ def test_raftlib_has_no_import_circle():
 def test_no_raftlib_function_is_over_100_lines():
     over = [f for f in structure.functions(structure.module_names(ROOT / "raftlib")) if f.lines > 100]
     assert over == [], [f"{f.module}.{f.name}: {f.lines} lines" for f in over]
+
+
+ONE_EVALUATION_EXCEPTIONS = {
+    "hh.py": "the tiny setup's preference pairs (CPU-only, before any run), not an evaluation",
+    "bench_generation.py": "the generation benchmark, which times the decoders themselves",
+}
+
+
+def test_every_evaluation_goes_through_raftlib_evaluation():
+    """One evaluation path: no raftsuite module draws completions itself (raftlib.text.generate) except the
+    listed ones, and every causal LM a baseline loads is moved to the run's device (hh.load_causal_lm), so no
+    stage evaluates on another device than the run's."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "raftsuite").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "raftlib.text.generate":
+                if path.name not in ONE_EVALUATION_EXCEPTIONS:
+                    offenders.append(f"{path.name}:{node.lineno} imports raftlib.text.generate")
+    assert offenders == []
+    loads = [
+        line
+        for line in (ROOT / "raftsuite" / "hh.py").read_text().splitlines()
+        if "AutoModelForCausalLM.from_pretrained(str(path)" in line
+    ]
+    assert loads and all(".to(model_device())" in line for line in loads)
+    reasoning = (ROOT / "raftsuite" / "reasoning.py").read_text()
+    assert "evaluate_policy(" in reasoning and "generate_samples" not in reasoning

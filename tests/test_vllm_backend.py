@@ -23,7 +23,8 @@ from conftest import assert_same_run, base_config, snapshot, write_config
 from raftlib import RAFTConfig, resume, run
 from raftlib.batches import Batches
 from raftlib.estimates import kv_bytes_per_token, vllm_kv_cache_bytes
-from raftlib.text.decoding import DecoderSpec, build_decoder
+from raftlib.text.decoders import build_decoder
+from raftlib.text.decoding import DecoderSpec
 from raftlib.text.finetune import completion_token_logprobs
 from raftlib.text.generate import Draw, generate_samples
 from raftlib.text.modality import logprob_gap

