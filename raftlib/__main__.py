@@ -78,14 +78,21 @@ def _plan(args) -> int:
     from raftlib.plan import Hardware, plan
 
     hardware = Hardware.preset(args.hardware, args.gpus)
-    for name, value in (("gpu_memory_gib", args.gpu_memory), ("gpu_tflops", args.gpu_tflops),
-                        ("gpu_bandwidth_gbps", args.gpu_bandwidth)):  # fmt: skip
+    for name, value in (
+        ("gpu_memory_gib", args.gpu_memory),
+        ("gpu_tflops", args.gpu_tflops),
+        ("gpu_bandwidth_gbps", args.gpu_bandwidth),
+    ):
         if value is not None:
             hardware = replace(hardware, **{name: value, "name": f"{hardware.name} (edited)"})
     estimate = plan(
-        load_config(args.config, overrides=args.overrides), hardware, sharding=args.sharding,
-        model_config=args.model_config, reward_config=args.reward_config, prompt_tokens=args.prompt_tokens,
-    )  # fmt: skip
+        load_config(args.config, overrides=args.overrides),
+        hardware,
+        sharding=args.sharding,
+        model_config=args.model_config,
+        reward_config=args.reward_config,
+        prompt_tokens=args.prompt_tokens,
+    )
     print(estimate.table(terms=not args.brief))
     return 0 if estimate.fits else 3
 

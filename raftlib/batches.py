@@ -73,9 +73,12 @@ def run_batches(
     results: dict[int, Result] = {}
     # disable=None: bars in terminals and Jupyter, none when stderr is a log file (CI, make > log)
     bar = tqdm(
-        total=len(items), desc=batches.description or None, unit=unit, disable=None if batches.progress else True,
+        total=len(items),
+        desc=batches.description or None,
+        unit=unit,
+        disable=None if batches.progress else True,
         leave=False,
-    )  # fmt: skip
+    )
     try:
         for index, batch in enumerate(parts):
             if batches.mine(index):

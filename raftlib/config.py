@@ -27,10 +27,25 @@ from raftlib.sections import (
 from raftlib.text.config import GenerationSection, ModelSection, RAFTConfig
 
 __all__ = [
-    "ConfigError", "ConfigFile", "DataSection", "DiffusionConfig", "GenerationSection", "ImageGenerationSection",
-    "LoggingSection", "LoopSection", "LoraSection", "ModelSection", "PipelineSection", "RAFTConfig",
-    "RewardComponentSection", "RewardSection", "SelectionSection", "TrainingSection", "load_config", "parse_override",
-]  # fmt: skip
+    "ConfigError",
+    "ConfigFile",
+    "DataSection",
+    "DiffusionConfig",
+    "GenerationSection",
+    "ImageGenerationSection",
+    "LoggingSection",
+    "LoopSection",
+    "LoraSection",
+    "ModelSection",
+    "PipelineSection",
+    "RAFTConfig",
+    "RewardComponentSection",
+    "RewardSection",
+    "SelectionSection",
+    "TrainingSection",
+    "load_config",
+    "parse_override",
+]
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RAFTConfig | DiffusionConfig:

@@ -113,8 +113,13 @@ def load_prompts(section: DataSection, seed: int = 0) -> PromptSplits:
     if section.eval_file:
         eval_rows, eval_unit = read_rows(section.eval_file, section.split)
         held_out = rows_to_prompts(eval_rows, section.prompt_column, section.eval_file, eval_unit)
-        logger.info("prompts: %d train from %s, %d held out from %s", len(prompts), section.prompts, len(held_out),
-                    section.eval_file)  # fmt: skip
+        logger.info(
+            "prompts: %d train from %s, %d held out from %s",
+            len(prompts),
+            section.prompts,
+            len(held_out),
+            section.eval_file,
+        )
         return PromptSplits(train=prompts, eval=held_out)
     if section.eval_prompts >= len(prompts):
         raise DataError(

@@ -114,32 +114,64 @@ PRESETS = {
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
     # LLaMA-7B (huggyllama/llama-7b = the paper's policy; its config.json)
     "huggyllama/llama-7b": {
-        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
-        "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048,
-        "tie_word_embeddings": False, "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "architectures": ["LlamaForCausalLM"],
     },
     # Open-LLaMA-3B: the RAFT authors' HH reward model is a sequence-classification head on it
     "weqweasdas/hh_rlhf_rm_open_llama_3b": {
-        "model_type": "llama", "hidden_size": 3200, "intermediate_size": 8640, "num_attention_heads": 32,
-        "num_hidden_layers": 26, "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048,
-        "tie_word_embeddings": False, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
+        "model_type": "llama",
+        "hidden_size": 3200,
+        "intermediate_size": 8640,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "architectures": ["LlamaForSequenceClassification"],
+        "num_labels": 1,
     },
-}  # fmt: skip
+}
 # Qwen2.5 (the gpu profiles' policies; config.json of each repo, as published: grouped-query attention, tied
 # embeddings below 7B). Qwen2.5-Math's context is 4,096 positions, the base Qwen2.5's 32,768.
 _QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "rope_theta": 10000.0}
 KNOWN_SHAPES["Qwen/Qwen2.5-0.5B"] = _QWEN2 | {
-    "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
-    "num_hidden_layers": 24, "max_position_embeddings": 32768, "tie_word_embeddings": True, "rope_theta": 1000000.0,
-}  # fmt: skip
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 24,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+}
 KNOWN_SHAPES["Qwen/Qwen2.5-Math-1.5B"] = _QWEN2 | {
-    "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
-    "num_hidden_layers": 28, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-}  # fmt: skip
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 28,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
 KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"] = _QWEN2 | {
-    "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
-    "num_hidden_layers": 28, "max_position_embeddings": 4096, "tie_word_embeddings": False, "vocab_size": 152064,
-}  # fmt: skip
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 28,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "vocab_size": 152064,
+}
 KNOWN_SHAPES["openlm-research/open_llama_3b"] = KNOWN_SHAPES["weqweasdas/hh_rlhf_rm_open_llama_3b"] | {
     "architectures": ["LlamaForCausalLM"]
 }
@@ -219,11 +251,16 @@ def model_shape(
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     return ModelShape(
-        source=source, params=params, layers=_first(config, "num_hidden_layers", "n_layer"), hidden=hidden,
-        kv_dim=kv_heads * head_dim, intermediate=intermediate, vocab=config.vocab_size,
+        source=source,
+        params=params,
+        layers=_first(config, "num_hidden_layers", "n_layer"),
+        hidden=hidden,
+        kv_dim=kv_heads * head_dim,
+        intermediate=intermediate,
+        vocab=config.vocab_size,
         gated_mlp=hasattr(model.get_submodule(_first_layer_mlp(model)), "gate_proj"),
         lora_params_per_rank=_lora_params_per_rank(model, config.model_type, lora_targets),
-    )  # fmt: skip
+    )
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -254,9 +291,14 @@ def _first_layer_mlp(model) -> str:
 
 
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-}  # fmt: skip
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
 """peft's default LoRA targets for the architectures the suite plans (peft.utils.constants
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), so a plan needs no peft; peft's own table wins when installed."""
 

@@ -48,9 +48,13 @@ def draw(modality, policy, prompts: Sequence[Prompt], config, batches: Batches |
 def measure(modality, reward, policy, samples: list, prompts: Sequence[Prompt], config, iteration: int) -> Evaluation:
     """Score and measure held-out samples (iteration 0 is the initial model: its KL to itself is 0)."""
     scores = score_samples(
-        reward, samples, columns_by_prompt(prompts), inputs=modality.reward_inputs,
-        batch_size=config.reward.batch_size, batches=Batches(progress=False),
-    )  # fmt: skip
+        reward,
+        samples,
+        columns_by_prompt(prompts),
+        inputs=modality.reward_inputs,
+        batch_size=config.reward.batch_size,
+        batches=Batches(progress=False),
+    )
     metrics: dict[str, Any] = M.reward_stats(scores.reward, "eval_reward")
     metrics |= modality.sample_metrics(samples, "eval")
     loop = config.loop

@@ -135,8 +135,11 @@ def warn_low_precision_masters(model, learning_rate: float) -> list[str]:
             "fine-tuning weights held in %s (pure low-precision AdamW): with 8 significant bits an update of about "
             "lr = %g moves only weights with |w| below %.2g to %.2g; load model.dtype: float32 and set "
             "training.mixed_precision: bf16 (float32 master weights under bf16 autocast) unless this is intended",
-            ", ".join(low), learning_rate, learning_rate * 2**8, learning_rate * 2**9,
-        )  # fmt: skip
+            ", ".join(low),
+            learning_rate,
+            learning_rate * 2**8,
+            learning_rate * 2**9,
+        )
     return low
 
 

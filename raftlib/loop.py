@@ -30,7 +30,6 @@ from raftlib.evaluation import EVAL_STREAM
 from raftlib.records import Scores
 from raftlib.scoring import score_samples
 from raftlib.select import kl_ranking_key, select
-from raftlib.sharding import full_state_dict, is_sharded
 from raftlib.stage import Run, SampleParts, ScoreParts
 from raftlib.start import RunResult, open_run, start_run
 
@@ -114,9 +113,13 @@ def _score(run: Run, iteration: int, samples, prompts) -> Scores:
     stage = run.stage(iteration, "score", ScoreParts(run.reward.names))
     if not stage.done:
         score_samples(
-            run.reward, samples, columns_by_prompt(prompts), inputs=run.modality.reward_inputs,
-            batch_size=run.config.reward.batch_size, batches=stage.batches(),
-        )  # fmt: skip
+            run.reward,
+            samples,
+            columns_by_prompt(prompts),
+            inputs=run.modality.reward_inputs,
+            batch_size=run.config.reward.batch_size,
+            batches=stage.batches(),
+        )
     scores = stage.assemble()
     if not stage.done:
         stage.finish()
@@ -132,11 +135,13 @@ def _select(run: Run, iteration: int, policy, samples, scores: Scores) -> list:
         logprobs = [s.logprob for s in samples] if ref_logprobs is not None else None
         key = kl_ranking_key(scores.reward, logprobs, ref_logprobs, section.kl_coef)
         selection = select(
-            section.strategy, key, np.array([s.prompt_id for s in samples]), np.array([s.sample_index for s in samples]),
-            samples_per_prompt=run.config.generation.samples_per_prompt, keep_per_prompt=section.keep_per_prompt,
-            threshold=section.threshold, max_kept=section.max_kept,
-            count=section.kept_counts[iteration - 1] if section.strategy == "count" else None,
-        )  # fmt: skip
+            section,
+            key,
+            np.array([s.prompt_id for s in samples]),
+            np.array([s.sample_index for s in samples]),
+            samples_per_prompt=run.config.generation.samples_per_prompt,
+            iteration=iteration,
+        )
         if not selection.kept.any():
             raise RuntimeError(
                 f"iteration {iteration}: no sample could be kept ({selection.invalid_count} invalid rewards)"
@@ -158,26 +163,15 @@ def _finetune(run: Run, iteration: int, policy, kept):
     policy, stats = modality.finetune(
         policy, kept, iteration=iteration, accelerator=accelerator, progress=run.config.logging.progress_bars
     )
-    directory = store.checkpoint_dir(iteration)
-    if is_sharded(accelerator):
-        # FSDP left each process a shard. Gather the whole weights to the main process once, write the checkpoint
-        # from them, and let every process load it: the policy that generates next is the checkpoint, exactly
-        # what a resumed run would load, and generation runs no collectives (processes draw different batches).
-        weights = full_state_dict(modality.trained_module(policy))
-        if run.is_main:
-            store.save_model_dir(directory, lambda d: modality.save(policy, d, state_dict=weights))
-        del weights, policy
-        run.processes.wait()
-        policy = modality.load_policy(directory)
-    elif run.is_main:
-        store.save_model_dir(directory, lambda d: modality.save(policy, d))
-    run.processes.wait()  # the checkpoint is on disk for every process before an engine reads it
-    modality.refresh(policy, directory)
+    policy = run.save_checkpoint(iteration, policy)  # and reload it where FSDP left each process a shard
+    modality.refresh(policy, store.checkpoint_dir(iteration))
     stage.finish(
-        train_loss_first_epoch=stats.first_epoch_loss, train_loss_last_epoch=stats.last_epoch_loss,
-        optimizer_steps=stats.optimizer_steps, trained_tokens=stats.trained_tokens,
+        train_loss_first_epoch=stats.first_epoch_loss,
+        train_loss_last_epoch=stats.last_epoch_loss,
+        optimizer_steps=stats.optimizer_steps,
+        trained_tokens=stats.trained_tokens,
         finetune_tokens_per_s=stats.tokens_per_second,
-    )  # fmt: skip
+    )
     return policy
 
 
@@ -194,8 +188,9 @@ def _evaluate(run: Run, iteration: int, policy) -> None:
         evaluation.draw(run.modality, policy, run.splits.eval, run.config, stage.batches())
         samples = stage.assemble()  # every process's batches
         if run.is_main:  # the main process scores and measures; the others wait at the next barrier
-            held_out = evaluation.measure(run.modality, run.reward, policy, samples, run.splits.eval, run.config,
-                                          iteration)  # fmt: skip
+            held_out = evaluation.measure(
+                run.modality, run.reward, policy, samples, run.splits.eval, run.config, iteration
+            )
             run.store.write_table(iteration, "eval_samples", held_out.rows)
             metrics = held_out.metrics
     row = run.row(iteration, **metrics, time_eval_s=stage.seconds)

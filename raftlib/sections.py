@@ -347,9 +347,11 @@ class ConfigFile:
         if self.selection.strategy == "count":
             counts = self.selection.kept_counts
             require(
-                len(counts) >= self.loop.iterations, "selection.kept_counts", counts,
+                len(counts) >= self.loop.iterations,
+                "selection.kept_counts",
+                counts,
                 f"holds {len(counts)} counts for {self.loop.iterations} iterations (loop.iterations)",
-            )  # fmt: skip
+            )
         return self
 
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from raftlib.records import Selection
+from raftlib.sections import SelectionSection
 
 
 def as_float_array(values: Sequence[float | None]) -> np.ndarray:
@@ -93,18 +94,23 @@ def select_threshold(key: np.ndarray, prompt_ids: np.ndarray, threshold: float) 
 
 
 def select(
-    strategy: str,
+    section: SelectionSection,
     key: np.ndarray,
     prompt_ids: np.ndarray,
     sample_indices: np.ndarray,
     *,
     samples_per_prompt: int,
-    keep_per_prompt: int = 1,
-    threshold: float | None = None,
-    max_kept: int | None = None,
-    count: int | None = None,
+    iteration: int = 1,
 ) -> Selection:
-    """Dispatch on `selection.strategy`; then keep at most `max_kept` of the chosen, best key first."""
+    """Dispatch on `section.strategy` (a `selection` config section); then keep at most `section.max_kept` of the
+    chosen, best key first. `iteration` picks the count of `kept_counts` (strategy count)."""
+    strategy, keep_per_prompt, threshold, max_kept = (
+        section.strategy,
+        section.keep_per_prompt,
+        section.threshold,
+        section.max_kept,
+    )
+    count = section.kept_counts[iteration - 1] if strategy == "count" and section.kept_counts else None
     if strategy == "local":
         selection = select_local(key, prompt_ids, sample_indices, keep_per_prompt)
     elif strategy == "global":

@@ -152,6 +152,28 @@ class Run:
     def stage(self, iteration: int, name: str, parts: SampleParts | ScoreParts | None = None) -> Stage:
         return Stage(self, iteration, name, parts)
 
+    def save_checkpoint(self, iteration: int, policy):
+        """Write iteration's checkpoint (the main process) and return the policy every process generates with next.
+
+        FSDP left each process a shard: the whole weights are gathered to the main process once, the checkpoint
+        written from them, and every process loads it, so the next policy is exactly what a resumed run would
+        load and generation runs no collectives. Every process returns once the checkpoint is on disk.
+        """
+        from raftlib.sharding import full_state_dict, is_sharded
+
+        directory, modality, store = self.store.checkpoint_dir(iteration), self.modality, self.store
+        if is_sharded(self.processes.accelerator):
+            weights = full_state_dict(modality.trained_module(policy))
+            if self.is_main:
+                store.save_model_dir(directory, lambda d: modality.save(policy, d, state_dict=weights))
+            del weights, policy
+            self.processes.wait()
+            policy = modality.load_policy(directory)
+        elif self.is_main:
+            store.save_model_dir(directory, lambda d: modality.save(policy, d))
+        self.processes.wait()
+        return policy
+
     def row(self, iteration: int, **latest: Any) -> dict[str, Any]:
         """The iteration's metrics row: the union of its stages' markers, then `latest` (a stage not yet marked)."""
         row: dict[str, Any] = {"iteration": iteration}

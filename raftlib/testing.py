@@ -100,15 +100,27 @@ def build_qwen2(directory: Path, *, seed: int = 0) -> Path:
         vocab_size=320, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     fast.chat_template = CHATML_TEMPLATE
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(directory)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=fast.eos_token_id, tie_word_embeddings=True)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     GenerationConfig(eos_token_id=fast.eos_token_id).save_pretrained(directory)
     return directory
@@ -145,9 +157,16 @@ def build_gpt2_reward_model(directory: Path, *, seed: int = 0, num_labels: int =
     tokenizer = build_tokenizer(directory)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=num_labels,
-        pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     GPT2ForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     return directory
 

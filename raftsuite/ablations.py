@@ -143,9 +143,12 @@ def run_settings(configs: Mapping[str, raftlib.RAFTConfig], runs: AblationRuns) 
         prompts += result[1]
     for name, config in configs.items():
         for seed in runs.seeds:
-            params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
-                      "seed": seed, "held_out": [p.prompt_id for p in runs.held_out],
-                      "settings": runs.settings.__dict__}  # fmt: skip
+            params = {
+                "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
+                "seed": seed,
+                "held_out": [p.prompt_id for p in runs.held_out],
+                "settings": runs.settings.__dict__,
+            }
             result = cached(
                 runs.work / name / f"seed_{seed}.json", params, lambda n=name, c=config, s=seed: _one_run(n, c, s, runs)
             )
@@ -163,9 +166,15 @@ def _one_run(name: str, config: raftlib.RAFTConfig, seed: int, runs: AblationRun
     metrics = report.read_metrics(result.run_dir)
     setting = describe(config)
     ranked = setting["selection"] == "RAFT"  # a random run's own rewards are hashes, not the RM's
-    row = {"run": name, "seed": seed, **setting, **columns,
-           "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]) if ranked else float("nan"),
-           "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]), "minutes": minutes}  # fmt: skip
+    row = {
+        "run": name,
+        "seed": seed,
+        **setting,
+        **columns,
+        "start_best_of_k": float(metrics.loc[1, "best_of_k_reward_mean"]) if ranked else float("nan"),
+        "start_sample_distinct_2": float(metrics.loc[1, "sample_distinct_2"]),
+        "minutes": minutes,
+    }
     return {"row": row, "prompts": per_prompt}
 
 
@@ -216,9 +225,19 @@ def changes(
             paper_change, verdict = paper[last] - paper[first], stats.verdict(interval, direction, same)
         else:
             direction, paper_change, verdict = None, float("nan"), stats.IDENTICAL if same else "no paper value"
-        out.append({"change": f"{sweep} {first:g} → {last:g}", "ours": str(interval), "n_seeds": interval.n,
-                    "detectable_at_80pct_power": stats.detectable_effect(interval), "paper_change": paper_change,
-                    "verdict": verdict, "direction": direction, "identical": same, "t": interval})  # fmt: skip
+        out.append(
+            {
+                "change": f"{sweep} {first:g} → {last:g}",
+                "ours": str(interval),
+                "n_seeds": interval.n,
+                "detectable_at_80pct_power": stats.detectable_effect(interval),
+                "paper_change": paper_change,
+                "verdict": verdict,
+                "direction": direction,
+                "identical": same,
+                "t": interval,
+            }
+        )
     if not out:  # no pair of settings has values (e.g. a metric every run left empty)
         return pd.DataFrame(columns=["ours", "direction", "t"]).rename_axis("change")
     return pd.DataFrame(out).set_index("change")
@@ -232,8 +251,17 @@ def claims(table: str, changes_table: pd.DataFrame, metric: str, primary: str | 
         if not isinstance(row["direction"], str):  # no paper direction (None, or NaN in a mixed column)
             continue
         paper = f"{row['paper_change']:+.3f}"
-        out.append(Claim(table, f"{change}, {metric.replace('_', ' ')}", paper, row["t"], row["direction"],
-                         primary=change == primary, identical=bool(row["identical"])))  # fmt: skip
+        out.append(
+            Claim(
+                table,
+                f"{change}, {metric.replace('_', ' ')}",
+                paper,
+                row["t"],
+                row["direction"],
+                primary=change == primary,
+                identical=bool(row["identical"]),
+            )
+        )
     return out
 
 
@@ -265,8 +293,15 @@ def start_best_of_k_claim(rows: pd.DataFrame, sweep: str = "temperature") -> lis
     if table.empty or not isinstance(table.iloc[0]["direction"], str):
         return []
     row = table.iloc[0]
-    return [Claim("Table 6", f"{row.name}, best-of-K reward of the first iteration's samples", "3.41 -> 2.48",
-                  row["t"], row["direction"])]  # fmt: skip
+    return [
+        Claim(
+            "Table 6",
+            f"{row.name}, best-of-K reward of the first iteration's samples",
+            "3.41 -> 2.48",
+            row["t"],
+            row["direction"],
+        )
+    ]
 
 
 def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: dict[str, str]):
@@ -277,8 +312,9 @@ def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: 
     from raftsuite import plots
 
     plots.use_style()
-    fig, axes = plt.subplots(len(metrics) + 1, len(rows), figsize=(5.4 * len(rows), 3.6 * (len(metrics) + 1)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(metrics) + 1, len(rows), figsize=(5.4 * len(rows), 3.6 * (len(metrics) + 1)), squeeze=False
+    )
     for column, (sweep, frame) in enumerate(rows.items()):
         order = list(dict.fromkeys(frame[sweep]))
         paper = {v: p for v, p in PAPER.get(sweep, {}).items() if v in set(order)}
@@ -292,8 +328,15 @@ def plot_sweeps(rows: dict[str, pd.DataFrame], labels: dict[str, str], metrics: 
             if frame[metric].isna().all():
                 axes[row, column].set_axis_off()
                 continue
-            plots.plot_sweep(frame.dropna(subset=[metric]), sweep, metric, title=f"{labels[sweep]}: {ylabel}",
-                             xlabel=labels[sweep], ylabel=ylabel, ax=axes[row, column])  # fmt: skip
+            plots.plot_sweep(
+                frame.dropna(subset=[metric]),
+                sweep,
+                metric,
+                title=f"{labels[sweep]}: {ylabel}",
+                xlabel=labels[sweep],
+                ylabel=ylabel,
+                ax=axes[row, column],
+            )
     fig.tight_layout()
     return fig
 
@@ -387,14 +430,31 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
         raft, random = run_name(*setting), run_name(*setting, selection="random")
         for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
             interval = control_difference(results, raft, random, metric)
-            rows.append({"setting": setting_label(*setting), "run": raft, "serves sweeps": ", ".join(sweeps),
-                         "metric": metric, "ours": str(interval),
-                         "n_seeds": interval.n, "detectable_at_80pct_power": stats.detectable_effect(interval),
-                         "verdict": stats.verdict(interval, "up"), "t": interval})  # fmt: skip
+            rows.append(
+                {
+                    "setting": setting_label(*setting),
+                    "run": raft,
+                    "serves sweeps": ", ".join(sweeps),
+                    "metric": metric,
+                    "ours": str(interval),
+                    "n_seeds": interval.n,
+                    "detectable_at_80pct_power": stats.detectable_effect(interval),
+                    "verdict": stats.verdict(interval, "up"),
+                    "t": interval,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def control_claims(table: pd.DataFrame) -> list[Claim]:
     """Each control comparison as a claim (exploratory: the paper has no random control)."""
-    return [Claim("Tables 5-7: random controls", f"RAFT above random selection at {r.setting}, {r.metric.replace('_', ' ')}",
-                  "—", r.t, "up") for r in table.itertuples()]  # fmt: skip
+    return [
+        Claim(
+            "Tables 5-7: random controls",
+            f"RAFT above random selection at {r.setting}, {r.metric.replace('_', ' ')}",
+            "—",
+            r.t,
+            "up",
+        )
+        for r in table.itertuples()
+    ]

@@ -36,9 +36,15 @@ def hf_generate(model, tokenizer, ids: list[list[int]], seed: int) -> int:
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=1.0, top_k=0,
-            max_new_tokens=NEW_TOKENS, num_return_sequences=K, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            max_new_tokens=NEW_TOKENS,
+            num_return_sequences=K,
+            pad_token_id=pad,
+        )
     completions = out[:, width:]
     is_eos = completions == tokenizer.eos_token_id
     return int(torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, completions.shape[1]).sum())
@@ -59,10 +65,15 @@ def decoders(model, rows: int, width: int):
                 "model": {"path": MODEL},
                 "data": {"prompts": PROMPTS},
                 "reward": {"fn": "length"},
-                "generation": {"samples_per_prompt": K, "max_new_tokens": NEW_TOKENS, "prompts_per_batch": rows // K,
-                               "chat_template": "never", "backend": backend},
+                "generation": {
+                    "samples_per_prompt": K,
+                    "max_new_tokens": NEW_TOKENS,
+                    "prompts_per_batch": rows // K,
+                    "chat_template": "never",
+                    "backend": backend,
+                },
             }
-        )  # fmt: skip
+        )
         tokenizer = load_tokenizer(config.model)
         text_format = TextFormat.of(tokenizer, model, config.generation)
         built[f"raftlib {backend}"] = (build_decoder(DecoderSpec(model, config, text_format, rows, width)), text_format)
@@ -99,14 +110,27 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             began = time.perf_counter()
             tokens = hf_generate(model, text_format.tokenizer, ids, round_index)
-            timings.append({"rows": rows, "round": round_index, "decoder": "HF generate", "tokens": tokens,
-                            "seconds": time.perf_counter() - began})  # fmt: skip
+            timings.append(
+                {
+                    "rows": rows,
+                    "round": round_index,
+                    "decoder": "HF generate",
+                    "tokens": tokens,
+                    "seconds": time.perf_counter() - began,
+                }
+            )
             for name, (decoder, fmt) in built.items():
                 began = time.perf_counter()
                 samples = generate_samples(decoder, fmt, prompts, Draw(round_index, 0, K, len(prompts)))
-                timings.append({"rows": rows, "round": round_index, "decoder": name,
-                                "tokens": sum(s.completion_token_count for s in samples),
-                                "seconds": time.perf_counter() - began})  # fmt: skip
+                timings.append(
+                    {
+                        "rows": rows,
+                        "round": round_index,
+                        "decoder": name,
+                        "tokens": sum(s.completion_token_count for s in samples),
+                        "seconds": time.perf_counter() - began,
+                    }
+                )
         for decoder, _ in built.values():
             decoder.close()
     frame = pd.DataFrame(timings)
@@ -126,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [f"| {r.rows} | {r.decoder} | {r.tokens_per_s:,.0f} | {r.ratio_to_hf:.2f} |" for r in table.itertuples()]
     (args.output / "generation.md").write_text("\n".join(lines) + "\n")
-    facts = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "rounds": args.rounds,
-             "machine": machine(), "versions": versions()}  # fmt: skip
+    facts = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "versions": versions(),
+    }
     (args.output / "machine.json").write_text(json.dumps(facts, indent=2) + "\n")
     print("\n".join(lines))
     print(f"medians over {args.rounds} rounds; {statistics.mean(frame['seconds']):.2f} s per timing on average")

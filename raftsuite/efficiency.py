@@ -86,12 +86,20 @@ def seed_row(seed: int, table: pd.DataFrame, target: float, raft: str, grpo: str
     ratio = {}
     for name, column in (("time_ratio", "seconds_to_target"), ("samples_ratio", "samples_to_target")):
         ratio[name] = r[column] / g[column] if r[column] > 0 and g[column] > 0 else math.nan  # 0: reached at start
-    return {"seed": seed, "target_reward": target, **ratio, "memory_ratio": r["peak_rss_mib"] / g["peak_rss_mib"],
-            "raft_censored": bool(r["censored"]), "grpo_censored": bool(g["censored"]),
-            "area_difference_time": r["mean_reward_over_time"] - g["mean_reward_over_time"],
-            "area_difference_samples": r["mean_reward_over_samples"] - g["mean_reward_over_samples"],
-            "raft_seconds_to_target": r["seconds_to_target"], "grpo_seconds_to_target": g["seconds_to_target"],
-            "raft_peak_rss_mib": r["peak_rss_mib"], "grpo_peak_rss_mib": g["peak_rss_mib"]}  # fmt: skip
+    return {
+        "seed": seed,
+        "target_reward": target,
+        **ratio,
+        "memory_ratio": r["peak_rss_mib"] / g["peak_rss_mib"],
+        "raft_censored": bool(r["censored"]),
+        "grpo_censored": bool(g["censored"]),
+        "area_difference_time": r["mean_reward_over_time"] - g["mean_reward_over_time"],
+        "area_difference_samples": r["mean_reward_over_samples"] - g["mean_reward_over_samples"],
+        "raft_seconds_to_target": r["seconds_to_target"],
+        "grpo_seconds_to_target": g["seconds_to_target"],
+        "raft_peak_rss_mib": r["peak_rss_mib"],
+        "grpo_peak_rss_mib": g["peak_rss_mib"],
+    }
 
 
 def claims(per_seed: pd.DataFrame) -> tuple[list[Claim], pd.DataFrame]:
@@ -99,11 +107,13 @@ def claims(per_seed: pd.DataFrame) -> tuple[list[Claim], pd.DataFrame]:
     t-intervals (above 0: RAFT higher); the time ratio is the primary verdict (the paper's RAFT K = 8 took about
     5 h against the fastest PPO's 8.7 h). Also returns them as a table with the censored seeds counted."""
     out, rows = [], []
-    for column, label, kind in (("time_ratio", "training time to the common target, RAFT / GRPO", "ratio"),
-                                ("samples_ratio", "completions to the common target, RAFT / GRPO", "ratio"),
-                                ("memory_ratio", "peak resident memory, RAFT / GRPO", "ratio"),
-                                ("area_difference_time", "mean held-out reward over the common training time, RAFT − GRPO", "difference"),
-                                ("area_difference_samples", "mean held-out reward over the completion budget, RAFT − GRPO", "difference")):  # fmt: skip
+    for column, label, kind in (
+        ("time_ratio", "training time to the common target, RAFT / GRPO", "ratio"),
+        ("samples_ratio", "completions to the common target, RAFT / GRPO", "ratio"),
+        ("memory_ratio", "peak resident memory, RAFT / GRPO", "ratio"),
+        ("area_difference_time", "mean held-out reward over the common training time, RAFT − GRPO", "difference"),
+        ("area_difference_samples", "mean held-out reward over the completion budget, RAFT − GRPO", "difference"),
+    ):
         values = per_seed[column].dropna()
         if values.empty:
             continue
@@ -114,8 +124,14 @@ def claims(per_seed: pd.DataFrame) -> tuple[list[Claim], pd.DataFrame]:
             interval, direction = stats.mean_ci(values), "up"
         paper = "RAFT K=8 ~5 h vs fastest PPO 8.7 h (0.57x)" if column == "time_ratio" else "—"
         out.append(Claim("§4 efficiency", label, paper, interval, direction, primary=column == "time_ratio"))
-        rows.append({"measure": label, "ours": str(interval), "interval": interval.label,
-                     "seeds without a value": int(per_seed[column].isna().sum()),
-                     "RAFT censored": int(per_seed["raft_censored"].sum()),
-                     "GRPO censored": int(per_seed["grpo_censored"].sum())})  # fmt: skip
+        rows.append(
+            {
+                "measure": label,
+                "ours": str(interval),
+                "interval": interval.label,
+                "seeds without a value": int(per_seed[column].isna().sum()),
+                "RAFT censored": int(per_seed["raft_censored"].sum()),
+                "GRPO censored": int(per_seed["grpo_censored"].sum()),
+            }
+        )
     return out, pd.DataFrame(rows)

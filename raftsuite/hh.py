@@ -373,9 +373,15 @@ def grpo_config(output_dir: str | Path, *, seed: int, use_cpu: bool, **settings:
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(output_dir), seed=seed, use_cpu=use_cpu, logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, **settings,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        seed=seed,
+        use_cpu=use_cpu,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        **settings,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

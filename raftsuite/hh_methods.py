@@ -79,9 +79,12 @@ class MethodSettings:
     def from_parameters(cls, parameters: Mapping[str, Any], setup) -> MethodSettings:
         """The settings a notebook's parameters (a mapping: `globals()`, a profile entry) and its `HHSetup` give."""
         from_setup = {
-            "sft_model": str(setup.sft_model), "reward_model": str(setup.reward_model),
-            "reward_formatter": setup.formatter, "max_prompt_tokens": setup.max_prompt_tokens, "gold": not setup.hh_data,
-        }  # fmt: skip
+            "sft_model": str(setup.sft_model),
+            "reward_model": str(setup.reward_model),
+            "reward_formatter": setup.formatter,
+            "max_prompt_tokens": setup.max_prompt_tokens,
+            "gold": not setup.hh_data,
+        }
         names = {f.name for f in fields(cls)} - set(from_setup)
         values = {name: parameters[name] for name in names if name in parameters}
         values["policy_dtype"] = hh.resolve_dtype(values.get("policy_dtype", "float32"))
@@ -129,8 +132,9 @@ def runs_root(parent: str | Path, settings: MethodSettings, plan: hh.PromptPlan)
 
 
 def proxy_reward_section(settings: MethodSettings) -> dict[str, Any]:
-    return hh.reward_section(settings.reward_model, settings.reward_formatter, settings.reward_dtype,
-                             settings.reward_batch_size)  # fmt: skip
+    return hh.reward_section(
+        settings.reward_model, settings.reward_formatter, settings.reward_dtype, settings.reward_batch_size
+    )
 
 
 def raft_config(
@@ -231,9 +235,15 @@ def raft_curve(config: dict[str, Any]) -> list[dict[str, Any]]:
         stages = ("time_generate_s", "time_score_s", "time_select_s", "time_finetune_s")
         seconds += sum(row.get(key) or 0.0 for key in stages)
         rows = pq.read_table(result.run_dir / f"iter_{row['iteration']:04d}" / "eval_samples.parquet").to_pylist()
-        points.append({"step": row["iteration"], "samples": row["iteration"] * per_iteration,
-                       "train_seconds": seconds, "eval_reward": row["eval_reward_mean"],
-                       "prompts": prompt_rewards(rows)})  # fmt: skip
+        points.append(
+            {
+                "step": row["iteration"],
+                "samples": row["iteration"] * per_iteration,
+                "train_seconds": seconds,
+                "eval_reward": row["eval_reward_mean"],
+                "prompts": prompt_rewards(rows),
+            }
+        )
     return points
 
 
@@ -248,10 +258,19 @@ def prompt_rewards(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def curve_prompts(records: Mapping[tuple[str, int], Mapping[str, Any]]) -> pd.DataFrame:
     """One row per (method, seed, step, held-out prompt) of the runs' curves: the per-prompt Parquet."""
-    rows = [{"method": method, "seed": seed, "step": point["step"], "samples": point["samples"], "prompt": int(p),
-             "eval_reward": reward}
-            for (method, seed), record in records.items() for point in record["curve"]
-            for p, reward in point.get("prompts", {}).items()]  # fmt: skip
+    rows = [
+        {
+            "method": method,
+            "seed": seed,
+            "step": point["step"],
+            "samples": point["samples"],
+            "prompt": int(p),
+            "eval_reward": reward,
+        }
+        for (method, seed), record in records.items()
+        for point in record["curve"]
+        for p, reward in point.get("prompts", {}).items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -288,8 +307,13 @@ def _make_run(root: Path, settings: MethodSettings, plan: hh.PromptPlan, run: Me
     launch = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
     out, log = root / f"{run.name}.child.json", root / f"{run.name}.log"
     if run.method == "grpo":
-        job = {"settings": asdict(settings), "run": asdict(run), "prompts": str(prompts_file),
-               "curve_prompts": len(plan.curve), "output_dir": str(run_dir)}  # fmt: skip
+        job = {
+            "settings": asdict(settings),
+            "run": asdict(run),
+            "prompts": str(prompts_file),
+            "curve_prompts": len(plan.curve),
+            "output_dir": str(run_dir),
+        }
         child = children.run_in_child("raftsuite.hh_methods:grpo_curve", {"job": job}, out, log, **launch)
         model_dir = run_dir
     else:
@@ -322,9 +346,13 @@ def validation_reward(root: str | Path, settings: MethodSettings, plan: hh.Promp
 
 
 def sweep_until_interior(
-    root: str | Path, settings: MethodSettings, plan: hh.PromptPlan, grids: Mapping[str, Sequence[float]],
-    seed: int, max_extensions: int = 3,
-) -> pd.DataFrame:  # fmt: skip
+    root: str | Path,
+    settings: MethodSettings,
+    plan: hh.PromptPlan,
+    grids: Mapping[str, Sequence[float]],
+    seed: int,
+    max_extensions: int = 3,
+) -> pd.DataFrame:
     """Each method at each learning rate of its grid, one seed, scored on the validation prompts, each grid
     extended until its chosen rate is interior (`raftsuite.sweeps`). One row per (method, learning_rate): seed,
     validation_reward, process seconds, `chosen`, `interior`. The chosen rate then runs with every seed (the
@@ -332,8 +360,11 @@ def sweep_until_interior(
 
     def score(method: str, rate: float) -> dict[str, Any]:
         record = method_run(root, settings, plan, MethodRun(method, rate, seed))
-        return {"seed": seed, "validation_reward": validation_reward(root, settings, plan, record),
-                "process_seconds": record["process_seconds"]}  # fmt: skip
+        return {
+            "seed": seed,
+            "validation_reward": validation_reward(root, settings, plan, record),
+            "process_seconds": record["process_seconds"],
+        }
 
     return sweeps.sweep_until_interior(grids, score, max_extensions)
 
@@ -376,8 +407,15 @@ def grpo_curve(job: dict[str, Any]) -> list[dict[str, Any]]:
             value = evaluation.metrics["eval_reward_mean"]
             training = began - self.started - self.eval_seconds
             self.eval_seconds += time.perf_counter() - began
-            self.points.append({"step": step, "samples": step * per_step, "train_seconds": training,
-                                "eval_reward": value, "prompts": prompt_rewards(evaluation.rows)})  # fmt: skip
+            self.points.append(
+                {
+                    "step": step,
+                    "samples": step * per_step,
+                    "train_seconds": training,
+                    "eval_reward": value,
+                    "prompts": prompt_rewards(evaluation.rows),
+                }
+            )
             logger.info("GRPO step %d/%d | eval reward %.3f | %.1fs training", step, self.max_steps, value, training)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -400,9 +438,12 @@ def grpo_curve(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_grpo(
-    settings: MethodSettings, prompts: Sequence[Prompt], run: MethodRun, output_dir: str | Path,
+    settings: MethodSettings,
+    prompts: Sequence[Prompt],
+    run: MethodRun,
+    output_dir: str | Path,
     callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """TRL GRPOTrainer on the proxy reward, stopped when it has drawn the budget's completions.
 
     One optimizer step takes `samples_per_prompt x grpo_prompts_per_step` completions whatever the launch (each of
@@ -436,20 +477,31 @@ def run_grpo(
 
         peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, task_type="CAUSAL_LM")
     args = hh.grpo_config(
-        output_dir, seed=run.seed, use_cpu=use_cpu, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation, num_generations=settings.samples_per_prompt,
-        max_completion_length=settings.max_new_tokens, temperature=settings.temperature,
-        learning_rate=run.learning_rate, beta=0.0, max_steps=steps,
+        output_dir,
+        seed=run.seed,
+        use_cpu=use_cpu,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        num_generations=settings.samples_per_prompt,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature,
+        learning_rate=run.learning_rate,
+        beta=0.0,
+        max_steps=steps,
         gradient_checkpointing=settings.gradient_checkpointing,  # TRL turns it on by default; RAFT's setting rules
         bf16=not use_cpu,  # autocast on a GPU; on a CPU TRL's default bf16 would be slow autocast, RAFT's are fp32
         model_init_kwargs={"dtype": torch.float32},  # fp32 master weights (TRL's own default), as RAFT's
-    )  # fmt: skip
+    )
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()
     trainer = GRPOTrainer(
-        model=str(settings.sft_model), reward_funcs=[proxy_reward], args=args, train_dataset=dataset,
-        callbacks=list(callbacks), peft_config=peft_config,
-    )  # fmt: skip
+        model=str(settings.sft_model),
+        reward_funcs=[proxy_reward],
+        args=args,
+        train_dataset=dataset,
+        callbacks=list(callbacks),
+        peft_config=peft_config,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
@@ -458,5 +510,11 @@ def run_grpo(
     trainer.save_model(str(output_dir))
     scorer.teardown()
     history = [h for h in trainer.state.log_history if "reward" in h]
-    return as_json({"steps": steps, "samples": steps * completions_per_step, "seconds": seconds,
-                    "reward_per_step": [h["reward"] for h in history]})  # fmt: skip
+    return as_json(
+        {
+            "steps": steps,
+            "samples": steps * completions_per_step,
+            "seconds": seconds,
+            "reward_per_step": [h["reward"] for h in history],
+        }
+    )

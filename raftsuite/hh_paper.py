@@ -212,27 +212,29 @@ def _exclusive(lock_path: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def prepare_paper_setup(
-    directory: str | Path,
-    *,
-    policy_model: str,
-    dataset: str,
-    reward_model: str,
-    sft_model: str = "",
-    subset: str = "helpful",
-    max_prompt_tokens: int = 256,
-    sft_examples: int | None = None,
-    sft_learning_rate: float = 2e-5,
-    sft_micro_batch_size: int = 8,
-    eval_prompts: int = 4608,
-    train_limit: int | None = None,
-    policy_dtype: str = "bfloat16",
-    mixed_precision: str = "bf16",
-    gradient_checkpointing: bool = False,
-    num_processes: int = 1,
-    sft_accelerate_config: str = "",
-    progress: bool = True,
-) -> PaperSetup:
+@dataclass(frozen=True)
+class PaperSetupRequest:
+    """What the HH-RLHF setup is built from (`prepare_paper_setup`): the build is cached by these values."""
+
+    policy_model: str
+    dataset: str
+    reward_model: str
+    sft_model: str = ""
+    subset: str = "helpful"
+    max_prompt_tokens: int = 256
+    sft_examples: int | None = None
+    sft_learning_rate: float = 2e-5
+    sft_micro_batch_size: int = 8
+    eval_prompts: int = 4608
+    train_limit: int | None = None
+    policy_dtype: str = "bfloat16"
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    num_processes: int = 1
+    sft_accelerate_config: str = ""
+
+
+def prepare_paper_setup(directory: str | Path, request: PaperSetupRequest, progress: bool = True) -> PaperSetup:
     """HH-RLHF prompts (train and test kept apart), and the SFT policy: `sft_model` if given, else one epoch of
     SFT of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT), in its own process(es)
     (`sft_child`: fp32 master weights, `mixed_precision` autocast, `num_processes` under `sft_accelerate_config`).
@@ -242,8 +244,8 @@ def prepare_paper_setup(
     with the same settings (even one started at the same moment) reuses it.
     """
     directory = Path(directory)
-    resolve_subset(subset)  # a wrong subset fails before anything loads
-    settings = {k: v for k, v in locals().items() if k not in ("directory", "progress")}
+    resolve_subset(request.subset)  # a wrong subset fails before anything loads
+    settings = asdict(request)
     record = directory / "setup.json"
     with _exclusive(directory.parent / f".{directory.name}.lock"):
         if record.is_file():
@@ -304,16 +306,30 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
                 prompt = tokenizer(r["prompt"])["input_ids"]
                 completion = tokenizer(" " + r["reference"], add_special_tokens=False)["input_ids"] + eos
                 handle.write(json.dumps([prompt, completion]) + "\n")
-        training = {"learning_rate": settings["sft_learning_rate"], "epochs": 1,
-                    "micro_batch_size": settings["sft_micro_batch_size"], "mixed_precision": settings["mixed_precision"],
-                    "gradient_checkpointing": settings["gradient_checkpointing"]}  # fmt: skip
-        job = {"policy_model": policy_model, "examples": str(examples), "training": training,
-               "output_dir": str(directory / "sft"), "progress": progress}  # fmt: skip
+        training = {
+            "learning_rate": settings["sft_learning_rate"],
+            "epochs": 1,
+            "micro_batch_size": settings["sft_micro_batch_size"],
+            "mixed_precision": settings["mixed_precision"],
+            "gradient_checkpointing": settings["gradient_checkpointing"],
+        }
+        job = {
+            "policy_model": policy_model,
+            "examples": str(examples),
+            "training": training,
+            "output_dir": str(directory / "sft"),
+            "progress": progress,
+        }
         # Its own process(es): the kernel never holds the SFT's GPU memory when the RAFT workers start, and a 7B
         # full fine-tune (fp32 masters: 16 bytes per parameter) can shard over FSDP (`sft_accelerate_config`).
-        children.run_in_child("raftsuite.hh_paper:sft_child", {"job": job}, directory / "sft.child.json",
-                              directory / "sft.log", num_processes=settings["num_processes"],
-                              accelerate_config=settings["sft_accelerate_config"])  # fmt: skip
+        children.run_in_child(
+            "raftsuite.hh_paper:sft_child",
+            {"job": job},
+            directory / "sft.child.json",
+            directory / "sft.log",
+            num_processes=settings["num_processes"],
+            accelerate_config=settings["sft_accelerate_config"],
+        )
         sft_model = str(directory / "sft")
     return PaperSetup(
         sft_model=sft_model,
@@ -342,8 +358,16 @@ def sft_child(job: dict[str, Any]) -> None:
     policy = load_policy(ModelSection(path=job["policy_model"], dtype="float32"), device=accelerator.device)
     with open(job["examples"], encoding="utf-8") as handle:
         examples = [tuple(json.loads(line)) for line in handle]
-    policy, _ = finetune(policy, examples, section, pad_id=tokenizer.pad_token_id, seed=0, iteration=0,
-                         accelerator=accelerator, progress=job["progress"])  # fmt: skip
+    policy, _ = finetune(
+        policy,
+        examples,
+        section,
+        pad_id=tokenizer.pad_token_id,
+        seed=0,
+        iteration=0,
+        accelerator=accelerator,
+        progress=job["progress"],
+    )
     weights = full_state_dict(policy) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
         save_model(policy, tokenizer, Path(job["output_dir"]), state_dict=weights)

@@ -39,9 +39,17 @@ def paired_rows(
         for metric in metrics:
             seeds = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[baseline][metric])
             crossed = _crossed(per_prompt, raft, baseline, metric)
-            rows.append({"comparison": name, "metric": metric, "t_interval": str(seeds), "n_seeds": seeds.n,
-                         "crossed_interval": "—" if crossed is None else str(crossed),
-                         "detectable_at_80pct_power": stats.detectable_effect(seeds), "t": seeds})  # fmt: skip
+            rows.append(
+                {
+                    "comparison": name,
+                    "metric": metric,
+                    "t_interval": str(seeds),
+                    "n_seeds": seeds.n,
+                    "crossed_interval": "—" if crossed is None else str(crossed),
+                    "detectable_at_80pct_power": stats.detectable_effect(seeds),
+                    "t": seeds,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -62,12 +70,14 @@ def table3_claims(paired: pd.DataFrame, directions: pd.DataFrame, hh_data: bool)
         paper = f"RAFT {PAPER_TABLE3['raft']['proxy_reward']} vs PPO {PAPER_TABLE3['ppo']['proxy_reward']}"
         paper = paper if "GRPO" in row.comparison and row.metric == "proxy_reward" else "—"
         primary = "GRPO" in row.comparison and row.metric == primary_metric
-        claims.append(Claim("Table 3", f"{row.comparison}, {row.metric.replace('_', ' ')}", paper, row.t, "up",
-                            primary=primary))  # fmt: skip
+        claims.append(
+            Claim("Table 3", f"{row.comparison}, {row.metric.replace('_', ' ')}", paper, row.t, "up", primary=primary)
+        )
     for row in directions.itertuples():
         paper = f"SFT {row.paper_sft} -> RAFT {row.paper_raft}"
-        claims.append(Claim("Table 3", f"SFT -> RAFT, {row.metric.replace('_', ' ')}", paper, row.t,
-                            row.paper_direction))  # fmt: skip
+        claims.append(
+            Claim("Table 3", f"SFT -> RAFT, {row.metric.replace('_', ' ')}", paper, row.t, row.paper_direction)
+        )
     return claims
 
 
@@ -79,9 +89,18 @@ def sft_to_raft(per_seed: pd.DataFrame, raft: str, sft: str, metrics: Sequence[s
         interval = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[sft][metric])
         before, after = PAPER_TABLE3["sft"][metric], PAPER_TABLE3["raft"][metric]
         direction = stats.paper_direction(before, after)
-        rows.append({"metric": metric, "paper_sft": before, "paper_raft": after, "paper_direction": direction,
-                     "ours_raft_minus_sft": str(interval), "n_seeds": interval.n,
-                     "verdict": stats.verdict(interval, direction), "t": interval})  # fmt: skip
+        rows.append(
+            {
+                "metric": metric,
+                "paper_sft": before,
+                "paper_raft": after,
+                "paper_direction": direction,
+                "ours_raft_minus_sft": str(interval),
+                "n_seeds": interval.n,
+                "verdict": stats.verdict(interval, direction),
+                "t": interval,
+            }
+        )
     return pd.DataFrame(rows)
 
 

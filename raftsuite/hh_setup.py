@@ -127,12 +127,11 @@ def _paper(runs_dir: Path, r: SetupRequest) -> HHSetup:
     if formatter not in hh_paper.FORMATTERS:
         raise ValueError(f"reward_formatter = {formatter!r}: known formatters {', '.join(hh_paper.FORMATTERS)}")
     # one build per profile (runs/PROFILE/hh_paper_setup), under a lock: notebooks started together share it
-    paper = hh_paper.prepare_paper_setup(
-        runs_dir / "hh_paper_setup",
+    request = hh_paper.PaperSetupRequest(
         policy_model=r.policy_model,
-        sft_model=r.sft_model,
         dataset=r.dataset,
         reward_model=r.reward_model,
+        sft_model=r.sft_model,
         subset=r.subset,
         max_prompt_tokens=r.max_prompt_tokens,
         eval_prompts=r.eval_prompts,
@@ -143,8 +142,8 @@ def _paper(runs_dir: Path, r: SetupRequest) -> HHSetup:
         gradient_checkpointing=r.gradient_checkpointing,
         num_processes=r.num_processes,
         sft_accelerate_config=r.sft_accelerate_config,
-        progress=r.show_progress,
     )
+    paper = hh_paper.prepare_paper_setup(runs_dir / "hh_paper_setup", request, progress=r.show_progress)
     return HHSetup(
         hh_data=True,
         directory=runs_dir / "hh_paper_setup",
@@ -173,10 +172,14 @@ def _paper(runs_dir: Path, r: SetupRequest) -> HHSetup:
 def _tiny(runs_dir: Path, r: SetupRequest) -> HHSetup:
     # one build per profile (runs/PROFILE/hh_setup), with split seed 0 whatever the RAFT seeds
     settings = hh.SetupSettings(
-        base_model=r.base_model, openings=r.openings, eval_prompts=r.eval_prompts,
-        samples_per_pair_prompt=r.setup_samples_per_prompt, max_new_tokens=r.setup_max_new_tokens,
-        rm_epochs=r.rm_epochs, seed=0,
-    )  # fmt: skip
+        base_model=r.base_model,
+        openings=r.openings,
+        eval_prompts=r.eval_prompts,
+        samples_per_pair_prompt=r.setup_samples_per_prompt,
+        max_new_tokens=r.setup_max_new_tokens,
+        rm_epochs=r.rm_epochs,
+        seed=0,
+    )
     tiny = hh.prepare_setup(runs_dir / "hh_setup", settings, progress=r.show_progress)
     return HHSetup(
         hh_data=False,

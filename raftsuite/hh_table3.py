@@ -44,8 +44,12 @@ class Table3:
 
     def params(self, seed: int) -> dict[str, Any]:
         """What a seed's rows depend on (the run cache's key)."""
-        return {"seed": seed, "models": self.models(seed), "held_out": [p.prompt_id for p in self.held_out],
-                "settings": asdict(self.settings)}  # fmt: skip
+        return {
+            "seed": seed,
+            "models": self.models(seed),
+            "held_out": [p.prompt_id for p in self.held_out],
+            "settings": asdict(self.settings),
+        }
 
 
 def best_of(rows: Sequence[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:
@@ -88,10 +92,16 @@ def per_prompt(rows: Sequence[Mapping[str, Any]], label: str, seed: int) -> list
     out = []
     for prompt_id, group in sorted(by_prompt.items()):
         gold = [r["reward/gold"] for r in group if r.get("reward/gold") is not None]
-        out.append({"seed": seed, "method": label, "prompt": prompt_id,
-                    "proxy_reward": float(np.mean([r["reward"] for r in group if r["reward"] is not None])),
-                    "gold_reward": float(np.mean(gold)) if gold else math.nan,
-                    "length_words": float(np.mean([len(M.words(r["completion"])) for r in group]))})  # fmt: skip
+        out.append(
+            {
+                "seed": seed,
+                "method": label,
+                "prompt": prompt_id,
+                "proxy_reward": float(np.mean([r["reward"] for r in group if r["reward"] is not None])),
+                "gold_reward": float(np.mean(gold)) if gold else math.nan,
+                "length_words": float(np.mean([len(M.words(r["completion"])) for r in group])),
+            }
+        )
     return out
 
 

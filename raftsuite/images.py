@@ -85,11 +85,15 @@ def heldout_scores(run_dir: Path, reward: WeightedReward, batch_size: int = 64) 
     columns = columns_by_prompt(load_prompts(config.data, config.seed).eval)
     return {
         iteration: score_samples(
-            reward, eval_images(run_dir, iteration), columns, inputs=ImageModality.reward_inputs,
-            batch_size=batch_size, batches=Batches(progress=False),
+            reward,
+            eval_images(run_dir, iteration),
+            columns,
+            inputs=ImageModality.reward_inputs,
+            batch_size=batch_size,
+            batches=Batches(progress=False),
         ).reward
         for iteration in iterations_of(run_dir)
-    }  # fmt: skip
+    }
 
 
 MEASURES = {
@@ -144,8 +148,10 @@ def measures(
             with torch.no_grad():
                 probabilities = model(digits.as_tensor(images)).softmax(-1).numpy()  # (N, 10)
             labels = np.array([s.class_label for s in samples])
-            per_image |= {"p_prompted_digit": probabilities[np.arange(len(labels)), labels].tolist(),
-                          "prompted_digit_accuracy": (probabilities.argmax(-1) == labels).astype(float).tolist()}  # fmt: skip
+            per_image |= {
+                "p_prompted_digit": probabilities[np.arange(len(labels)), labels].tolist(),
+                "prompted_digit_accuracy": (probabilities.argmax(-1) == labels).astype(float).tolist(),
+            }
             row |= {
                 "frechet_distance": digits.frechet_distance(digits.classifier_features(images, model), real_features),
                 "nearest_real_distance": digits.nearest_real_distance(images, held_x),
@@ -155,8 +161,10 @@ def measures(
         for index, sample in enumerate(samples):
             by_text.setdefault(sample.prompt, []).append(index)
         for text, members in by_text.items():
-            per_prompt.append({"iteration": iteration, "prompt": text, "images": len(members)}
-                              | {name: _mean([values[i] for i in members]) for name, values in per_image.items()})  # fmt: skip
+            per_prompt.append(
+                {"iteration": iteration, "prompt": text, "images": len(members)}
+                | {name: _mean([values[i] for i in members]) for name, values in per_image.items()}
+            )
     return pd.DataFrame(rows), pd.DataFrame(per_prompt)
 
 
@@ -192,8 +200,15 @@ def plot_measures(rows: pd.DataFrame, metrics: Sequence[str], title: str):
     for axis in axes.ravel()[len(metrics) :]:
         axis.set_visible(False)
     for index, (axis, metric) in enumerate(zip(axes.ravel(), metrics, strict=False)):
-        plots.plot_iteration_bands(rows, metric, MEASURES.get(metric, metric), metric.replace("_", " "), hue="arm",
-                                   xlabel="iteration (0 = base model)", ax=axis)  # fmt: skip
+        plots.plot_iteration_bands(
+            rows,
+            metric,
+            MEASURES.get(metric, metric),
+            metric.replace("_", " "),
+            hue="arm",
+            xlabel="iteration (0 = base model)",
+            ax=axis,
+        )
         axis.title.set_fontsize(9)
         if index:
             axis.get_legend().remove()
@@ -272,9 +287,12 @@ def _crossed(per_prompt: pd.DataFrame, measure: str, comparison: str, first: int
 
 
 def change_summary(
-    per_seed: pd.DataFrame, expected: Mapping[str, str], per_prompt: pd.DataFrame | None = None,
-    first: int = 0, last: int | None = None,
-) -> pd.DataFrame:  # fmt: skip
+    per_seed: pd.DataFrame,
+    expected: Mapping[str, str],
+    per_prompt: pd.DataFrame | None = None,
+    first: int = 0,
+    last: int | None = None,
+) -> pd.DataFrame:
     """`changes` rows -> one row per (measure, comparison): the mean change with its 95 % Student-t interval over
     seeds (`t`, a stats.Interval: what the verdict reads), the crossed seeds x prompts interval from `per_prompt`
     where the measure is per image, the effect the seeds could detect at 80 % power, the expected direction and
@@ -288,11 +306,19 @@ def change_summary(
     for (measure, comparison), group in per_seed.groupby(["measure", "comparison"], sort=False):
         interval = stats.mean_ci(group["change"])
         crossed = _crossed(per_prompt, measure, comparison, first, last) if last is not None else None
-        rows.append({"measure": measure, "comparison": comparison, "change": str(interval), "n_seeds": interval.n,
-                     "crossed_interval": "—" if crossed is None else str(crossed),
-                     "detectable_at_80pct_power": stats.detectable_effect(interval),
-                     "expected": expected.get(measure, ""),
-                     "verdict": reading(interval, expected.get(measure)), "t": interval})  # fmt: skip
+        rows.append(
+            {
+                "measure": measure,
+                "comparison": comparison,
+                "change": str(interval),
+                "n_seeds": interval.n,
+                "crossed_interval": "—" if crossed is None else str(crossed),
+                "detectable_at_80pct_power": stats.detectable_effect(interval),
+                "expected": expected.get(measure, ""),
+                "verdict": reading(interval, expected.get(measure)),
+                "t": interval,
+            }
+        )
     return pd.DataFrame(rows).set_index(["measure", "comparison"])
 
 
@@ -332,18 +358,24 @@ def verdict(summary: pd.DataFrame) -> str:
         distance = summary.loc[("frechet_distance", BEFORE_AFTER), "verdict"]
         diversity = summary["verdict"].get(("diversity", BEFORE_AFTER), stats.NOT_RESOLVED)
         if distance == "falls":
-            text += ("\n\nThe reward rose while the images moved toward the real digits in the classifier's feature"
-                     " space: adaptation, not reward hacking.")  # fmt: skip
+            text += (
+                "\n\nThe reward rose while the images moved toward the real digits in the classifier's feature"
+                " space: adaptation, not reward hacking."
+            )
         elif distance == "rises" and diversity == "falls":
-            text += ("\n\nThe reward rose while the Fréchet distance grew and diversity fell: the model concentrated"
-                     " on fewer modes (a narrower feature distribution is farther in Fréchet distance even when"
-                     " each image is a plausible digit; the nearest-real distance says whether images left the"
-                     " data).")  # fmt: skip
+            text += (
+                "\n\nThe reward rose while the Fréchet distance grew and diversity fell: the model concentrated"
+                " on fewer modes (a narrower feature distribution is farther in Fréchet distance even when"
+                " each image is a plausible digit; the nearest-real distance says whether images left the"
+                " data)."
+            )
         elif distance == "rises":
             text += "\n\nThe reward rose while the images moved away from the data: look for reward hacking."
         else:
-            text += ("\n\nThe reward rose; the change of the Fréchet distance is not resolved at this sample size,"
-                     " so these seeds cannot say whether the images moved toward the data or away from it.")  # fmt: skip
+            text += (
+                "\n\nThe reward rose; the change of the Fréchet distance is not resolved at this sample size,"
+                " so these seeds cannot say whether the images moved toward the data or away from it."
+            )
     return text
 
 

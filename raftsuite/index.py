@@ -17,14 +17,26 @@ from typing import Any
 from raftsuite import stats
 
 TABLE_ORDER = (
-    "Table 3", "§4 efficiency", "Table 5", "Table 6", "Table 7", "Tables 5-7: random controls",
-    "§5 resolution adaptation", "§5 text-image alignment", "Reasoning: RAFT++ table", "Reasoning: entropy",
-)  # fmt: skip
+    "Table 3",
+    "§4 efficiency",
+    "Table 5",
+    "Table 6",
+    "Table 7",
+    "Tables 5-7: random controls",
+    "§5 resolution adaptation",
+    "§5 text-image alignment",
+    "Reasoning: RAFT++ table",
+    "Reasoning: entropy",
+)
 """The paper's order (Dong et al. 2023 §4 then §5; the RAFT++ reasoning study last); unknown tables go last."""
 
 VERDICT_CLASS = {stats.REPRODUCES: "good", stats.OPPOSITE: "bad", stats.NOT_RESOLVED: "open", stats.IDENTICAL: "same"}
-NAMES = {stats.REPRODUCES: "reproduces", stats.OPPOSITE: "opposite", stats.NOT_RESOLVED: "not resolved",
-         stats.IDENTICAL: "identical runs"}  # fmt: skip
+NAMES = {
+    stats.REPRODUCES: "reproduces",
+    stats.OPPOSITE: "opposite",
+    stats.NOT_RESOLVED: "not resolved",
+    stats.IDENTICAL: "identical runs",
+}
 
 
 def _read(path: Path) -> Any:
@@ -60,9 +72,11 @@ def _counts(claims: list[dict[str, Any]]) -> str:
 
     primaries = [c for c in claims if c["primary"]]
     after = " · ".join(f"{_badge(v)} {sum(c.get('holm_verdict') == v for c in primaries)}" for v in VERDICT_CLASS)
-    return (f"<p class='counts'><b>All {len(claims)} verdicts:</b> {count(claims)}</p>"
-            f"<p class='counts'><b>{len(primaries)} primary verdicts</b> (one per paper table, named in advance in "
-            f"docs/statistics.md), Holm-adjusted across them: {after}</p>")  # fmt: skip
+    return (
+        f"<p class='counts'><b>All {len(claims)} verdicts:</b> {count(claims)}</p>"
+        f"<p class='counts'><b>{len(primaries)} primary verdicts</b> (one per paper table, named in advance in "
+        f"docs/statistics.md), Holm-adjusted across them: {after}</p>"
+    )
 
 
 def _claim_rows(claims: list[dict[str, Any]]) -> str:
@@ -83,7 +97,7 @@ def _claim_rows(claims: list[dict[str, Any]]) -> str:
             f"<td class='num'>{html.escape(c['ours'])}<br><small>{html.escape(c['interval'])}</small>{power}</td>"
             f"<td>{_badge(c['verdict'])}{primary}</td>"
             f"<td><a href='{html.escape(c['link'])}'>{html.escape(c['report'])}</a></td></tr>"
-        )  # fmt: skip
+        )
     return "".join(rows)
 
 
@@ -98,7 +112,7 @@ def _report_rows(profile_dir: Path) -> str:
             f"{html.escape(headline.get('title', directory.name))}</a><br><small>{html.escape(headline.get('note', ''))}</small></td>"
             f"<td class='{'ok' if status['ok'] else 'failed'}'>{html.escape(state)}</td>"
             f"<td>{status['seconds'] / 60:.1f} min<br><small>{html.escape(status['finished'])}</small></td></tr>"
-        )  # fmt: skip
+        )
     return "".join(rows)
 
 
@@ -131,15 +145,18 @@ def write_index(results: Path) -> Path:
     sections = []
     for profile_dir in sorted(p for p in results.iterdir() if p.is_dir() and any(p.glob("*/status.json"))):
         claims = profile_claims(profile_dir)
-        table = ("<table><thead><tr><th>paper</th><th>claim</th><th>the paper's number</th><th>ours [95 % interval]"
-                 "</th><th>verdict</th><th>report</th></tr></thead><tbody>" + _claim_rows(claims) + "</tbody></table>")  # fmt: skip
+        table = (
+            "<table><thead><tr><th>paper</th><th>claim</th><th>the paper's number</th><th>ours [95 % interval]"
+            "</th><th>verdict</th><th>report</th></tr></thead><tbody>" + _claim_rows(claims) + "</tbody></table>"
+        )
         sections.append(
             f"<h2>Profile <code>{html.escape(profile_dir.name)}</code></h2>"
             + (_counts(claims) + table if claims else "<p>No claims recorded.</p>")
             + f"<p><small>Made from commit {_commits(profile_dir)}.</small></p>"
             + "<h3>Reports</h3><table><thead><tr><th>report</th><th>status</th><th>wall time</th></tr></thead><tbody>"
-            + _report_rows(profile_dir) + "</tbody></table>"
-        )  # fmt: skip
+            + _report_rows(profile_dir)
+            + "</tbody></table>"
+        )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>RAFT experiment suite: what reproduces</title>
 <style>{STYLE}</style></head><body>

@@ -117,9 +117,15 @@ def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callab
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            errors="replace",
             preexec_fn=die_with_parent,
-        )  # fmt: skip
+        )
         try:
             assert process.stdout is not None
             for line in process.stdout:

@@ -146,7 +146,6 @@ def plot_sweep(
     xlabel: str,
     ylabel: str,
     paper: Mapping[Any, float] | None = None,
-    paper_label: str = "paper (its own reward model)",
     ax: Any = None,
 ):
     """A sweep: settings on x in the order they first appear, each seed as a small dot, the mean as a marker with
@@ -182,8 +181,17 @@ def plot_sweep(
     n = rows.groupby(setting)["seed"].nunique().loc[order]
     with_interval = (n > 1).to_numpy()
     yerr = np.vstack([summary["mean"] - summary["low"], summary["high"] - summary["mean"]])
-    ax.errorbar(xs[with_interval], summary["mean"][with_interval], yerr=yerr[:, with_interval], fmt="o",
-                color=ours_color, markersize=8, capsize=5, linewidth=1.8, zorder=3)  # fmt: skip
+    ax.errorbar(
+        xs[with_interval],
+        summary["mean"][with_interval],
+        yerr=yerr[:, with_interval],
+        fmt="o",
+        color=ours_color,
+        markersize=8,
+        capsize=5,
+        linewidth=1.8,
+        zorder=3,
+    )
     ax.plot(xs[~with_interval], summary["mean"][~with_interval], "o", color=ours_color, markersize=8, zorder=3)
     low, high = int(n.min()), int(n.max())
     seeds = f"{low}–{high} seeds" if low != high else f"{low} seed{'s' * (low != 1)}"
@@ -199,7 +207,7 @@ def plot_sweep(
         unknown = [k for k in paper if k not in position]
         if unknown:
             raise KeyError(f"plot_sweep: paper values for settings {unknown} that the rows lack (settings: {order})")
-        plot_paper_values(paper_ax, paper, order, xlabel, paper_label)
+        plot_paper_values(paper_ax, paper, order, xlabel, "paper (its own reward model)")
         paper_ax.set_xlim(ax.get_xlim())
     fig.tight_layout()
     return fig
@@ -208,8 +216,15 @@ def plot_sweep(
 def plot_paper_values(ax, paper: Mapping[Any, float], order: Sequence[Any], xlabel: str, title: str) -> None:
     """The paper's value per setting on an axis from 0 (so its relative changes look as large as they are)."""
     keys = [k for k in order if k in paper]
-    ax.plot([order.index(k) for k in keys], [paper[k] for k in keys], linestyle="--", marker="D", color=PAPER_COLOR,
-            markersize=7, linewidth=1)  # fmt: skip
+    ax.plot(
+        [order.index(k) for k in keys],
+        [paper[k] for k in keys],
+        linestyle="--",
+        marker="D",
+        color=PAPER_COLOR,
+        markersize=7,
+        linewidth=1,
+    )
     ax.set_xticks(range(len(order)), [str(v) for v in order])
     ax.set_ylim(0, max(paper.values()) * 1.15)
     ax.set(title=title, xlabel=xlabel, ylabel="paper's value (axis from 0)")
@@ -251,15 +266,17 @@ def plot_proxy_and_gold(over: pd.DataFrame, title: str):
     gold minus proxy (falling: the proxy's gains outrun the gold's). `over`: seed, iteration, proxy/gold_reward."""
     import matplotlib.pyplot as plt
 
-    long = over.melt(id_vars=["seed", "iteration"], value_vars=["proxy_reward", "gold_reward"], var_name="label",
-                     value_name="reward")  # fmt: skip
+    long = over.melt(
+        id_vars=["seed", "iteration"], value_vars=["proxy_reward", "gold_reward"], var_name="label", value_name="reward"
+    )
     long["label"] = long["label"].map(
         {"proxy_reward": "proxy (learned RM, optimised)", "gold_reward": "gold (hidden preference, never seen)"}
     )
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     plot_iteration_bands(long, "reward", title, "mean reward", ax=axes[0])
     gap = over.assign(label="gold − proxy", gap=over["gold_reward"] - over["proxy_reward"])
-    plot_iteration_bands(gap, "gap", "gold minus proxy per iteration (falling: proxy gains outrun gold)",
-                         "gold − proxy", ax=axes[1])  # fmt: skip
+    plot_iteration_bands(
+        gap, "gap", "gold minus proxy per iteration (falling: proxy gains outrun gold)", "gold − proxy", ax=axes[1]
+    )
     fig.tight_layout()
     return fig

@@ -29,11 +29,15 @@ from raftlib.estimates import CLEARLY, GiB, Hardware, StageEstimate, Term
 HARDWARE = {"gpu": {"text": "H100-80GB", "image": "H100-80GB"}, "paper": {"text": "A100-80GB", "image": "A40-48GB"}}
 
 PARAMETER_OF = {
-    "generation.prompts_per_batch": "prompts_per_batch", "model.lora": "lora_rank", "model.dtype": "policy_dtype",
-    "training.micro_batch_size": "micro_batch_size", "training.gradient_checkpointing": "gradient_checkpointing",
-    "reward.batch_size": "reward_batch_size", "generation.decode_batch_size": "decode_batch_size",
+    "generation.prompts_per_batch": "prompts_per_batch",
+    "model.lora": "lora_rank",
+    "model.dtype": "policy_dtype",
+    "training.micro_batch_size": "micro_batch_size",
+    "training.gradient_checkpointing": "gradient_checkpointing",
+    "reward.batch_size": "reward_batch_size",
+    "generation.decode_batch_size": "decode_batch_size",
     "loop.prompts_per_iteration": "prompts_per_iteration",
-}  # fmt: skip
+}
 """raftlib config keys -> the notebook parameter that sets them (what a refusal names)."""
 
 
@@ -100,14 +104,27 @@ def _hh_settings(values: Mapping[str, Any]):
 
     names = {f.name for f in fields(hh_methods.MethodSettings)}
     s = {k: v for k, v in values.items() if k in names}
-    s |= {"sft_model": values["sft_model"] or values["policy_model"], "reward_model": values["reward_model"],
-          "reward_formatter": values["reward_formatter"], "gold": False,
-          "policy_dtype": hh.resolve_dtype(values["policy_dtype"]), "reward_dtype": hh.resolve_dtype(values["reward_dtype"])}  # fmt: skip
+    s |= {
+        "sft_model": values["sft_model"] or values["policy_model"],
+        "reward_model": values["reward_model"],
+        "reward_formatter": values["reward_formatter"],
+        "gold": False,
+        "policy_dtype": hh.resolve_dtype(values["policy_dtype"]),
+        "reward_dtype": hh.resolve_dtype(values["reward_dtype"]),
+    }
     return hh_methods.MethodSettings(**s)
 
 
-def _grpo(notebook: str, raw: dict[str, Any], generation_rows_per_device: int, micro_batch: int, values, hardware,
-          sharding: str, reward: tuple[str, str] | None) -> list[PlannedStage]:  # fmt: skip
+def _grpo(
+    notebook: str,
+    raw: dict[str, Any],
+    generation_rows_per_device: int,
+    micro_batch: int,
+    values,
+    hardware,
+    sharding: str,
+    reward: tuple[str, str] | None,
+) -> list[PlannedStage]:
     """TRL's GRPO as raftlib's stages of the same shapes: its generation batch per device at once (HF generate, or
     TRL's colocated vLLM at 30 % of the GPU with `grpo_use_vllm`), then its fine-tune (fp32 masters under bf16
     autocast), with the reward model resident when there is one."""
@@ -117,8 +134,10 @@ def _grpo(notebook: str, raw: dict[str, Any], generation_rows_per_device: int, m
         if values.get("grpo_use_vllm")
         else {"backend": "eager"}
     )
-    raw = raw | {"generation": raw["generation"] | {"prompts_per_batch": max(1, generation_rows_per_device // K)} | engine,
-                 "training": raw["training"] | {"micro_batch_size": micro_batch, "loss": "sft"}}  # fmt: skip
+    raw = raw | {
+        "generation": raw["generation"] | {"prompts_per_batch": max(1, generation_rows_per_device // K)} | engine,
+        "training": raw["training"] | {"micro_batch_size": micro_batch, "loss": "sft"},
+    }
     plan_ = _plan(raw, hardware, sharding)
     finetune = _stage(plan_, "fine-tune")
     if reward is not None:
@@ -127,9 +146,17 @@ def _grpo(notebook: str, raw: dict[str, Any], generation_rows_per_device: int, m
         "GRPO: generate (TRL, vLLM colocated)" if values.get("grpo_use_vllm") else "GRPO: generate (TRL, HF generate)"
     )
     change = "grpo_use_vllm" if notebook == "reasoning" else "grpo_prompts_per_step"
-    return [_row(notebook, label, _stage(plan_, "generate"), hardware, change,
-                 f"{generation_rows_per_device} rows at once per device"),
-            _row(notebook, "GRPO: fine-tune (TRL)", finetune, hardware, "grpo_gradient_accumulation_steps")]  # fmt: skip
+    return [
+        _row(
+            notebook,
+            label,
+            _stage(plan_, "generate"),
+            hardware,
+            change,
+            f"{generation_rows_per_device} rows at once per device",
+        ),
+        _row(notebook, "GRPO: fine-tune (TRL)", finetune, hardware, "grpo_gradient_accumulation_steps"),
+    ]
 
 
 def plan_hh(notebook: str, values: Mapping[str, Any], hardware: Hardware) -> list[PlannedStage]:
@@ -142,16 +169,26 @@ def plan_hh(notebook: str, values: Mapping[str, Any], hardware: Hardware) -> lis
     plan_ = _plan(raw, hardware, sharding)
     rows = [_row(notebook, f"RAFT: {s.stage}", s, hardware) for s in plan_.chosen]
     if not values["sft_model"]:  # the SFT setup: a full fine-tune of the policy, fp32 masters
-        sft = raw | {"model": {"path": values["policy_model"], "dtype": "float32"},
-                     "training": raw["training"] | {"micro_batch_size": 8, "epochs": 1}}  # fmt: skip
+        sft = raw | {
+            "model": {"path": values["policy_model"], "dtype": "float32"},
+            "training": raw["training"] | {"micro_batch_size": 8, "epochs": 1},
+        }
         stage = _stage(_plan(sft, hardware, _sharding(values["sft_accelerate_config"])), "fine-tune")
         rows.append(_row(notebook, "SFT setup: fine-tune (fp32 masters)", stage, hardware, "sft_accelerate_config"))
     if notebook in ("hh_rlhf", "efficiency") and values.get("run_grpo_baseline", True):
         processes = values["num_processes"]
         per_step = values["samples_per_prompt"] * values["grpo_prompts_per_step"]
         micro = max(1, per_step // (processes * values["grpo_gradient_accumulation_steps"]))
-        rows += _grpo(notebook, raw, math.ceil(per_step / processes), micro, values, hardware, sharding,
-                      (settings.reward_model, settings.reward_dtype))  # fmt: skip
+        rows += _grpo(
+            notebook,
+            raw,
+            math.ceil(per_step / processes),
+            micro,
+            values,
+            hardware,
+            sharding,
+            (settings.reward_model, settings.reward_dtype),
+        )
     if notebook == "hh_rlhf":
         best = raw | {"loop": raw["loop"] | {"eval_samples_per_prompt": values["best_of_k_at_inference"]}}
         stage = _stage(_plan(best, hardware, sharding), "evaluate")
@@ -214,6 +251,8 @@ def table(rows: list[PlannedStage]) -> str:
     ]
     for r in rows:
         fits = "yes" if r.fits else ("**no**" if r.clearly_too_big else "tight")
-        lines.append(f"| {r.notebook} | {r.stage} | {r.memory_gib:.1f} | {r.memory_gib / r.gpu_gib:.0%} | "
-                     f"{r.minutes:.1f} | {fits} | {'' if r.fits else r.change} |")  # fmt: skip
+        lines.append(
+            f"| {r.notebook} | {r.stage} | {r.memory_gib:.1f} | {r.memory_gib / r.gpu_gib:.0%} | "
+            f"{r.minutes:.1f} | {fits} | {'' if r.fits else r.change} |"
+        )
     return "\n".join(lines)

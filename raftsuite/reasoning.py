@@ -292,8 +292,13 @@ def problem_files(directory: str | Path, parameters: Mapping[str, Any]) -> Probl
         ]
         validation = [{"prompt": pool[i][0], "answer": str(pool[i][1])} for i in sorted(validation)]
     else:
-        rows = math_prompts(p["train_dataset"], split=p["train_split"], problem_column=p["train_problem_column"],
-                            answer_column=p["train_answer_column"], limit=p["train_limit"] or None)  # fmt: skip
+        rows = math_prompts(
+            p["train_dataset"],
+            split=p["train_split"],
+            problem_column=p["train_problem_column"],
+            answer_column=p["train_answer_column"],
+            limit=p["train_limit"] or None,
+        )
         order = np.random.default_rng(1).permutation(len(rows))
         validation = [rows[i] for i in sorted(order[: p["validation_problems"]])]
         train = [rows[i] for i in sorted(order[p["validation_problems"] :])]
@@ -301,8 +306,13 @@ def problem_files(directory: str | Path, parameters: Mapping[str, Any]) -> Probl
         for name, problem, answer in zip(
             p["eval_datasets"], p["eval_problem_columns"], p["eval_answer_columns"], strict=True
         ):
-            part = math_prompts(name, split=p["eval_split"], problem_column=problem, answer_column=answer,
-                                limit=p["eval_problems"] or None)  # fmt: skip
+            part = math_prompts(
+                name,
+                split=p["eval_split"],
+                problem_column=problem,
+                answer_column=answer,
+                limit=p["eval_problems"] or None,
+            )
             held_out += [row | {"set": name} for row in part]
     files, dropped = {}, {}
     for name, rows in (("train", train), ("validation", validation), ("held_out", held_out)):
@@ -380,8 +390,13 @@ class MethodRun:
         return f"{self.method.replace('+', 'p')}_lr{self.learning_rate:g}_seed{self.seed}"
 
 
-def raft_config(settings: ReasoningSettings, files: ProblemFiles, run: MethodRun, output_dir: str | Path,
-                kept_counts: Sequence[int] = ()) -> dict[str, Any]:  # fmt: skip
+def raft_config(
+    settings: ReasoningSettings,
+    files: ProblemFiles,
+    run: MethodRun,
+    output_dir: str | Path,
+    kept_counts: Sequence[int] = (),
+) -> dict[str, Any]:
     """The raftlib config of RAFT, RAFT++ or the random control (they differ in reward, selection and loss)."""
     s = settings
     if run.method not in ("RAFT", "RAFT++", "random"):
@@ -390,8 +405,12 @@ def raft_config(settings: ReasoningSettings, files: ProblemFiles, run: MethodRun
         if len(kept_counts) < s.iterations:
             raise ValueError(f"the random control needs RAFT's kept count of each of {s.iterations} iterations")
         # Ranked by a random key; the verifier rides along at weight 0, so its evaluation is scored as RAFT's.
-        reward = {"fn": [{"fn": verifier_path(s.verifier), "weight": 0.0, "name": "correct"},
-                         {"fn": "raftsuite.hh:random_reward", "name": "random"}]}  # fmt: skip
+        reward = {
+            "fn": [
+                {"fn": verifier_path(s.verifier), "weight": 0.0, "name": "correct"},
+                {"fn": "raftsuite.hh:random_reward", "name": "random"},
+            ]
+        }
         selection = {"strategy": "count", "kept_counts": [int(c) for c in kept_counts]}
     else:
         reward = {"fn": [{"fn": verifier_path(s.verifier), "name": "correct"}]}
@@ -400,23 +419,41 @@ def raft_config(settings: ReasoningSettings, files: ProblemFiles, run: MethodRun
         "model": {"path": s.base_model, "dtype": s.policy_dtype}
         | ({"lora": {"r": s.lora_rank, "alpha": 2 * s.lora_rank}} if s.lora_rank else {}),
         "data": {"prompts": files.train, "eval_prompts": 0, "eval_file": files.held_out},
-        "generation": {"samples_per_prompt": s.samples_per_prompt, "temperature": s.temperature,
-                       "max_new_tokens": s.max_new_tokens, "prompts_per_batch": s.prompts_per_batch,
-                       "chat_template": "auto", "backend": s.generation_backend},
+        "generation": {
+            "samples_per_prompt": s.samples_per_prompt,
+            "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens,
+            "prompts_per_batch": s.prompts_per_batch,
+            "chat_template": "auto",
+            "backend": s.generation_backend,
+        },
         "reward": reward | {"batch_size": 256},
         "selection": selection,
-        "training": {"learning_rate": run.learning_rate, "epochs": s.epochs, "micro_batch_size": s.micro_batch_size,
-                     "lr_scheduler": "constant", "loss": "raftpp" if run.method == "RAFT++" else "sft",
-                     "loss_chunk_tokens": s.loss_chunk_tokens,
-                     "clip_range": s.clip_range, "clip_range_high": s.clip_range_high,
-                     "mixed_precision": s.mixed_precision, "gradient_checkpointing": s.gradient_checkpointing},
-        "loop": {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
-                 "eval_samples_per_prompt": s.eval_samples_per_prompt, "eval_every": s.eval_every,
-                 "eval_kl": False, "pass_threshold": 1.0, "keep_checkpoints": 1},
+        "training": {
+            "learning_rate": run.learning_rate,
+            "epochs": s.epochs,
+            "micro_batch_size": s.micro_batch_size,
+            "lr_scheduler": "constant",
+            "loss": "raftpp" if run.method == "RAFT++" else "sft",
+            "loss_chunk_tokens": s.loss_chunk_tokens,
+            "clip_range": s.clip_range,
+            "clip_range_high": s.clip_range_high,
+            "mixed_precision": s.mixed_precision,
+            "gradient_checkpointing": s.gradient_checkpointing,
+        },
+        "loop": {
+            "iterations": s.iterations,
+            "prompts_per_iteration": s.prompts_per_iteration,
+            "eval_samples_per_prompt": s.eval_samples_per_prompt,
+            "eval_every": s.eval_every,
+            "eval_kl": False,
+            "pass_threshold": 1.0,
+            "keep_checkpoints": 1,
+        },
         "logging": {"progress_bars": False, "tensorboard": False},
         "seed": run.seed,
         "output_dir": str(output_dir),
-    }  # fmt: skip
+    }
 
 
 def evaluation_config(settings: ReasoningSettings, files: ProblemFiles, seed: int, held_out: str | None = None):
@@ -442,9 +479,16 @@ def per_problem(rows: Sequence[Mapping[str, Any]], sets: Mapping[int, str]) -> l
         correct = [r is not None and r >= 1.0 for r in rewards]
         tokens = sum(int(s["completion_token_count"]) for s in samples)
         entropy = sum(float(s["entropy"] or 0.0) for s in samples) / tokens if tokens else math.nan
-        out.append({"problem": problem, "set": sets.get(problem, ""), "pass_at_1": float(np.mean(correct)),
-                    "pass_at_n": float(any(correct)), "unparsable": float(np.mean([r is None for r in rewards])),
-                    "entropy": entropy})  # fmt: skip
+        out.append(
+            {
+                "problem": problem,
+                "set": sets.get(problem, ""),
+                "pass_at_1": float(np.mean(correct)),
+                "pass_at_n": float(any(correct)),
+                "unparsable": float(np.mean([r is None for r in rewards])),
+                "entropy": entropy,
+            }
+        )
     return out
 
 
@@ -454,8 +498,10 @@ def curve_point(problems: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     by_set: dict[str, list[Mapping[str, Any]]] = {}
     for row in problems:
         by_set.setdefault(row["set"], []).append(row)
-    point = {key: float(np.mean([np.mean([r[key] for r in rows]) for rows in by_set.values()]))
-             for key in ("pass_at_1", "pass_at_n", "unparsable", "entropy")}  # fmt: skip
+    point = {
+        key: float(np.mean([np.mean([r[key] for r in rows]) for rows in by_set.values()]))
+        for key in ("pass_at_1", "pass_at_n", "unparsable", "entropy")
+    }
     if len(by_set) > 1:
         point |= {f"{name}/pass_at_1": float(np.mean([r["pass_at_1"] for r in rows])) for name, rows in by_set.items()}
     return point
@@ -501,9 +547,17 @@ def raftlib_curve(job: dict[str, Any]) -> dict[str, Any]:
         evaluated = Path(result.run_dir) / f"iter_{t:04d}" / "eval_samples.parquet"
         if evaluated.is_file():  # loop.eval_every skips some iterations
             problems += [r | {"iteration": t} for r in per_problem(pq.read_table(evaluated).to_pylist(), sets)]
-        iterations.append({"iteration": t, "kept": row.get("kept_count"), "train_correct": row.get("reward/correct_mean"),
-                           "train_entropy": row.get("sample_token_entropy"),
-                           "train_seconds": sum(row.get(f"time_{s}_s") or 0.0 for s in ("generate", "score", "select", "finetune"))})  # fmt: skip
+        iterations.append(
+            {
+                "iteration": t,
+                "kept": row.get("kept_count"),
+                "train_correct": row.get("reward/correct_mean"),
+                "train_entropy": row.get("sample_token_entropy"),
+                "train_seconds": sum(
+                    row.get(f"time_{s}_s") or 0.0 for s in ("generate", "score", "select", "finetune")
+                ),
+            }
+        )
     model, _ = hh.load_causal_lm(result.final_dir, settings.policy_dtype)
     validation = _validation_score(model, settings, files, int(job["config"]["seed"]))
     return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
@@ -554,14 +608,25 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
             if main_process:
                 rows = per_problem(evaluate_policy(model, config).rows, sets)
                 problems.extend(r | {"iteration": t} for r in rows)
-                logger.info("GRPO iter %d/%d | train reward %s | eval pass@1 %.3f | %.1fs", t, s.iterations,
-                            f"{np.mean([h['reward'] for h in logged]):.3f}" if logged else "-",
-                            curve_point(rows)["pass_at_1"], began - self.started)  # fmt: skip
-            iterations.append({"iteration": t, "kept": None,
-                               "train_correct": float(np.mean([h["reward"] for h in logged])) if logged else None,
-                               "train_entropy": float(np.mean([h["entropy"] for h in logged if "entropy" in h]))
-                               if any("entropy" in h for h in logged) else None,
-                               "train_seconds": began - self.started - self.eval_seconds})  # fmt: skip
+                logger.info(
+                    "GRPO iter %d/%d | train reward %s | eval pass@1 %.3f | %.1fs",
+                    t,
+                    s.iterations,
+                    f"{np.mean([h['reward'] for h in logged]):.3f}" if logged else "-",
+                    curve_point(rows)["pass_at_1"],
+                    began - self.started,
+                )
+            iterations.append(
+                {
+                    "iteration": t,
+                    "kept": None,
+                    "train_correct": float(np.mean([h["reward"] for h in logged])) if logged else None,
+                    "train_entropy": float(np.mean([h["entropy"] for h in logged if "entropy" in h]))
+                    if any("entropy" in h for h in logged)
+                    else None,
+                    "train_seconds": began - self.started - self.eval_seconds,
+                }
+            )
             self.eval_seconds += time.perf_counter() - began
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -580,23 +645,39 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
         peft_config = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, task_type="CAUSAL_LM")
     use_cpu = not torch.cuda.is_available()
     args = hh.grpo_config(
-        job["output_dir"], seed=run.seed, use_cpu=use_cpu,
-        per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=per_update,
+        job["output_dir"],
+        seed=run.seed,
+        use_cpu=use_cpu,
+        per_device_train_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=per_update,
         steps_per_generation=s.grpo_updates_per_generation * per_update,  # one generation per iteration
-        num_generations=s.samples_per_prompt, max_completion_length=s.max_new_tokens, temperature=s.temperature,
-        learning_rate=run.learning_rate, lr_scheduler_type="constant", epsilon=s.clip_range,
-        epsilon_high=s.clip_range_high, beta=0.0, max_steps=s.iterations * s.grpo_updates_per_generation,
+        num_generations=s.samples_per_prompt,
+        max_completion_length=s.max_new_tokens,
+        temperature=s.temperature,
+        learning_rate=run.learning_rate,
+        lr_scheduler_type="constant",
+        epsilon=s.clip_range,
+        epsilon_high=s.clip_range_high,
+        beta=0.0,
+        max_steps=s.iterations * s.grpo_updates_per_generation,
         gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; the runs' setting rules
         bf16=s.mixed_precision == "bf16" and not use_cpu,  # autocast, as RAFT's `training.mixed_precision`
         model_init_kwargs={"dtype": getattr(torch, s.policy_dtype)},  # fp32 master weights, as RAFT's
         **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if s.grpo_use_vllm else {}),
-    )  # fmt: skip
+    )
     records = read_rows(files.train)
     tokenizer = load_tokenizer(ModelSection(path=s.base_model))
     if getattr(tokenizer, "chat_template", None):  # as raftlib's chat_template "auto": a user turn in the template
         records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
-    trainer = GRPOTrainer(model=s.base_model, reward_funcs=[correct], args=args, train_dataset=Dataset.from_list(records),
-                          processing_class=tokenizer, callbacks=[Evaluate()], peft_config=peft_config)  # fmt: skip
+    trainer = GRPOTrainer(
+        model=s.base_model,
+        reward_funcs=[correct],
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[Evaluate()],
+        peft_config=peft_config,
+    )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
     trainer.train()
     if not main_process:
@@ -605,8 +686,9 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
 
 
-def method_run(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, run: MethodRun,
-               kept_counts: Sequence[int] = ()) -> dict[str, Any]:  # fmt: skip
+def method_run(
+    root: str | Path, settings: ReasoningSettings, files: ProblemFiles, run: MethodRun, kept_counts: Sequence[int] = ()
+) -> dict[str, Any]:
     """One run in its own process(es), made once (ROOT/NAME.json, keyed by run, settings and problem files):
     per-iteration and per-problem rows, validation pass@1, peak memory and wall time. RAFT-family runs resume
     their run directory after a kill as raftlib does; GRPO (TRL keeps no resumable state here) starts again."""
@@ -628,10 +710,18 @@ def method_run(root: str | Path, settings: ReasoningSettings, files: ProblemFile
             job["config"] = raft_config(settings, files, run, run_dir, kept_counts)
             function = "raftsuite.reasoning:raftlib_curve"
         launch = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
-        child = children.run_in_child(function, {"job": job}, root / f"{run.name}.child.json", root / f"{run.name}.log",
-                                      **launch)  # fmt: skip
-        return as_json(child["result"] | {"peak_rss_mib": child["peak_rss_mib"], "peak_cuda_mib": child["peak_cuda_mib"],
-                                          "process_seconds": child["process_seconds"], "run_dir": str(run_dir)})  # fmt: skip
+        child = children.run_in_child(
+            function, {"job": job}, root / f"{run.name}.child.json", root / f"{run.name}.log", **launch
+        )
+        return as_json(
+            child["result"]
+            | {
+                "peak_rss_mib": child["peak_rss_mib"],
+                "peak_cuda_mib": child["peak_cuda_mib"],
+                "process_seconds": child["process_seconds"],
+                "run_dir": str(run_dir),
+            }
+        )
 
     return cached(root / f"{run.name}.json", params, make)
 
@@ -647,21 +737,31 @@ def runs_root(parent: str | Path, settings: ReasoningSettings, files: ProblemFil
     return root
 
 
-def sweep(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, grids: Mapping[str, Sequence[float]],
-          seed: int):  # fmt: skip
+def sweep(
+    root: str | Path, settings: ReasoningSettings, files: ProblemFiles, grids: Mapping[str, Sequence[float]], seed: int
+):
     """Each of RAFT, RAFT++ and GRPO at each rate of its grid (seed `seed`), chosen on validation pass@1, grids
     extended until the choice is interior (`raftsuite.sweeps`). The random control takes RAFT's rate."""
 
     def score(method: str, rate: float) -> dict[str, Any]:
         record = method_run(root, settings, files, MethodRun(method, rate, seed))
-        return {"seed": seed, "validation_reward": record["validation_pass_at_1"],
-                "process_seconds": record["process_seconds"]}  # fmt: skip
+        return {
+            "seed": seed,
+            "validation_reward": record["validation_pass_at_1"],
+            "process_seconds": record["process_seconds"],
+        }
 
     return sweeps.sweep_until_interior(grids, score)
 
 
-def all_runs(root: str | Path, settings: ReasoningSettings, files: ProblemFiles, chosen: Mapping[str, float],
-             methods: Sequence[str], seeds: Sequence[int]) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
+def all_runs(
+    root: str | Path,
+    settings: ReasoningSettings,
+    files: ProblemFiles,
+    chosen: Mapping[str, float],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+) -> dict[tuple[str, int], dict[str, Any]]:
     """{(method, seed): record} at each method's chosen rate; the random control at RAFT's rate and RAFT's kept
     counts of the same seed (RAFT runs first)."""
     records = {}
@@ -674,8 +774,10 @@ def all_runs(root: str | Path, settings: ReasoningSettings, files: ProblemFiles,
                 raft = records.get(("RAFT", seed)) or method_run(root, settings, files, MethodRun("RAFT", rate, seed))
                 counts = [row["kept"] for row in raft["iterations"] if row["iteration"] > 0]
             record = records[(method, seed)] = method_run(root, settings, files, MethodRun(method, rate, seed), counts)
-            ends = [curve_point([r for r in record["problems"] if r["iteration"] == t])["pass_at_1"]
-                    for t in (0, settings.iterations)]  # fmt: skip
+            ends = [
+                curve_point([r for r in record["problems"] if r["iteration"] == t])["pass_at_1"]
+                for t in (0, settings.iterations)
+            ]
             logger.info(
                 "%s seed %d: held-out pass@1 %.3f -> %.3f (%.0f s)", method, seed, *ends, record["process_seconds"]
             )
@@ -697,6 +799,9 @@ def frames(records: Mapping[tuple[str, int], Mapping[str, Any]], settings: Reaso
             t = int(row["iteration"])
             if t not in by_iteration:  # not evaluated (eval_every)
                 continue
-            curve.append({"method": method, "seed": seed, "iteration": t, "samples": t * settings.samples_per_iteration}
-                         | curve_point(by_iteration[t]) | {k: v for k, v in row.items() if k != "iteration"})  # fmt: skip
+            curve.append(
+                {"method": method, "seed": seed, "iteration": t, "samples": t * settings.samples_per_iteration}
+                | curve_point(by_iteration[t])
+                | {k: v for k, v in row.items() if k != "iteration"}
+            )
     return pd.DataFrame(curve), pd.DataFrame(problems)

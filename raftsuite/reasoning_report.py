@@ -41,8 +41,9 @@ def _crossed(problems: pd.DataFrame, ours: str, baseline: str, metric: str, firs
     return stats.crossed_paired_difference(wide, "ours", "baseline") if not wide.empty else None
 
 
-def comparison(frame: pd.DataFrame, problems: pd.DataFrame, ours: str, baseline: str, metric: str,
-               first: int, last: int) -> dict:  # fmt: skip
+def comparison(
+    frame: pd.DataFrame, problems: pd.DataFrame, ours: str, baseline: str, metric: str, first: int, last: int
+) -> dict:
     """ours - baseline of `metric` averaged over iterations first..last, seed by seed (baseline "base": the base
     model, iteration 0 of the same seed): the t-interval over seeds and the crossed seeds x problems interval."""
     window = at_iterations(frame, first, last, metric)
@@ -50,15 +51,26 @@ def comparison(frame: pd.DataFrame, problems: pd.DataFrame, ours: str, baseline:
     interval = stats.paired_difference(window[ours], before)
     crossed = _crossed(problems, ours, baseline, metric, first, last) if metric in problems else None
     when = f"iteration {last}" if first == last else f"iterations {first}-{last}"
-    return {"comparison": f"{ours} - {baseline}", "metric": metric, "when": when, "t_interval": str(interval),
-            "n_seeds": interval.n, "crossed_interval": "—" if crossed is None else str(crossed),
-            "detectable_at_80pct_power": stats.detectable_effect(interval), "t": interval}  # fmt: skip
+    return {
+        "comparison": f"{ours} - {baseline}",
+        "metric": metric,
+        "when": when,
+        "t_interval": str(interval),
+        "n_seeds": interval.n,
+        "crossed_interval": "—" if crossed is None else str(crossed),
+        "detectable_at_80pct_power": stats.detectable_effect(interval),
+        "t": interval,
+    }
 
 
 PAPER_PAIRS = {
-    ("RAFT++", "RAFT"): ("up", True), ("GRPO", "RAFT"): ("up", False), ("GRPO", "RAFT++"): ("up", False),
-    ("RAFT", "base"): ("up", False), ("RAFT++", "base"): ("up", False), ("GRPO", "base"): ("up", False),
-}  # fmt: skip
+    ("RAFT++", "RAFT"): ("up", True),
+    ("GRPO", "RAFT"): ("up", False),
+    ("GRPO", "RAFT++"): ("up", False),
+    ("RAFT", "base"): ("up", False),
+    ("RAFT++", "base"): ("up", False),
+    ("GRPO", "base"): ("up", False),
+}
 """(ours, baseline): the paper's direction at the end (v2: base 23.6, RAFT 52.3, RAFT++ 56.1, GRPO 56.3) and whether
 the claim is primary."""
 
@@ -67,8 +79,11 @@ def final_comparisons(frame: pd.DataFrame, problems: pd.DataFrame, methods: Sequ
     """Every paper pair and RAFT against its random control, on pass@1 at the last iteration."""
     last = int(frame["iteration"].max())
     pairs = [*PAPER_PAIRS, ("RAFT", "random")]
-    rows = [comparison(frame, problems, a, b, "pass_at_1", last, last)
-            for a, b in pairs if a in methods and (b == "base" or b in methods)]  # fmt: skip
+    rows = [
+        comparison(frame, problems, a, b, "pass_at_1", last, last)
+        for a, b in pairs
+        if a in methods and (b == "base" or b in methods)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -82,9 +97,16 @@ def pattern_comparisons(frame: pd.DataFrame, problems: pd.DataFrame, method: str
     early_gap = at_iterations(frame, 1, early, "pass_at_1")
     final_gap = at_iterations(frame, last, last, "pass_at_1")
     shrink = stats.paired_difference(early_gap[method] - early_gap["GRPO"], final_gap[method] - final_gap["GRPO"])
-    shrinking = {"comparison": f"({method} - GRPO) early minus at the end", "metric": "pass_at_1",
-                 "when": f"iterations 1-{early} vs {last}", "t_interval": str(shrink), "n_seeds": shrink.n,
-                 "crossed_interval": "—", "detectable_at_80pct_power": stats.detectable_effect(shrink), "t": shrink}  # fmt: skip
+    shrinking = {
+        "comparison": f"({method} - GRPO) early minus at the end",
+        "metric": "pass_at_1",
+        "when": f"iterations 1-{early} vs {last}",
+        "t_interval": str(shrink),
+        "n_seeds": shrink.n,
+        "crossed_interval": "—",
+        "detectable_at_80pct_power": stats.detectable_effect(shrink),
+        "t": shrink,
+    }
     frame = pd.DataFrame([lead, entropy, shrinking])
     frame["paper_direction"] = ["up", "down", "up"]
     frame["verdict"] = [stats.verdict(row.t, row.paper_direction) for row in frame.itertuples()]
@@ -110,13 +132,28 @@ def claims(final: pd.DataFrame, patterns: dict[str, pd.DataFrame]) -> list[Claim
         paper = (
             f"{ours} {paper_values[ours]} vs {baseline} {paper_values[baseline]}" if baseline in paper_values else "—"
         )
-        out.append(Claim("Reasoning: RAFT++ table", f"{ours} above {baseline}, held-out pass@1 ({row.when})", paper, row.t,
-                         direction, primary=primary))  # fmt: skip
+        out.append(
+            Claim(
+                "Reasoning: RAFT++ table",
+                f"{ours} above {baseline}, held-out pass@1 ({row.when})",
+                paper,
+                row.t,
+                direction,
+                primary=primary,
+            )
+        )
     texts = {"up": "above", "down": "below"}
     for pattern in patterns.values():
         for row in pattern.itertuples():
-            out.append(Claim("Reasoning: entropy", f"{row.comparison} {texts[row.paper_direction]} 0, {row.metric} ({row.when})",
-                             "described, no number", row.t, row.paper_direction))  # fmt: skip
+            out.append(
+                Claim(
+                    "Reasoning: entropy",
+                    f"{row.comparison} {texts[row.paper_direction]} 0, {row.metric} ({row.when})",
+                    "described, no number",
+                    row.t,
+                    row.paper_direction,
+                )
+            )
     return out
 
 
@@ -138,8 +175,12 @@ def paper_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.astype({"seeds": "Int64"})
 
 
-PANELS = (("pass_at_1", "held-out pass@1"), ("pass_at_n", "held-out pass@n"),
-          ("entropy", "policy entropy (nats/token)"), ("kept", "kept samples per iteration"))  # fmt: skip
+PANELS = (
+    ("pass_at_1", "held-out pass@1"),
+    ("pass_at_n", "held-out pass@n"),
+    ("entropy", "policy entropy (nats/token)"),
+    ("kept", "kept samples per iteration"),
+)
 
 
 def plot_curves(frame: pd.DataFrame, n: int):

@@ -96,8 +96,10 @@ def sample_viewer(
                     if gold
                     else [None] * len(shown)
                 )
-                cells = "".join(_cell(r, "kept" if r["kept"] else "rejected", g, reward_label)
-                                for r, g in zip(shown, golds, strict=True))  # fmt: skip
+                cells = "".join(
+                    _cell(r, "kept" if r["kept"] else "rejected", g, reward_label)
+                    for r, g in zip(shown, golds, strict=True)
+                )
                 body.append(f"<tr><th class='text'>{html.escape(rows[0]['prompt'])}</th>{cells}</tr>")
             parts.append(
                 f"<h4>{html.escape(run_dir.name)}, iteration {iteration}: kept (green) beside rejected (red), "
@@ -310,8 +312,10 @@ def fold_long_tables(notebook: Any, rows: int = 15) -> Any:
             count = len(_TABLE_ROW.findall(page))
             if count > rows:
                 title, _, table = page.partition("<table")
-                output["data"]["text/html"] = (f"{title}<details class='raft-table'><summary>show the table ({count - 1} "
-                                               f"rows)</summary><table{table}</details>")  # fmt: skip
+                output["data"]["text/html"] = (
+                    f"{title}<details class='raft-table'><summary>show the table ({count - 1} "
+                    f"rows)</summary><table{table}</details>"
+                )
     return notebook
 
 
@@ -331,10 +335,14 @@ def headline_html(output_dir: str | Path) -> str:
     if not path.is_file():
         return ""
     headline = json.loads(path.read_text())
-    items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(format_headline_value(v))}</li>"
-                    for k, v in headline.get("numbers", {}).items())  # fmt: skip
-    return (f"<div id='raft-headline'><h2>{html.escape(headline.get('title', 'Headline'))}</h2><ul>{items}</ul>"
-            f"<p><small>{html.escape(headline.get('note', ''))}</small></p></div>")  # fmt: skip
+    items = "".join(
+        f"<li><b>{html.escape(str(k))}</b>: {html.escape(format_headline_value(v))}</li>"
+        for k, v in headline.get("numbers", {}).items()
+    )
+    return (
+        f"<div id='raft-headline'><h2>{html.escape(headline.get('title', 'Headline'))}</h2><ul>{items}</ul>"
+        f"<p><small>{html.escape(headline.get('note', ''))}</small></p></div>"
+    )
 
 
 # ---- claims: every verdict a notebook draws, for its report and the results page ----------------------
@@ -368,11 +376,17 @@ class Claim:
         word = stats.verdict(interval, self.direction, self.identical)
         detectable = stats.detectable_effect(interval) if word == stats.NOT_RESOLVED else None
         return {
-            "table": self.table, "claim": self.claim, "paper": self.paper,
-            "ours": stats.format_interval(interval.mean, interval.low, interval.high), "n": interval.n,
-            "interval": interval.label, "verdict": word, "p_value": stats.p_value(interval),
-            "detectable_at_80pct_power": detectable, "primary": self.primary,
-        }  # fmt: skip
+            "table": self.table,
+            "claim": self.claim,
+            "paper": self.paper,
+            "ours": stats.format_interval(interval.mean, interval.low, interval.high),
+            "n": interval.n,
+            "interval": interval.label,
+            "verdict": word,
+            "p_value": stats.p_value(interval),
+            "detectable_at_80pct_power": detectable,
+            "primary": self.primary,
+        }
 
 
 def write_claims(output_dir: str | Path, claims: Sequence[Claim]) -> pd.DataFrame:

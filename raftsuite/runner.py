@@ -73,8 +73,10 @@ def notebook_parameters(name: str) -> dict[str, Any]:
         )
     more = [i for i, t in enumerate(tags) if any(tag.startswith("parameters-") for tag in t)]
     if any(i > main[0] for i in more):
-        raise ParameterError(f"notebooks/{name}.ipynb: a 'parameters-...' cell after the 'parameters' cell would "
-                             "overwrite what papermill injects; move it before")  # fmt: skip
+        raise ParameterError(
+            f"notebooks/{name}.ipynb: a 'parameters-...' cell after the 'parameters' cell would "
+            "overwrite what papermill injects; move it before"
+        )
     values: dict[str, Any] = {}
     for index in [*more, main[0]]:
         for node in ast.parse(notebook.cells[index].source).body:
@@ -259,8 +261,11 @@ def render_report(executed: Path, report: Path, caption: str = "", header: dict[
 
     exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)], embed_images=True)
     notebook = relink_for_report(fold_long_tables(collapse_logs(nbformat.read(executed, as_version=4))))
-    resources = {"raft_caption": caption, "raft_header_html": run_header.to_html(header) if header else "",
-                 "raft_headline_html": headline_html(executed.parent)}  # fmt: skip
+    resources = {
+        "raft_caption": caption,
+        "raft_header_html": run_header.to_html(header) if header else "",
+        "raft_headline_html": headline_html(executed.parent),
+    }
     body, _ = exporter.from_notebook_node(notebook, resources=resources)
     report.write_text(body, encoding="utf-8")
 
@@ -361,8 +366,11 @@ def _check_plan(profile: str) -> int:
     print(profile_plan.table(rows))
     too_big = [r for r in rows if r.clearly_too_big]
     for r in too_big:
-        print(f"error: {r.notebook}: {r.stage} needs about {r.memory_gib:.0f} GiB per GPU of {r.gpu_gib:.0f}: "
-              f"change {r.change}", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {r.notebook}: {r.stage} needs about {r.memory_gib:.0f} GiB per GPU of {r.gpu_gib:.0f}: "
+            f"change {r.change}",
+            file=sys.stderr,
+        )
     return 3 if too_big else 0
 
 

@@ -96,16 +96,28 @@ def build_stable_diffusion_v1_5(directory: Path, *, seed: int = 0) -> Path:
         skip_prk_steps=True,
         steps_offset=1,
     )  # fmt: skip  (SD 1.5's scheduler_config.json)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=224, patch_size=14, projection_dim=32)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=224,
+        patch_size=14,
+        projection_dim=32,
+    )
     safety = StableDiffusionSafetyChecker(
         CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
     )
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=safety, feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224),
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=safety,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224),
         requires_safety_checker=True,
-    )  # fmt: skip
+    )
     pipeline.save_pretrained(directory, safe_serialization=True)
     # The hub's model_index.json was written by diffusers 0.6.0: no image_encoder or requires_safety_checker
     # entries, and the feature extractor named as transformers' CLIPImageProcessor.
@@ -150,13 +162,21 @@ def build(directory: str | Path) -> Path:
             build_clip(staging / CLIP_DIR, image_size=224, patch_size=14, projection_dim=CLIP_PROJECTION)
             _as_clip_vit_l_14_layout(staging / CLIP_DIR)
             build_laion_head(staging / HEAD)
-            (staging / "STANDINS.json").write_text(json.dumps({
-                "version": VERSION,
-                "stands_in_for": {SD_DIR: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                  CLIP_DIR: "openai/clip-vit-large-patch14",
-                                  HEAD: "LAION-AI/aesthetic-predictor sa_0_4_vit_l_14_linear.pth"},
-                "built_by": "python -m raftsuite.standins_diffusion",
-            }, indent=2) + "\n")  # fmt: skip
+            (staging / "STANDINS.json").write_text(
+                json.dumps(
+                    {
+                        "version": VERSION,
+                        "stands_in_for": {
+                            SD_DIR: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                            CLIP_DIR: "openai/clip-vit-large-patch14",
+                            HEAD: "LAION-AI/aesthetic-predictor sa_0_4_vit_l_14_linear.pth",
+                        },
+                        "built_by": "python -m raftsuite.standins_diffusion",
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             if directory.exists():
                 shutil.rmtree(directory)  # an older VERSION or a half-copied dir
             staging.rename(directory)

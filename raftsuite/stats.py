@@ -68,8 +68,12 @@ class Interval:
         """What the interval is, for a table's caption: '95 % t-interval, 5 seeds'."""
         if self.method == "none" or self.n < 2:
             return f"no interval: n = {self.n}"
-        kinds = {"t": "t-interval", "log-t": "t-interval of the log ratio", "bca": "BCa bootstrap",
-                 "crossed bootstrap": "seeds x prompts bootstrap"}  # fmt: skip
+        kinds = {
+            "t": "t-interval",
+            "log-t": "t-interval of the log ratio",
+            "bca": "BCa bootstrap",
+            "crossed bootstrap": "seeds x prompts bootstrap",
+        }
         return f"95 % {kinds.get(self.method, self.method)}, n = {self.n}"
 
     def as_tuple(self) -> tuple[float, float, float]:
@@ -180,8 +184,14 @@ def bca_mean_ci(values, confidence: float = CONFIDENCE, random_state: int = RAND
     mean = float(array.mean())
     if np.ptp(array) == 0:
         return Interval(mean, mean, mean, array.size, "bca", 0.0)
-    ci = _st.bootstrap((array,), np.mean, n_resamples=N_RESAMPLES, confidence_level=confidence, method="BCa",
-                       random_state=np.random.default_rng(random_state)).confidence_interval  # fmt: skip
+    ci = _st.bootstrap(
+        (array,),
+        np.mean,
+        n_resamples=N_RESAMPLES,
+        confidence_level=confidence,
+        method="BCa",
+        random_state=np.random.default_rng(random_state),
+    ).confidence_interval
     return Interval(mean, float(ci.low), float(ci.high), array.size, "bca", float(array.std(ddof=1)))
 
 
@@ -218,8 +228,14 @@ def percentile_bootstrap_ci(values, confidence: float = CONFIDENCE, random_state
     array = _clean(values, "percentile_bootstrap_ci")
     if np.ptp(array) == 0:
         return Interval(float(array.mean()), float(array[0]), float(array[0]), array.size, "percentile")
-    ci = _st.bootstrap((array,), np.mean, n_resamples=N_RESAMPLES, confidence_level=confidence,
-                       method="percentile", random_state=np.random.default_rng(random_state)).confidence_interval  # fmt: skip
+    ci = _st.bootstrap(
+        (array,),
+        np.mean,
+        n_resamples=N_RESAMPLES,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(random_state),
+    ).confidence_interval
     return Interval(float(array.mean()), float(ci.low), float(ci.high), array.size, "percentile")
 
 
@@ -369,8 +385,12 @@ def summarize(
                 record |= dict.fromkeys(names, math.nan)
                 continue
             interval = mean_ci(values)
-            record |= {metric: interval.mean, f"{metric}_ci95_low": interval.low,
-                       f"{metric}_ci95_high": interval.high, f"{metric}_iqm": iqm(values)}  # fmt: skip
+            record |= {
+                metric: interval.mean,
+                f"{metric}_ci95_low": interval.low,
+                f"{metric}_ci95_high": interval.high,
+                f"{metric}_iqm": iqm(values),
+            }
         record["n_seeds"] = int(group[seed].nunique())
         out.append(record)
     return pd.DataFrame(out).set_index(keys if len(keys) > 1 else keys[0])

@@ -126,10 +126,18 @@ def build(directory: Path, settings: BuildSettings = BuildSettings()) -> dict:
     tokenizer = build_tokenizer(directory)
     train, heldout = split(settings.heldout_fraction)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=settings.n_positions, n_embd=settings.n_embd,
-        n_layer=settings.n_layer, n_head=settings.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        n_positions=settings.n_positions,
+        n_embd=settings.n_embd,
+        n_layer=settings.n_layer,
+        n_head=settings.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
 
@@ -197,9 +205,12 @@ def greedy_accuracy(model, tokenizer, rows: list[tuple[str, int]]) -> float:
         for group in by_length.values():
             ids = torch.tensor([tokenizer(p)["input_ids"] for p, _ in group])
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=5,
+                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
+            )
             texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             correct += sum(t.strip() == str(a) for t, (_, a) in zip(texts, group, strict=True))
     return correct / len(rows)

@@ -82,7 +82,10 @@ def assert_same_draws(checked: list[Sample], reference: list[Sample], gaps: torc
     flips = 0
     for row, (mine, theirs) in enumerate(zip(checked, reference, strict=True)):
         assert (mine.prompt_id, mine.sample_index, mine.prompt_token_ids) == (
-            theirs.prompt_id, theirs.sample_index, theirs.prompt_token_ids)  # fmt: skip
+            theirs.prompt_id,
+            theirs.sample_index,
+            theirs.prompt_token_ids,
+        )
         if mine.completion_token_ids == theirs.completion_token_ids:
             assert (mine.completion, mine.finish_reason) == (theirs.completion, theirs.finish_reason), row
             assert mine.logprob == pytest.approx(theirs.logprob, abs=LOGPROB_ATOL), row

@@ -32,9 +32,13 @@ def first_step_gradients(model_dir: str, micro_batch_size: int, accumulation: in
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     section = TrainingSection(
-        learning_rate=1e-3, epochs=1, micro_batch_size=micro_batch_size, gradient_accumulation_steps=accumulation,
-        packing=packing, max_grad_norm=0.0,
-    )  # fmt: skip
+        learning_rate=1e-3,
+        epochs=1,
+        micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        packing=packing,
+        max_grad_norm=0.0,
+    )
     seen = {}
     step = torch.optim.AdamW.step
 

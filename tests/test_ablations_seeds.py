@@ -57,8 +57,15 @@ def test_settings_are_config_overrides_and_the_control_only_swaps_the_reward(tmp
 
 
 def test_sweep_settings_share_runs_and_each_sweep_has_its_control():
-    smoke = {"k_values": [2, 4], "k_sweep_temperature": 1.0, "temperatures": [0.7, 1.0], "temperature_sweep_k": 2,
-             "kl_coefs": [0.0, 0.1], "kl_sweep_k": 2, "kl_sweep_temperature": 1.0}  # fmt: skip
+    smoke = {
+        "k_values": [2, 4],
+        "k_sweep_temperature": 1.0,
+        "temperatures": [0.7, 1.0],
+        "temperature_sweep_k": 2,
+        "kl_coefs": [0.0, 0.1],
+        "kl_sweep_k": 2,
+        "kl_sweep_temperature": 1.0,
+    }
     sweeps = ablations.sweep_settings(smoke)
     assert sweeps == {
         "K": {2: (2, 1.0, 0.0), 4: (4, 1.0, 0.0)},
@@ -75,8 +82,13 @@ def test_sweep_settings_share_runs_and_each_sweep_has_its_control():
     assert list(configs) == ["K2_T1_beta0", "K4_T1_beta0", "K2_T0.7_beta0", "K2_T1_beta0.1", "random_K2_T1_beta0"]
     assert {n: ablations.describe(c)["selection"] for n, c in configs.items()}["random_K2_T1_beta0"] == "random"
     # the tiny profile: the temperature control sits at the K sweep's temperature when the sweep has it, else first
-    tiny = smoke | {"k_values": [8, 16, 32], "k_sweep_temperature": 0.85, "temperatures": [0.7, 0.85, 1.0],
-                    "temperature_sweep_k": 8, "kl_sweep_k": 8}  # fmt: skip
+    tiny = smoke | {
+        "k_values": [8, 16, 32],
+        "k_sweep_temperature": 0.85,
+        "temperatures": [0.7, 0.85, 1.0],
+        "temperature_sweep_k": 8,
+        "kl_sweep_k": 8,
+    }
     assert ablations.control_settings(tiny)["temperature"] == (8, 0.85, 0.0)
     assert ablations.control_settings(tiny | {"temperatures": [0.7, 1.0]})["temperature"] == (8, 0.7, 0.0)
 
@@ -99,8 +111,16 @@ def test_changes_are_paired_by_seed_with_t_intervals_and_verdicts_against_the_pa
     reordered = rows.sort_values(["K", "seed"], ascending=[True, False])
     table = ablations.changes(reordered, "K", "proxy_reward", ablations.PAPER["K"])
     assert list(table.index) == ["K 8 → 32", "K 8 → 16", "K 16 → 32"]
-    assert list(table.columns) == ["ours", "n_seeds", "detectable_at_80pct_power", "paper_change", "verdict",
-                                   "direction", "identical", "t"]  # fmt: skip
+    assert list(table.columns) == [
+        "ours",
+        "n_seeds",
+        "detectable_at_80pct_power",
+        "paper_change",
+        "verdict",
+        "direction",
+        "identical",
+        "t",
+    ]
     first = table.loc["K 8 → 32"]
     # mean 0.3, sd 0.1, t(0.975, df 2) = 4.303: 0.3 +- 0.248 (the unpaired means' spreads overlap; the pairs do not)
     assert first["t"].as_tuple() == pytest.approx(_t(0.3, 0.1, 3)) and first["t"].method == "t"
@@ -119,12 +139,14 @@ def test_changes_are_paired_by_seed_with_t_intervals_and_verdicts_against_the_pa
     assert ablations.changes(extra, "K", "proxy_reward", ablations.PAPER["K"]).loc["K 8 → 32", "n_seeds"] == 3
 
     # -0.3, -0.4, -0.2 against the paper's rise: [-0.548, -0.052]
-    falling = ablations.changes(_rows({8: [1.0, 2.0, 3.0], 32: [0.7, 1.6, 2.8]}), "K", "proxy_reward",
-                                ablations.PAPER["K"])  # fmt: skip
+    falling = ablations.changes(
+        _rows({8: [1.0, 2.0, 3.0], 32: [0.7, 1.6, 2.8]}), "K", "proxy_reward", ablations.PAPER["K"]
+    )
     assert list(falling.index) == ["K 8 → 32"]  # two settings: no adjacent pairs besides the ends
     assert falling.loc["K 8 → 32", "verdict"] == stats.OPPOSITE
-    mixed = ablations.changes(_rows({8: [1.0, 2.0, 3.0], 32: [1.5, 1.6, 3.1]}), "K", "proxy_reward",
-                              ablations.PAPER["K"])  # fmt: skip
+    mixed = ablations.changes(
+        _rows({8: [1.0, 2.0, 3.0], 32: [1.5, 1.6, 3.1]}), "K", "proxy_reward", ablations.PAPER["K"]
+    )
     assert mixed.loc["K 8 → 32", "verdict"] == stats.NOT_RESOLVED
 
     # the paper's Table 7 falls: a fall here reproduces it; identical runs (beta too small to flip a choice) are
@@ -159,8 +181,9 @@ def test_one_seed_gives_no_interval_and_no_verdict():
 
 
 def test_claims_are_the_changes_with_a_paper_direction_one_primary():
-    table = ablations.changes(_rows({8: [0.0, 1.0, 2.0], 16: [0.1, 1.2, 2.3], 32: [0.2, 1.3, 2.4]}), "K",
-                              "proxy_reward", ablations.PAPER["K"])  # fmt: skip
+    table = ablations.changes(
+        _rows({8: [0.0, 1.0, 2.0], 16: [0.1, 1.2, 2.3], 32: [0.2, 1.3, 2.4]}), "K", "proxy_reward", ablations.PAPER["K"]
+    )
     claims = ablations.claims("Table 5", table, "proxy_reward", primary="K 8 → 32")
     assert [(c.claim, c.paper, c.primary) for c in claims] == [
         ("K 8 → 32, proxy reward", "+0.149", True),
@@ -225,9 +248,17 @@ def sweep(tmp_path_factory):
     work = root / "work"
     train = ablations.train_only_prompts(prompts, held_out, work / "train.jsonl")
     settings = hh_methods.MethodSettings(
-        sft_model=str(sft), reward_model=str(rm), samples_per_prompt=2, max_new_tokens=8, prompts_per_iteration=4,
-        iterations=1, epochs=1, micro_batch_size=4, eval_samples_per_prompt=1, prompts_per_batch=4,
-    )  # fmt: skip
+        sft_model=str(sft),
+        reward_model=str(rm),
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        prompts_per_iteration=4,
+        iterations=1,
+        epochs=1,
+        micro_batch_size=4,
+        eval_samples_per_prompt=1,
+        prompts_per_batch=4,
+    )
     base = raftlib.RAFTConfig.from_dict(
         hh_methods.raft_config(settings, train, 4, hh_methods.MethodRun("raft", 3e-3, 0), work)
     )
@@ -237,8 +268,16 @@ def sweep(tmp_path_factory):
     runs = ablations.AblationRuns(settings, held_out, work, SEEDS)
     results, per_prompt = ablations.run_settings(configs, runs)
     names = {value: ablations.run_name(*s) for value, s in sweeps["kl_coef"].items()}
-    return SimpleNamespace(configs=configs, runs=runs, work=work, held_out=held_out, results=results,
-                           per_prompt=per_prompt, controls=controls, rows=ablations.sweep_rows(results, "kl_coef", names))  # fmt: skip
+    return SimpleNamespace(
+        configs=configs,
+        runs=runs,
+        work=work,
+        held_out=held_out,
+        results=results,
+        per_prompt=per_prompt,
+        controls=controls,
+        rows=ablations.sweep_rows(results, "kl_coef", names),
+    )
 
 
 def test_run_settings_evaluates_every_run_and_the_sft_model_per_seed(sweep):
@@ -316,8 +355,10 @@ def test_control_table_pairs_raft_with_its_control_by_seed(sweep):
         assert row.ours == str(row.t)
     assert list(ablations.control_table(results, sweep.controls, hh_data=True)["metric"]) == ["proxy_reward"]
     claims = ablations.control_claims(table)
-    assert [c.claim for c in claims] == ["RAFT above random selection at K = 2, λ = 1, β = 0, proxy reward",
-                                         "RAFT above random selection at K = 2, λ = 1, β = 0, gold reward"]  # fmt: skip
+    assert [c.claim for c in claims] == [
+        "RAFT above random selection at K = 2, λ = 1, β = 0, proxy reward",
+        "RAFT above random selection at K = 2, λ = 1, β = 0, gold reward",
+    ]
     assert {(c.table, c.direction, c.primary) for c in claims} == {("Tables 5-7: random controls", "up", False)}
     assert [c.interval for c in claims] == list(table["t"])
 

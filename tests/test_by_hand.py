@@ -41,9 +41,10 @@ def run_by_hand(notebook: Path, cwd: Path, edits: dict[str, str]) -> list[tuple[
             if "parameters" in cell.metadata.get("tags", []):
                 lines = [
                     f"{line.split('=')[0].strip()} = {edits[line.split('=')[0].strip()]}"
-                    if "=" in line and line.split("=")[0].strip() in edits else line
+                    if "=" in line and line.split("=")[0].strip() in edits
+                    else line
                     for line in source.splitlines()
-                ]  # fmt: skip
+                ]
                 source = "\n".join(lines)
             msg_id = client.execute(source)
             while True:

@@ -64,9 +64,13 @@ def test_example_config_runs(tmp_path):
     )
     assert built.returncode == 0, built.stderr[-3000:]
     done = raftlib(
-        "run", str(TOY / "config.yaml"), "loop.iterations=2", f"model.path={tmp_path / 'assets' / 'model'}",
-        f"data.prompts={tmp_path / 'assets' / 'prompts.jsonl'}", f"output_dir={tmp_path / 'run'}",
-    )  # fmt: skip
+        "run",
+        str(TOY / "config.yaml"),
+        "loop.iterations=2",
+        f"model.path={tmp_path / 'assets' / 'model'}",
+        f"data.prompts={tmp_path / 'assets' / 'prompts.jsonl'}",
+        f"output_dir={tmp_path / 'run'}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_reward_mean"] > rows[0]["eval_reward_mean"]

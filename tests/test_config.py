@@ -145,9 +145,14 @@ def test_reward_mix_list_form(tmp_path):
 def test_derived_quantities():
     config = RAFTConfig.from_dict(
         MINIMAL,
-        ["loop.prompts_per_iteration=100", "generation.samples_per_prompt=8", "training.micro_batch_size=8",
-         "training.gradient_accumulation_steps=2", "training.epochs=2"],
-    )  # fmt: skip
+        [
+            "loop.prompts_per_iteration=100",
+            "generation.samples_per_prompt=8",
+            "training.micro_batch_size=8",
+            "training.gradient_accumulation_steps=2",
+            "training.epochs=2",
+        ],
+    )
     # 800 samples, 100 kept, ceil(100/8)=13 micro-batches -> ceil(13/2)=7 steps per epoch -> 14
     assert config.derived() == {
         "samples_per_iteration": 800,

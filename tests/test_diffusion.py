@@ -153,8 +153,12 @@ def test_aesthetic_linear_and_mlp_heads(clip_dir, tmp_path):
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 1)
     save_file(linear.state_dict(), tmp_path / "linear.safetensors")
-    mlp = {"layers.0.weight": torch.randn(16, 32), "layers.0.bias": torch.randn(16),
-           "layers.2.weight": torch.randn(1, 16), "layers.2.bias": torch.randn(1)}  # fmt: skip
+    mlp = {
+        "layers.0.weight": torch.randn(16, 32),
+        "layers.0.bias": torch.randn(16),
+        "layers.2.weight": torch.randn(1, 16),
+        "layers.2.bias": torch.randn(1),
+    }
     torch.save(mlp, tmp_path / "mlp.pth")  # LAION publishes .pth state dicts: read with weights_only
     for head in ("linear.safetensors", "mlp.pth"):
         scorer = Aesthetic(str(clip_dir), str(tmp_path / head))
@@ -197,8 +201,15 @@ def test_classifier_probability_from_a_hugging_face_image_classifier(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                       intermediate_size=37, num_labels=10)  # fmt: skip
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=10,
+    )
     model = ViTForImageClassification(config)
     model.save_pretrained(tmp_path / "vit", safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
@@ -251,8 +262,14 @@ def test_full_fine_tune_of_a_class_conditional_unet_saves_a_loadable_dir(class_c
     loaded = load_policy(section, None, "cpu")
     kept = _kept(loaded, digit_prompts(2), ImageGenerationSection(samples_per_prompt=2, num_inference_steps=2))
     before = {k: v.clone() for k, v in loaded.unet.state_dict().items()}
-    loaded, _ = finetune_images(loaded, kept, TrainingSection(learning_rate=1e-3, epochs=1, micro_batch_size=4),
-                                seed=0, iteration=1, progress=False)  # fmt: skip
+    loaded, _ = finetune_images(
+        loaded,
+        kept,
+        TrainingSection(learning_rate=1e-3, epochs=1, micro_batch_size=4),
+        seed=0,
+        iteration=1,
+        progress=False,
+    )
     assert any(not torch.equal(before[k], v) for k, v in loaded.unet.state_dict().items())
     save_policy(loaded, None, tmp_path / "ckpt")
     reloaded = UNet2DModel.from_pretrained(tmp_path / "ckpt" / "unet")
@@ -313,16 +330,25 @@ def test_a_killed_diffusion_run_resumes_exactly(class_conditional, digit_prompt_
 
     from safetensors.torch import load_file
 
-    raw = diffusion_config(class_conditional, digit_prompt_file, tmp_path / "reference", loop={
-        "iterations": 2, "prompts_per_iteration": 10, "eval_samples_per_prompt": 1})  # fmt: skip
+    raw = diffusion_config(
+        class_conditional,
+        digit_prompt_file,
+        tmp_path / "reference",
+        loop={"iterations": 2, "prompts_per_iteration": 10, "eval_samples_per_prompt": 1},
+    )
     reference = run(load_config(write_config(tmp_path / "reference.yaml", raw)))
     raw["output_dir"] = str(tmp_path / "killed")
     config = write_config(tmp_path / "killed.yaml", raw)
     env = {**os.environ, "PYTHONPATH": f"{ENV_PATH}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for point in ("generate-batch", "optimizer-step"):
         argv = ["run", str(config)] if point == "generate-batch" else ["resume", str(tmp_path / "killed")]
-        killed = subprocess.run([sys.executable, str(TESTS / "kill_harness.py"), point, "3", "--", *argv],
-                                env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        killed = subprocess.run(
+            [sys.executable, str(TESTS / "kill_harness.py"), point, "3", "--", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = resume(tmp_path / "killed")
     for iteration in (1, 2):
@@ -340,8 +366,11 @@ def test_a_killed_diffusion_run_resumes_exactly(class_conditional, digit_prompt_
 
 
 def test_diffusion_config_rules():
-    base = {"model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5", "kind": "stable_diffusion"},
-            "data": {"prompts": "p.jsonl"}, "reward": {"fn": "clip_score", "args": {"clip": "openai/clip-vit-large-patch14"}}}  # fmt: skip
+    base = {
+        "model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5", "kind": "stable_diffusion"},
+        "data": {"prompts": "p.jsonl"},
+        "reward": {"fn": "clip_score", "args": {"clip": "openai/clip-vit-large-patch14"}},
+    }
     config = DiffusionConfig.from_dict(base)  # a hub id: validated, nothing downloaded
     assert config.generation.samples_per_prompt == 10 and config.modality == "image"
     from raftlib.config import ConfigError

@@ -64,14 +64,24 @@ def _rows() -> pd.DataFrame:
     """
     before = {0: (1.0, 10.0), 1: (2.0, 12.0), 2: (3.0, 11.0)}
     after = {  # (arm, seed): (reward, distance)
-        ("RAFT", 0): (2.0, 9.0), ("RAFT", 1): (3.2, 10.8), ("RAFT", 2): (4.1, 9.9),
-        ("random selection", 0): (1.2, 11.0), ("random selection", 1): (2.3, 11.0),
+        ("RAFT", 0): (2.0, 9.0),
+        ("RAFT", 1): (3.2, 10.8),
+        ("RAFT", 2): (4.1, 9.9),
+        ("random selection", 0): (1.2, 11.0),
+        ("random selection", 1): (2.3, 11.0),
         ("random selection", 2): (3.1, 10.0),
-    }  # fmt: skip
+    }
     rows = []
     for (arm, seed), (reward, distance) in after.items():
-        rows.append({"arm": arm, "seed": seed, "iteration": 0, "eval_reward": before[seed][0],
-                     "frechet_distance": before[seed][1]})  # fmt: skip
+        rows.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "iteration": 0,
+                "eval_reward": before[seed][0],
+                "frechet_distance": before[seed][1],
+            }
+        )
         rows.append({"arm": arm, "seed": seed, "iteration": 2, "eval_reward": reward, "frechet_distance": distance})
     return pd.DataFrame(rows)
 
@@ -90,8 +100,15 @@ def test_changes_are_paired_by_seed_and_verdicts_follow_the_t_intervals():
     assert [pick[("eval_reward", images.AGAINST_CONTROL, s)] for s in (0, 1, 2)] == pytest.approx([0.8, 0.9, 1.0])
 
     summary = images.change_summary(per_seed, {"eval_reward": "up"})
-    assert list(summary.columns) == ["change", "n_seeds", "crossed_interval", "detectable_at_80pct_power",
-                                     "expected", "verdict", "t"]  # fmt: skip
+    assert list(summary.columns) == [
+        "change",
+        "n_seeds",
+        "crossed_interval",
+        "detectable_at_80pct_power",
+        "expected",
+        "verdict",
+        "t",
+    ]
     # 1.0, 1.2, 1.1: mean 1.1, sd 0.1, t(0.975, df 2) = 4.303: 1.1 +- 0.248
     raft = images.interval_of(summary, "eval_reward", images.BEFORE_AFTER)
     assert isinstance(raft, stats.Interval) and raft.method == "t" and raft.n == 3
@@ -135,8 +152,9 @@ def test_two_seeds_use_df_1_and_a_distance_that_rises_reads_as_fewer_modes():
     assert two.loc[("eval_reward", images.BEFORE_AFTER), "verdict"] == stats.NOT_RESOLVED
     # reward up, Fréchet distance up and diversity down: the reading names concentration on fewer modes
     flipped = rows.assign(frechet_distance=-rows["frechet_distance"], diversity=rows["frechet_distance"])
-    summary = images.change_summary(images.changes(flipped, ["eval_reward", "frechet_distance", "diversity"], 0, 2),
-                                    {"eval_reward": "up"})  # fmt: skip
+    summary = images.change_summary(
+        images.changes(flipped, ["eval_reward", "frechet_distance", "diversity"], 0, 2), {"eval_reward": "up"}
+    )
     assert summary.loc[("frechet_distance", images.BEFORE_AFTER), "verdict"] == "rises"
     assert summary.loc[("diversity", images.BEFORE_AFTER), "verdict"] == "falls"
     assert "concentrated on fewer modes" in images.verdict(summary)
@@ -161,19 +179,31 @@ def test_the_crossed_interval_resamples_seeds_and_prompt_texts():
     values = {  # (arm, iteration, seed, text): mean reward of that text's images
         **{("RAFT", 0, s, t): 0.0 for s in (0, 1) for t in texts},
         **{("random selection", 0, s, t): 0.0 for s in (0, 1) for t in texts},
-        ("RAFT", 1, 0, texts[0]): 0.6, ("RAFT", 1, 0, texts[1]): 0.2,
-        ("RAFT", 1, 1, texts[1]): 0.5, ("RAFT", 1, 1, texts[0]): 0.3,  # listed in another order
-        ("random selection", 1, 0, texts[0]): 0.1, ("random selection", 1, 0, texts[1]): 0.1,
-        ("random selection", 1, 1, texts[0]): 0.2, ("random selection", 1, 1, texts[1]): 0.0,
-    }  # fmt: skip
-    per_prompt = pd.DataFrame([{"arm": a, "seed": s, "iteration": i, "prompt": t, "images": 2, "eval_reward": v}
-                               for (a, i, s, t), v in values.items()])  # fmt: skip
+        ("RAFT", 1, 0, texts[0]): 0.6,
+        ("RAFT", 1, 0, texts[1]): 0.2,
+        ("RAFT", 1, 1, texts[1]): 0.5,
+        ("RAFT", 1, 1, texts[0]): 0.3,  # listed in another order
+        ("random selection", 1, 0, texts[0]): 0.1,
+        ("random selection", 1, 0, texts[1]): 0.1,
+        ("random selection", 1, 1, texts[0]): 0.2,
+        ("random selection", 1, 1, texts[1]): 0.0,
+    }
+    per_prompt = pd.DataFrame(
+        [
+            {"arm": a, "seed": s, "iteration": i, "prompt": t, "images": 2, "eval_reward": v}
+            for (a, i, s, t), v in values.items()
+        ]
+    )
     rows = per_prompt.groupby(["arm", "seed", "iteration"], as_index=False)["eval_reward"].mean()
     summary = images.change_summary(images.changes(rows, ["eval_reward"], 0, 1), {}, per_prompt, first=0, last=1)
     # RAFT - random after: seed 0 (0.5, 0.1), seed 1 (0.1, 0.5) by text: mean 0.3
     expected = stats.crossed_paired_difference(
-        pd.DataFrame({"seed": [0, 0, 1, 1], "prompt": [0, 1, 0, 1], "ours": [0.5, 0.1, 0.1, 0.5],
-                      "baseline": [0.0] * 4}), "ours", "baseline")  # fmt: skip
+        pd.DataFrame(
+            {"seed": [0, 0, 1, 1], "prompt": [0, 1, 0, 1], "ours": [0.5, 0.1, 0.1, 0.5], "baseline": [0.0] * 4}
+        ),
+        "ours",
+        "baseline",
+    )
     assert expected.mean == pytest.approx(0.3) and expected.n == 2 and expected.method == "crossed bootstrap"
     assert summary.loc[("eval_reward", images.AGAINST_CONTROL), "crossed_interval"] == str(expected)
     # both seeds' means agree (0.3, 0.3): the seed-level t-interval has zero width; the crossed one, resampling
@@ -198,15 +228,38 @@ def test_the_crossed_interval_resamples_seeds_and_prompt_texts():
 def _parameters(prompts: Path, **changes) -> dict:
     """The notebooks' parameters, tiny profile, shrunk to a few seconds a run."""
     return {
-        "model": str(TINY / "noisy-labels"), "model_kind": "auto", "dtype": "auto", "lora_rank": 0,
-        "prompts": str(prompts), "eval_prompts": 6, "samples_per_prompt": 3, "num_inference_steps": 3,
-        "guidance_scale": 1.0, "scheduler": "default", "height": 0, "width": 0, "prompts_per_batch": 4,
-        "decode_batch_size": 8, "max_kept": 0, "learning_rate": 1e-3, "lr_scheduler": "linear", "epochs": 1,
-        "micro_batch_size": 4, "mixed_precision": "no", "gradient_checkpointing": False, "iterations": 1,
-        "prompts_per_iteration": 4, "eval_samples_per_prompt": 2, "show_progress": False,
-        "classifier": str(TINY / "classifier.safetensors"), "quality_scorer": str(TINY / "quality.safetensors"),
-        "clip_model": "", "seeds": [0, 1], "num_processes": 1, "accelerate_config": "",
-    } | changes  # fmt: skip
+        "model": str(TINY / "noisy-labels"),
+        "model_kind": "auto",
+        "dtype": "auto",
+        "lora_rank": 0,
+        "prompts": str(prompts),
+        "eval_prompts": 6,
+        "samples_per_prompt": 3,
+        "num_inference_steps": 3,
+        "guidance_scale": 1.0,
+        "scheduler": "default",
+        "height": 0,
+        "width": 0,
+        "prompts_per_batch": 4,
+        "decode_batch_size": 8,
+        "max_kept": 0,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "linear",
+        "epochs": 1,
+        "micro_batch_size": 4,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "iterations": 1,
+        "prompts_per_iteration": 4,
+        "eval_samples_per_prompt": 2,
+        "show_progress": False,
+        "classifier": str(TINY / "classifier.safetensors"),
+        "quality_scorer": str(TINY / "quality.safetensors"),
+        "clip_model": "",
+        "seeds": [0, 1],
+        "num_processes": 1,
+        "accelerate_config": "",
+    } | changes
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +271,26 @@ def arms(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("arms")
     prompts = root / "digits.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"a handwritten digit {d}", "label": d}) + "\n"
-                               for _ in range(4) for d in (1, 4, 7)))  # fmt: skip
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"a handwritten digit {d}", "label": d}) + "\n" for _ in range(4) for d in (1, 4, 7)
+        )
+    )
     p, task = _parameters(prompts), sd.TASKS["alignment"]
     runs, minutes = sd.run_arms(task, p, root / "work", root / "out")
     real = build_reward(DiffusionConfig.from_dict(sd.config_dict(task, p, 0, "RAFT", root / "work")).reward)
     rows, per_prompt = images.measure_runs(runs, real, TINY / "classifier.safetensors")
-    return SimpleNamespace(p=p, task=task, work=root / "work", out=root / "out", runs=runs, minutes=minutes,
-                           real=real, rows=rows, per_prompt=per_prompt)  # fmt: skip
+    return SimpleNamespace(
+        p=p,
+        task=task,
+        work=root / "work",
+        out=root / "out",
+        runs=runs,
+        minutes=minutes,
+        real=real,
+        rows=rows,
+        per_prompt=per_prompt,
+    )
 
 
 def test_config_dict_makes_the_control_from_the_raft_config_by_its_reward_alone(tmp_path):
@@ -258,13 +323,17 @@ def test_config_dict_makes_the_control_from_the_raft_config_by_its_reward_alone(
     clip = _parameters(prompts, clip_model="openai/clip", reward_batch_size=8, reward_dtype="float32")
     assert not sd.is_tiny(clip) and sd.is_tiny(p)
     assert sd.config_dict(sd.TASKS["alignment"], clip, 0, "RAFT", tmp_path)["reward"] == {
-        "fn": "clip_score", "args": {"clip": "openai/clip", "batch_size": 8, "dtype": "float32"}}  # fmt: skip
+        "fn": "clip_score",
+        "args": {"clip": "openai/clip", "batch_size": 8, "dtype": "float32"},
+    }
     assert sd.config_dict(sd.TASKS["alignment"], clip, 0, "random selection", tmp_path)["reward"] == sd.CONTROL_REWARD
 
 
 def test_run_arms_runs_each_config_and_the_control_keeps_as_many_images_at_random(arms):
     assert {arm: {s: Path(d).name for s, d in by_seed.items()} for arm, by_seed in arms.runs.items()} == {
-        "RAFT": {0: "raft", 1: "raft_seed1"}, "random selection": {0: "random", 1: "random_seed1"}}  # fmt: skip
+        "RAFT": {0: "raft", 1: "raft_seed1"},
+        "random selection": {0: "random", 1: "random_seed1"},
+    }
     assert sorted(zip(arms.minutes.arm, arms.minutes.seed)) == sorted((a, s) for a in images.ARMS for s in (0, 1))
     assert (arms.minutes.wall_minutes > 0).all()
     stages = json.loads((arms.out / "stages.json").read_text())
@@ -303,16 +372,33 @@ def test_held_out_scores_are_per_image_and_re_score_both_arms_with_the_real_rewa
 
 def test_measures_give_per_iteration_rows_and_per_prompt_text_rows(arms):
     rows, per_prompt = arms.rows, arms.per_prompt
-    assert list(rows.columns) == ["arm", "seed", "iteration", "diversity", "frechet_distance", "nearest_real_distance",
-                                  "eval_reward", "p_prompted_digit", "prompted_digit_accuracy"]  # fmt: skip
+    assert list(rows.columns) == [
+        "arm",
+        "seed",
+        "iteration",
+        "diversity",
+        "frechet_distance",
+        "nearest_real_distance",
+        "eval_reward",
+        "p_prompted_digit",
+        "prompted_digit_accuracy",
+    ]
     assert len(rows) == 2 * 2 * 2  # arms x seeds x iterations 0, 1
     base = rows[rows.iteration == 0].set_index(["seed", "arm"]).drop(columns="iteration")
     for seed in (0, 1):  # the base model is the same in both arms
         assert base.loc[(seed, "RAFT")].to_numpy() == pytest.approx(base.loc[(seed, "random selection")].to_numpy())
     # the alignment reward is the classifier's probability of the prompted digit
     assert rows["eval_reward"].to_numpy() == pytest.approx(rows["p_prompted_digit"].to_numpy(), abs=1e-6)
-    assert list(per_prompt.columns) == ["arm", "seed", "iteration", "prompt", "images", "eval_reward",
-                                        "p_prompted_digit", "prompted_digit_accuracy"]  # fmt: skip
+    assert list(per_prompt.columns) == [
+        "arm",
+        "seed",
+        "iteration",
+        "prompt",
+        "images",
+        "eval_reward",
+        "p_prompted_digit",
+        "prompted_digit_accuracy",
+    ]
     texts = {f"a handwritten digit {d}" for d in (1, 4, 7)}
     for (arm, seed, iteration), group in per_prompt.groupby(["arm", "seed", "iteration"]):
         assert group["prompt"].is_unique and set(group["prompt"]) <= texts  # one row per distinct text
@@ -341,8 +427,13 @@ def test_change_summary_of_the_runs_crosses_seeds_with_prompt_texts(arms):
     texts = sorted(f"a handwritten digit {d}" for d in (1, 4, 7))
     for seed in (0, 1):  # every seed holds out every text: a complete seeds x texts design
         assert sorted(arms.per_prompt[arms.per_prompt.seed == seed]["prompt"].unique()) == texts
-    wide = pd.DataFrame([{"seed": s, "prompt": t, "ours": pp[("RAFT", 1, s, t)],
-                          "baseline": pp[("random selection", 1, s, t)]} for s in (0, 1) for t in texts])  # fmt: skip
+    wide = pd.DataFrame(
+        [
+            {"seed": s, "prompt": t, "ours": pp[("RAFT", 1, s, t)], "baseline": pp[("random selection", 1, s, t)]}
+            for s in (0, 1)
+            for t in texts
+        ]
+    )
     crossed = stats.crossed_paired_difference(wide, "ours", "baseline")
     assert summary.loc[("eval_reward", images.AGAINST_CONTROL), "crossed_interval"] == str(crossed)
     assert crossed.mean == pytest.approx(float(np.mean(wide["ours"] - wide["baseline"])))
@@ -356,8 +447,9 @@ def _claims_by_text(claims) -> dict:
 
 
 def test_claims_name_one_primary_per_task_raft_above_its_control_on_the_reward(arms):
-    summary = images.change_summary(images.changes(arms.rows, list(arms.task.shown), 0, 1), arms.task.expected,
-                                    arms.per_prompt, 0, 1)  # fmt: skip
+    summary = images.change_summary(
+        images.changes(arms.rows, list(arms.task.shown), 0, 1), arms.task.expected, arms.per_prompt, 0, 1
+    )
     alignment = _claims_by_text(sd.claims(sd.TASKS["alignment"], summary, tiny=True))
     assert set(alignment) == {
         "RAFT after iteration T above the base model: held-out p(prompted digit)",
@@ -374,8 +466,13 @@ def test_claims_name_one_primary_per_task_raft_above_its_control_on_the_reward(a
     assert row["primary"] and row["interval"] == "95 % t-interval, n = 2"
     # the resolution task claims a direction for its reward only; a profile without CLIP names it by the scorer
     rows = _rows()
-    resolution = sd.claims(sd.TASKS["resolution"], images.change_summary(
-        images.changes(rows, ["eval_reward", "frechet_distance"], 0, 2), sd.TASKS["resolution"].expected), tiny=False)  # fmt: skip
+    resolution = sd.claims(
+        sd.TASKS["resolution"],
+        images.change_summary(
+            images.changes(rows, ["eval_reward", "frechet_distance"], 0, 2), sd.TASKS["resolution"].expected
+        ),
+        tiny=False,
+    )
     assert [(c.claim, c.primary) for c in resolution] == [
         ("RAFT after iteration T above the base model: held-out aesthetic score", False),
         ("RAFT above its random-selection control: held-out aesthetic score", True),
@@ -395,8 +492,12 @@ def test_paper_comparison_and_headline_read_the_runs(arms):
     at = arms.rows.set_index(["arm", "seed", "iteration"])["eval_reward"]
     raft = per_seed[per_seed.setting == "ours: RAFT, 1 iterations"].set_index("seed")["eval_reward"]
     assert raft.to_dict() == pytest.approx({s: at[("RAFT", s, 1)] for s in (0, 1)})
-    assert list(table.index) == [*task.paper_rows, "ours: base model (tiny)", "ours: RAFT, 1 iterations",
-                                 "ours: random selection, 1 iterations"]  # fmt: skip
+    assert list(table.index) == [
+        *task.paper_rows,
+        "ours: base model (tiny)",
+        "ours: RAFT, 1 iterations",
+        "ours: random selection, 1 iterations",
+    ]
     assert table.loc["paper: RAFT (SD 1.5, 512 px, CLIP reward)", "eval_reward"] == "—"  # no number in the paper
     assert table.loc["ours: RAFT, 1 iterations", "eval_reward"] == str(stats.mean_ci(raft))
     summary = images.change_summary(images.changes(arms.rows, list(task.shown), 0, 1), task.expected)
@@ -405,6 +506,7 @@ def test_paper_comparison_and_headline_read_the_runs(arms):
     assert reading == stats.reading(images.interval_of(summary, "eval_reward", images.AGAINST_CONTROL), "up")
     assert reading.startswith(f"{summary.loc[('eval_reward', images.AGAINST_CONTROL), 'verdict']}: ")
     assert numbers[f"{images.MEASURES['prompted_digit_accuracy']}, RAFT - random selection"] == images.interval_of(
-        summary, "prompted_digit_accuracy", images.AGAINST_CONTROL)  # fmt: skip
+        summary, "prompted_digit_accuracy", images.AGAINST_CONTROL
+    )
     wall = numbers["RAFT wall time per run (min)"]
     assert wall.n == 2 and wall.mean == pytest.approx(arms.minutes[arms.minutes.arm == "RAFT"]["wall_minutes"].mean())

@@ -192,14 +192,20 @@ def test_compiled_static_step_equals_the_uncompiled_one_and_compiles_once(gpt2_d
 def test_packed_rows_and_chunked_loss_give_the_padded_loss_and_gradients(which, request):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(which))
     padded = collate(EXAMPLES, 0)
-    reference = completion_loss(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
-                                padded["labels"])  # fmt: skip
+    reference = completion_loss(
+        model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"]
+    )
     reference_grads = torch.autograd.grad(reference, list(model.parameters()), allow_unused=True)
     packed = collate_packed(EXAMPLES)
     assert packed["input_ids"].shape == (1, sum(len(p) + len(c) for p, c in EXAMPLES))  # no padding at all
     for chunk in (3, 1000):
-        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)  # fmt: skip
+        out = model(
+            input_ids=packed["input_ids"],
+            position_ids=packed["position_ids"],
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         tokens = (packed["labels"][:, 1:] != -100).sum()
         loss = chunked_completion_nll(out.hidden_states[-1], packed["labels"], output_head(model), chunk) / tokens
         torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
@@ -216,8 +222,9 @@ def test_a_stage_with_packing_and_chunked_loss_trains_like_the_plain_one(llama_d
     for name, options in {"plain": {}, "fast": {"packing": True, "loss_chunk_tokens": 4}}.items():
         model = AutoModelForCausalLM.from_pretrained(llama_dir)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        model, _ = finetune(model, EXAMPLES, replace(settings, **options), pad_id=0, seed=0, iteration=1,
-                                progress=False)  # fmt: skip
+        model, _ = finetune(
+            model, EXAMPLES, replace(settings, **options), pad_id=0, seed=0, iteration=1, progress=False
+        )
         weights[name] = model.state_dict()
         assert any(not torch.equal(before[k], v) for k, v in weights[name].items())
     for key, tensor in weights["plain"].items():
@@ -230,8 +237,15 @@ def test_gradient_checkpointing_changes_memory_not_the_result(gpt2_dir):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-        model, _ = finetune(model, EXAMPLES, replace(settings, gradient_checkpointing=checkpointing), pad_id=0,
-                            seed=0, iteration=1, progress=False)  # fmt: skip
+        model, _ = finetune(
+            model,
+            EXAMPLES,
+            replace(settings, gradient_checkpointing=checkpointing),
+            pad_id=0,
+            seed=0,
+            iteration=1,
+            progress=False,
+        )
         assert not model.is_gradient_checkpointing  # switched off again after the stage
         results.append(model.state_dict())
     for key, tensor in results[0].items():

@@ -136,10 +136,21 @@ def test_a_steps_gradient_is_normalised_by_its_tokens_whatever_the_layout(gpt2_d
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "two.safetensors"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "examples/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(port), str(root / "tests" / "step_gradients.py"),
-        str(gpt2_dir), str(out), "4", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "examples/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        str(root / "tests" / "step_gradients.py"),
+        str(gpt2_dir),
+        str(out),
+        "4",
+        "1",
+    ]
     env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

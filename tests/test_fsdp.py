@@ -35,9 +35,19 @@ differences of up to 2e-5 (lr / 250) spread over every layer (measured: 111 of 7
 
 def launch(*arguments: str) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
-        "--main_process_port", str(free_port()), "-m", "raftlib", *arguments,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "raftlib",
+        *arguments,
+    ]
 
 
 @pytest.fixture(scope="module")

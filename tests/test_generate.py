@@ -70,10 +70,14 @@ def test_greedy_matches_hf_generate_despite_left_padding(which, request):
     assert len(samples) == 6
     for prompt_ids, pair in zip(ids, [samples[0:2], samples[2:4], samples[4:6]], strict=True):
         out = model.generate(
-            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=10,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         reference = out.sequences[0, len(prompt_ids) :].tolist()
         top_two = torch.cat(out.logits).float().topk(2, dim=-1).values  # (steps, 2)
         for sample in pair:  # greedy: both of the K samples are the HF continuation

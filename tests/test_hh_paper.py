@@ -73,10 +73,9 @@ def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
 
 
 def _setup(directory: str, standins: dict, **extra):
-    from raftsuite.hh_paper import prepare_paper_setup
+    from raftsuite.hh_paper import PaperSetupRequest, prepare_paper_setup
 
-    return prepare_paper_setup(
-        directory,
+    request = PaperSetupRequest(
         policy_model=str(standins["policy_model"]),
         dataset=str(standins["dataset"]),
         reward_model=str(standins["reward_model"]),
@@ -84,9 +83,9 @@ def _setup(directory: str, standins: dict, **extra):
         eval_prompts=40,
         policy_dtype="float32",
         mixed_precision="no",
-        progress=False,
         **extra,
     )
+    return prepare_paper_setup(directory, request, progress=False)
 
 
 def test_no_train_prompt_is_in_the_evaluation_set_and_the_subset_is_respected(standins, tmp_path):

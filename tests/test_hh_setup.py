@@ -59,8 +59,11 @@ def test_a_request_takes_the_setups_parameters_and_nothing_else():
 
     request = _request(base_model="assets/tiny-lm", policy_dtype="auto", eval_prompts=9)
     assert (request.base_model, request.eval_prompts, request.setup_max_new_tokens, request.rm_epochs) == (
-        "assets/tiny-lm", 9, 6, 1,
-    )  # fmt: skip
+        "assets/tiny-lm",
+        9,
+        6,
+        1,
+    )
     assert request.policy_dtype == ("bfloat16" if torch.cuda.is_available() else "float32")  # "auto" resolved
     assert {f.name for f in dataclasses.fields(SetupRequest)} >= set(_parameters()) - {"seeds", "learning_rates"}
     assert _request(seeds=[7]) == _request(learning_rates=[1.0])  # the runs' parameters: one cached setup for all
@@ -118,14 +121,25 @@ def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
 
     standins = build_all(tmp_path / "standins")
     runs = tmp_path / "runs"
-    hub = {"policy_model": str(standins["policy_model"]), "dataset": str(standins["dataset"]),
-           "reward_model": str(standins["reward_model"])}  # fmt: skip
+    hub = {
+        "policy_model": str(standins["policy_model"]),
+        "dataset": str(standins["dataset"]),
+        "reward_model": str(standins["reward_model"]),
+    }
     # what the notebooks called before: train_limit and sft_examples 0 passed as None
-    built = hh_paper.prepare_paper_setup(
-        runs / "hh_paper_setup", **hub, sft_model="", subset="helpful", max_prompt_tokens=128, eval_prompts=40,
-        train_limit=None, sft_examples=None, policy_dtype="float32", mixed_precision="no",
-        gradient_checkpointing=False, progress=False,
-    )  # fmt: skip
+    request = hh_paper.PaperSetupRequest(
+        **hub,
+        sft_model="",
+        subset="helpful",
+        max_prompt_tokens=128,
+        eval_prompts=40,
+        train_limit=None,
+        sft_examples=None,
+        policy_dtype="float32",
+        mixed_precision="no",
+        gradient_checkpointing=False,
+    )
+    built = hh_paper.prepare_paper_setup(runs / "hh_paper_setup", request, progress=False)
     record = (runs / "hh_paper_setup" / "setup.json").read_bytes()
 
     setup = hh_setup.prepare(runs, _request(**hub, eval_prompts=40, max_prompt_tokens=128))

@@ -150,9 +150,12 @@ def test_without_the_snippet_it_fails_as_the_issue_says():
 def test_papermill_from_the_root_gives_the_same_output(tmp_path):
     nbformat.write(reads_openings(), tmp_path / "in.ipynb")
     papermill.execute_notebook(
-        str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3", cwd=str(ROOT),
+        str(tmp_path / "in.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        kernel_name="python3",
+        cwd=str(ROOT),
         progress_bar=False,
-    )  # fmt: skip
+    )
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     code = [c for c in executed.cells if c.cell_type == "code"]
     assert code[-1].outputs[0]["text"].strip() == expected_output()

@@ -46,8 +46,21 @@ def test_reward_rises_over_iterations_and_run_dir_is_complete(gpt2_dir, prompts_
     assert RAFTConfig.from_yaml(run_dir / "config.yaml") == config
     table = pq.read_table(run_dir / "iter_0002" / "samples.parquet").to_pylist()
     assert len(table) == 16 * 8 and sum(r["kept"] for r in table) == 16
-    assert {"prompt_id", "prompt", "completion", "prompt_token_count", "completion_token_count", "reward",
-            "reward/letter_a", "kept", "logprob", "temperature", "top_p", "finish_reason", "ranking_key"} <= set(table[0])  # fmt: skip
+    assert {
+        "prompt_id",
+        "prompt",
+        "completion",
+        "prompt_token_count",
+        "completion_token_count",
+        "reward",
+        "reward/letter_a",
+        "kept",
+        "logprob",
+        "temperature",
+        "top_p",
+        "finish_reason",
+        "ranking_key",
+    } <= set(table[0])
     assert len({(r["prompt_id"], r["sample_index"]) for r in table}) == len(table)
     kept = pq.read_table(run_dir / "iter_0002" / "kept.parquet").to_pylist()
     assert [r["completion"] for r in kept] == [r["completion"] for r in table if r["kept"]]
@@ -63,12 +76,14 @@ def test_reward_rises_over_iterations_and_run_dir_is_complete(gpt2_dir, prompts_
 def test_lora_llama_with_chat_template_kl_and_global_selection(llama_dir, prompts_file, tmp_path):
     config = RAFTConfig.from_dict(
         base_config(
-            llama_dir, prompts_file, tmp_path / "run",
+            llama_dir,
+            prompts_file,
+            tmp_path / "run",
             model={"path": str(llama_dir), "lora": {"r": 4, "alpha": 8}},
             selection={"strategy": "global", "kl_coef": 0.05},
             data={"prompts": str(prompts_file), "eval_prompts": 8, "reference_column": "reference"},
         )
-    )  # fmt: skip
+    )
     result = run(config)
     rows = result.metrics
     table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
@@ -99,9 +114,14 @@ def test_same_config_resumes_and_other_config_is_refused(gpt2_dir, prompts_file,
 
 
 def test_none_rewards_are_counted_and_never_kept(gpt2_dir, prompts_file, tmp_path):
-    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run", reward={"fn": "toy_rewards:none_for_empty"},
-                      generation={"samples_per_prompt": 4, "max_new_tokens": 3, "prompts_per_batch": 4},
-                      loop={"iterations": 1, "prompts_per_iteration": 8})  # fmt: skip
+    raw = base_config(
+        gpt2_dir,
+        prompts_file,
+        tmp_path / "run",
+        reward={"fn": "toy_rewards:none_for_empty"},
+        generation={"samples_per_prompt": 4, "max_new_tokens": 3, "prompts_per_batch": 4},
+        loop={"iterations": 1, "prompts_per_iteration": 8},
+    )
     result = run(RAFTConfig.from_dict(raw))
     table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
     invalid = [r for r in table if r["reward"] is None]
@@ -113,8 +133,13 @@ def test_external_samples_join_the_pool_and_can_be_kept(gpt2_dir, prompts_file, 
     """The paper's off-policy distillation (Table 8): a teacher's completions compete with the policy's."""
     teacher = tmp_path / "teacher.jsonl"
     teacher.write_text("".join(json.dumps({"prompt_id": i, "completion": " aaaa aaaa aaaa"}) + "\n" for i in range(40)))
-    raw = base_config(gpt2_dir, prompts_file, tmp_path / "run", selection={"external_samples": str(teacher)},
-                      loop={"iterations": 1, "prompts_per_iteration": 8})  # fmt: skip
+    raw = base_config(
+        gpt2_dir,
+        prompts_file,
+        tmp_path / "run",
+        selection={"external_samples": str(teacher)},
+        loop={"iterations": 1, "prompts_per_iteration": 8},
+    )
     result = run(RAFTConfig.from_dict(raw))
     table = pq.read_table(result.run_dir / "iter_0001" / "samples.parquet").to_pylist()
     external = [r for r in table if r["source"] == "external"]
@@ -150,8 +175,11 @@ KILL_POINTS = [
 def kill(point: str, occurrence: int, argv: list[str]) -> None:
     killed = subprocess.run(
         [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", *argv],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, f"the run was not killed at {point} #{occurrence}:\n{killed.stderr[-3000:]}"
 
 
@@ -195,8 +223,11 @@ def test_run_dir_is_readable_at_every_moment(uninterrupted, gpt2_dir, prompts_fi
     config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_dir, prompts_file, run_dir, **RESUME))
     writer = subprocess.Popen(
         [sys.executable, "-m", "raftlib", "run", str(config)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     reads = 0
     while writer.poll() is None:
         reads += read_run_dir(run_dir) if run_dir.exists() else 0

@@ -68,9 +68,20 @@ def test_accelerate_launch_two_processes_equal_one(llama_dir, prompts_file, tmp_
     raw = base_config(llama_dir, prompts_file, tmp_path / "two", **SETTINGS)
     config = write_config(tmp_path / "two.yaml", raw)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "raftlib", "run", str(config),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "raftlib",
+        "run",
+        str(config),
+    ]
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes: generation, scoring and evaluation sharded" in done.stderr
@@ -125,10 +136,19 @@ def test_a_killed_two_process_run_resumes_to_the_same_run(llama_dir, prompts_fil
 
     def launch(*arguments: str) -> list[str]:
         return [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "examples/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
-            "-m", "raftlib", *arguments,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "examples/accelerate/ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "raftlib",
+            *arguments,
+        ]
 
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(

@@ -188,10 +188,13 @@ def test_efficiency_compares_both_methods_from_one_run(smoke_results):
 
 
 PER_PROMPT = {
-    "hh_rlhf": "table3_prompts.parquet", "ablations": "ablation_prompts.parquet",
-    "efficiency": "raft_vs_grpo_prompts.parquet", "sd_resolution": "held_out_prompts.parquet",
-    "sd_alignment": "held_out_prompts.parquet", "reasoning": "problems.parquet",
-}  # fmt: skip
+    "hh_rlhf": "table3_prompts.parquet",
+    "ablations": "ablation_prompts.parquet",
+    "efficiency": "raft_vs_grpo_prompts.parquet",
+    "sd_resolution": "held_out_prompts.parquet",
+    "sd_alignment": "held_out_prompts.parquet",
+    "reasoning": "problems.parquet",
+}
 
 
 @pytest.mark.parametrize("name", sorted(PER_PROMPT))
@@ -423,8 +426,17 @@ def test_paper_profile_runs_on_local_stable_diffusion_dirs(name, tmp_path):
     sd = T.build_stable_diffusion(tmp_path / "sd")
     clip = T.build_clip(tmp_path / "clip")
     save_file(torch.nn.Linear(32, 1).state_dict(), tmp_path / "head.safetensors")
-    local = {"model": str(sd), "clip_model": str(clip), "height": 32, "width": 32, "iterations": 1,
-             "samples_per_prompt": 2, "num_inference_steps": 3, "epochs": 2, "eval_samples_per_prompt": 2}  # fmt: skip
+    local = {
+        "model": str(sd),
+        "clip_model": str(clip),
+        "height": 32,
+        "width": 32,
+        "iterations": 1,
+        "samples_per_prompt": 2,
+        "num_inference_steps": 3,
+        "epochs": 2,
+        "eval_samples_per_prompt": 2,
+    }
     if name == "sd_resolution":
         local["aesthetic_head"] = str(tmp_path / "head.safetensors")
     paper = runner.load_profile("paper")[name]

@@ -31,7 +31,11 @@ def test_cross_kernel_comparisons_hold_with_other_gemm_kernels():
     environment = os.environ | {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selected],
-        cwd=TESTS, env=environment, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=TESTS,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:]
     assert "6 passed" in done.stdout, done.stdout[-2000:]

@@ -119,15 +119,19 @@ def test_time_terms_are_the_documented_arithmetic():
 def test_the_cli_plans_the_paper_profile_offline():
     done = subprocess.run(
         [sys.executable, "-m", "raftlib", "plan", str(PAPER), "--hardware", "A40-48GB", "--gpus", "8", "--brief"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 3, done.stderr[-2000:]  # the plain fp32 setting does not fit: exit 3
     assert "8 x A40-48GB" in done.stdout and "| generate |" in done.stdout and "| evaluate |" in done.stdout
     assert "does NOT fit: change generation.prompts_per_batch" in done.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "raftlib", "plan", str(PAPER), "model.path=nowhere/unknown"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "--model-config" in bad.stderr
 
 
@@ -159,17 +163,27 @@ def test_the_fine_tune_estimate_is_within_25_percent_of_the_peak_measured_here(t
     from transformers import LlamaConfig
 
     model_dir = tmp_path / "model"
-    LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                num_attention_heads=8, num_key_value_heads=8).save_pretrained(model_dir)  # fmt: skip
+    LlamaConfig(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ).save_pretrained(model_dir)
     done = subprocess.run([sys.executable, "-c", MEASURE, str(model_dir)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.splitlines()[-1])
     used = measured["peak"] - measured["baseline"]
-    config = RAFTConfig.from_dict({
-        "model": {"path": str(model_dir)}, "data": {"prompts": "p.jsonl", "max_prompt_tokens": 192, "eval_prompts": 0},
-        "generation": {"max_new_tokens": 64}, "reward": {"fn": "toy_rewards:letter_a"},
-        "training": {"micro_batch_size": 8},
-    })  # fmt: skip
+    config = RAFTConfig.from_dict(
+        {
+            "model": {"path": str(model_dir)},
+            "data": {"prompts": "p.jsonl", "max_prompt_tokens": 192, "eval_prompts": 0},
+            "generation": {"max_new_tokens": 64},
+            "reward": {"fn": "toy_rewards:letter_a"},
+            "training": {"micro_batch_size": 8},
+        }
+    )
     estimate = stage(plan(config, Hardware(gpus=1, gpu_memory_gib=24), sharding="ddp"), "fine-tune (DDP)")
     predicted = estimate.memory_bytes - RUNTIME_OVERHEAD_BYTES
     print(f"fine-tune stage: measured {used / GiB:.3f} GiB, estimated {predicted / GiB:.3f} GiB")
@@ -187,16 +201,22 @@ def test_diffusion_configs_are_planned_from_their_component_configs(tmp_path):
         return getattr(diffusers, name).from_pretrained(directory)
 
     for path in (T.build_class_conditional(tmp_path / "cc"), T.build_stable_diffusion(tmp_path / "sd")):
-        config = DiffusionConfig.from_dict({"model": {"path": str(path)}, "data": {"prompts": "p.jsonl"},
-                                            "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+        config = DiffusionConfig.from_dict(
+            {"model": {"path": str(path)}, "data": {"prompts": "p.jsonl"}, "reward": {"fn": "toy_rewards:brightness"}}
+        )
         estimate = plan(config, Hardware.preset("A40-48GB", 2), sharding="fsdp")
         fsdp = stage(estimate, "fine-tune (FSDP)")
         unet = sum(p.numel() for p in load_unet(path / "unet").parameters())  # the real weights, counted
         assert term(fsdp, "UNet weights") == unet * 4 / 2  # float32, 2 shards
         assert term(fsdp, "activations") > 0 and estimate.fits
     # SD 1.5 offline from the known table: 859.5 M UNet parameters (its published count)
-    sd15 = DiffusionConfig.from_dict({"model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
-                                      "data": {"prompts": "p.jsonl"}, "reward": {"fn": "toy_rewards:brightness"}})  # fmt: skip
+    sd15 = DiffusionConfig.from_dict(
+        {
+            "model": {"path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+            "data": {"prompts": "p.jsonl"},
+            "reward": {"fn": "toy_rewards:brightness"},
+        }
+    )
     assert plan(sd15, Hardware.preset("A40-48GB")).models["unet"] == "859.5 M parameters"
 
 
@@ -255,8 +275,10 @@ def test_the_planner_needs_no_peft_for_a_full_fine_tune_and_counts_lora_without_
 
     full = subprocess.run(
         [sys.executable, "-c", BLOCK_PEFT, "plan", str(PAPER), "model.lora=null", "--hardware", "H100-80GB", "--brief"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert full.returncode in (0, 3), full.stderr[-2000:]  # planned (fits or not), not an ImportError
     assert "| fine-tune (DDP) |" in full.stdout and "peft" not in full.stderr
     llama = model_shape(dict(KNOWN_SHAPES["huggyllama/llama-7b"]), "llama")
@@ -277,13 +299,26 @@ def test_the_planner_needs_no_peft_for_a_full_fine_tune_and_counts_lora_without_
 def test_runner_check_plans_every_gpu_stage_of_every_notebook(profile):
     """`runner check --profile gpu|paper` prints the SFT setup, RAFT, GRPO, best-of-K, reasoning and SD stages, and
     the shipped profiles fit their hardware."""
-    done = subprocess.run([sys.executable, "-m", "raftsuite.runner", "check", "--profile", profile],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "raftsuite.runner", "check", "--profile", profile],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    for stage in ("| hh_rlhf | SFT setup", "| hh_rlhf | RAFT: generate", "| hh_rlhf | GRPO: fine-tune (TRL)",
-                  "| hh_rlhf | best-of-", "| ablations | RAFT: fine-tune", "| efficiency | GRPO: generate",
-                  "| reasoning | RAFT / RAFT++: fine-tune", "| reasoning | GRPO: generate",
-                  "| sd_resolution | RAFT: generate", "| sd_alignment | RAFT: fine-tune"):  # fmt: skip
+    for stage in (
+        "| hh_rlhf | SFT setup",
+        "| hh_rlhf | RAFT: generate",
+        "| hh_rlhf | GRPO: fine-tune (TRL)",
+        "| hh_rlhf | best-of-",
+        "| ablations | RAFT: fine-tune",
+        "| efficiency | GRPO: generate",
+        "| reasoning | RAFT / RAFT++: fine-tune",
+        "| reasoning | GRPO: generate",
+        "| sd_resolution | RAFT: generate",
+        "| sd_alignment | RAFT: fine-tune",
+    ):
         assert stage in done.stdout, stage
 
 
@@ -295,12 +330,18 @@ def test_a_stage_that_cannot_fit_is_refused_naming_the_notebook_parameter():
     hardware = Hardware.preset("A100-80GB", 8)
     fitting = profile_plan.plan_reasoning(values, hardware)
     assert not any(r.clearly_too_big for r in fitting)
-    for changed, parameter, stage in ((
-        {"grpo_use_vllm": False}, "grpo_use_vllm", "GRPO: generate"), ({"loss_chunk_tokens": 0}, "loss_chunk_tokens", "RAFT / RAFT++: fine-tune"
-    )):  # fmt: skip
+    for changed, parameter, stage in (
+        ({"grpo_use_vllm": False}, "grpo_use_vllm", "GRPO: generate"),
+        ({"loss_chunk_tokens": 0}, "loss_chunk_tokens", "RAFT / RAFT++: fine-tune"),
+    ):
         rows = profile_plan.plan_reasoning(values | changed, hardware)
         refused = [r for r in rows if r.clearly_too_big]
         assert refused and all(r.change == parameter for r in refused if stage in r.stage), changed
-    grpo = profile_plan.plan_hh("hh_rlhf", runner.notebook_parameters("hh_rlhf") | runner.load_profile("gpu")["hh_rlhf"]
-                                | {"grpo_gradient_accumulation_steps": 1}, Hardware.preset("H100-80GB", 1))  # fmt: skip
+    grpo = profile_plan.plan_hh(
+        "hh_rlhf",
+        runner.notebook_parameters("hh_rlhf")
+        | runner.load_profile("gpu")["hh_rlhf"]
+        | {"grpo_gradient_accumulation_steps": 1},
+        Hardware.preset("H100-80GB", 1),
+    )
     assert any(r.clearly_too_big and r.change == "grpo_gradient_accumulation_steps" for r in grpo)

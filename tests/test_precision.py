@@ -65,9 +65,13 @@ def test_the_hh_sft_setup_trains_float32_masters_and_saves_them(tmp_path):
     model = T.build_llama(tmp_path / "llama", chat_template=False)
     examples = tmp_path / "examples.jsonl"
     examples.write_text("".join(json.dumps([p, c]) + "\n" for p, c in EXAMPLES))
-    job = {"policy_model": str(model), "examples": str(examples), "output_dir": str(tmp_path / "sft"),
-           "progress": False, "training": {"learning_rate": 1e-4, "epochs": 1, "micro_batch_size": 4,
-                                           "mixed_precision": "bf16"}}  # fmt: skip
+    job = {
+        "policy_model": str(model),
+        "examples": str(examples),
+        "output_dir": str(tmp_path / "sft"),
+        "progress": False,
+        "training": {"learning_rate": 1e-4, "epochs": 1, "micro_batch_size": 4, "mixed_precision": "bf16"},
+    }
     with optimizer_dtypes() as seen:
         hh_paper.sft_child(job)
     assert seen and set(seen) == {"torch.float32"}
@@ -78,14 +82,29 @@ def test_the_hh_sft_setup_trains_float32_masters_and_saves_them(tmp_path):
 def test_the_reasoning_grpo_baseline_trains_float32_masters(tmp_path):
     from raftsuite import reasoning as R
 
-    parameters = {"train_dataset": "", "eval_problems": 8, "validation_problems": 8, "base_model": "assets/tiny-math",
-                  "max_new_tokens": 6}  # fmt: skip
+    parameters = {
+        "train_dataset": "",
+        "eval_problems": 8,
+        "validation_problems": 8,
+        "base_model": "assets/tiny-math",
+        "max_new_tokens": 6,
+    }
     files = R.problem_files(tmp_path / "problems", parameters)
-    settings = R.ReasoningSettings(base_model="assets/tiny-math", iterations=1, prompts_per_iteration=8,
-                                   eval_samples_per_prompt=2, micro_batch_size=4, grpo_updates_per_generation=2,
-                                   mixed_precision="bf16")  # fmt: skip
-    job = {"settings": vars(settings), "files": vars(files), "run": {"method": "GRPO", "learning_rate": 1e-4, "seed": 0},
-           "output_dir": str(tmp_path / "grpo")}  # fmt: skip
+    settings = R.ReasoningSettings(
+        base_model="assets/tiny-math",
+        iterations=1,
+        prompts_per_iteration=8,
+        eval_samples_per_prompt=2,
+        micro_batch_size=4,
+        grpo_updates_per_generation=2,
+        mixed_precision="bf16",
+    )
+    job = {
+        "settings": vars(settings),
+        "files": vars(files),
+        "run": {"method": "GRPO", "learning_rate": 1e-4, "seed": 0},
+        "output_dir": str(tmp_path / "grpo"),
+    }
     with optimizer_dtypes() as seen:
         record = R.grpo_curve(job)
     assert seen and set(seen) == {"torch.float32"}
@@ -97,9 +116,17 @@ def test_the_hh_grpo_baseline_trains_float32_masters(tmp_path):
     from raftsuite import hh_methods
 
     policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
-    settings = hh_methods.MethodSettings(sft_model=str(policy), reward_model=str(reward), samples_per_prompt=2,
-                                         max_new_tokens=4, prompts_per_iteration=4, iterations=1,
-                                         grpo_prompts_per_step=2, mixed_precision="bf16", gold=False)  # fmt: skip
+    settings = hh_methods.MethodSettings(
+        sft_model=str(policy),
+        reward_model=str(reward),
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        prompts_per_iteration=4,
+        iterations=1,
+        grpo_prompts_per_step=2,
+        mixed_precision="bf16",
+        gold=False,
+    )
     prompts = [Prompt(i, f"prompt number {i}", {}) for i in range(8)]
     with optimizer_dtypes() as seen:
         record = hh_methods.run_grpo(settings, prompts, hh_methods.MethodRun("grpo", 1e-4, 0), tmp_path / "out")
@@ -113,8 +140,10 @@ def test_the_tiny_reward_model_trains_float32(tmp_path):
     from raftsuite import hh
 
     base = T.build_gpt2(tmp_path / "base", pad_token=True)
-    pairs = [(SimpleNamespace(prompt=f"p{i} ", completion="good text"), SimpleNamespace(prompt=f"p{i} ", completion="bad"))
-             for i in range(8)]  # fmt: skip
+    pairs = [
+        (SimpleNamespace(prompt=f"p{i} ", completion="good text"), SimpleNamespace(prompt=f"p{i} ", completion="bad"))
+        for i in range(8)
+    ]
     settings = hh.SetupSettings(base_model=str(base), rm_epochs=1)
     with optimizer_dtypes() as seen:
         hh.train_reward_model(str(base), pairs[:6], pairs[6:], tmp_path / "rm", settings)

@@ -54,8 +54,10 @@ def test_the_hh_runs_read_hh_text_as_the_sft_reads_it(tmp_path):
     settings = hh_methods.MethodSettings(sft_model=str(policy), reward_model=str(reward), gold=False)
     prompts = T.write_prompts(tmp_path / "prompts.jsonl")
     run = hh_methods.MethodRun("raft", 1e-4, 0)
-    configs = [RAFTConfig.from_dict(hh_methods.raft_config(settings, prompts, 4, run, tmp_path / "run")),
-               hh_methods.evaluation_config(settings, 0)]  # fmt: skip
+    configs = [
+        RAFTConfig.from_dict(hh_methods.raft_config(settings, prompts, 4, run, tmp_path / "run")),
+        hh_methods.evaluation_config(settings, 0),
+    ]
     tokenizer = load_tokenizer(ModelSection(path=str(policy)))
     _, generation_config = read_model_config(ModelSection(path=str(policy)))
     sft_ids = tokenizer(HH_PROMPT)["input_ids"]  # raftsuite.hh_paper's SFT examples

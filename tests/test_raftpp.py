@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raftlib.config import ConfigError, LoopSection, TrainingSection
 from raftlib.metrics import pass_at_k, pass_at_k_metrics, token_entropy_mean
+from raftlib.sections import SelectionSection as Rule
 from raftlib.select import select
 from raftlib.text.finetune import (
     collate,
@@ -234,10 +235,10 @@ def test_threshold_keeps_every_correct_sample_and_local_keeps_one():
     rewards = np.array([1.0, 0.0, 1.0, np.nan, 0.0, 0.0, np.nan, 0.0])
     pids = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     sidx = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-    every = select("threshold", rewards, pids, sidx, samples_per_prompt=4, threshold=1.0)
+    every = select(Rule(strategy="threshold", threshold=1.0), rewards, pids, sidx, samples_per_prompt=4)
     assert every.kept.tolist() == [True, False, True, False, False, False, False, False]
     assert every.invalid_count == 2
-    best = select("local", rewards, pids, sidx, samples_per_prompt=4)
+    best = select(Rule(), rewards, pids, sidx, samples_per_prompt=4)
     # best of K keeps one per prompt even when it is wrong (prompt 1): why RAFT on a verifier uses threshold
     assert best.kept.tolist() == [True, False, False, False, True, False, False, False]
 
@@ -261,9 +262,14 @@ def test_loop_with_raftpp_threshold_selection_and_pass_at_k(gpt2_dir, prompts_fi
         "reward": {"fn": "test_raftpp:has_letter_a"},
         "selection": {"strategy": "threshold", "threshold": 1.0},
         "training": {"learning_rate": 1e-3, "epochs": 2, "micro_batch_size": 4, "loss": "raftpp"},
-        "loop": {"iterations": 1, "prompts_per_iteration": 8, "eval_samples_per_prompt": 4, "pass_threshold": 1.0,
-                 "pass_k": 2},
-    }  # fmt: skip
+        "loop": {
+            "iterations": 1,
+            "prompts_per_iteration": 8,
+            "eval_samples_per_prompt": 4,
+            "pass_threshold": 1.0,
+            "pass_k": 2,
+        },
+    }
     rows = run(RAFTConfig.from_dict(raw)).metrics
     documented = set((Path(__file__).parent.parent / "docs" / "metrics.md").read_text().split("`")[1::2])
     for row in rows:

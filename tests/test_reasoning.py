@@ -128,15 +128,26 @@ def test_committed_model_partly_solves_the_task():
     assert 0.1 < build["greedy_heldout_accuracy"] < 0.9  # room for RAFT to improve, and something to keep
 
 
-SETTINGS = R.ReasoningSettings(base_model="assets/tiny-math", iterations=2, prompts_per_iteration=8,
-                               samples_per_prompt=4, micro_batch_size=4, eval_samples_per_prompt=4,
-                               grpo_updates_per_generation=2)  # fmt: skip
+SETTINGS = R.ReasoningSettings(
+    base_model="assets/tiny-math",
+    iterations=2,
+    prompts_per_iteration=8,
+    samples_per_prompt=4,
+    micro_batch_size=4,
+    eval_samples_per_prompt=4,
+    grpo_updates_per_generation=2,
+)
 
 
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
-    parameters = {"train_dataset": "", "eval_problems": 16, "validation_problems": 12,
-                  "base_model": "assets/tiny-math", "max_new_tokens": SETTINGS.max_new_tokens}  # fmt: skip
+    parameters = {
+        "train_dataset": "",
+        "eval_problems": 16,
+        "validation_problems": 12,
+        "base_model": "assets/tiny-math",
+        "max_new_tokens": SETTINGS.max_new_tokens,
+    }
     return R.problem_files(tmp_path_factory.mktemp("problems"), parameters)
 
 
@@ -188,11 +199,16 @@ def test_the_four_methods_run_and_the_control_keeps_what_raft_kept(problems, tmp
 
 
 def test_per_problem_rows_and_the_average_over_sets():
-    rows = [{"prompt_id": p, "reward/correct": r, "completion_token_count": 2, "entropy": 1.0}
-            for p, r in [(0, 1.0), (0, 0.0), (1, None), (1, 0.0), (2, 1.0), (2, 1.0)]]  # fmt: skip
+    rows = [
+        {"prompt_id": p, "reward/correct": r, "completion_token_count": 2, "entropy": 1.0}
+        for p, r in [(0, 1.0), (0, 0.0), (1, None), (1, 0.0), (2, 1.0), (2, 1.0)]
+    ]
     problems = R.per_problem(rows, {0: "a", 1: "a", 2: "b"})
-    assert [(p["pass_at_1"], p["pass_at_n"], p["unparsable"]) for p in problems] == [(0.5, 1.0, 0.0), (0.0, 0.0, 0.5),
-                                                                                    (1.0, 1.0, 0.0)]  # fmt: skip
+    assert [(p["pass_at_1"], p["pass_at_n"], p["unparsable"]) for p in problems] == [
+        (0.5, 1.0, 0.0),
+        (0.0, 0.0, 0.5),
+        (1.0, 1.0, 0.0),
+    ]
     point = R.curve_point(problems)
     assert point["pass_at_1"] == pytest.approx((0.25 + 1.0) / 2)  # each set's mean, then their mean
     assert point["a/pass_at_1"] == 0.25 and point["entropy"] == pytest.approx(0.5)
@@ -217,8 +233,15 @@ def frame_of(values: dict[str, list[tuple[float, float]]], seeds: int = 5) -> pd
         for seed in range(seeds):
             for t, (acc, ent) in enumerate(points):
                 jitter = 0.0 if t == 0 else 0.005 * rng.standard_normal()
-                rows.append({"method": method, "seed": seed, "iteration": t, "pass_at_1": acc + 0.01 * seed + jitter,
-                             "entropy": ent + 0.01 * seed + jitter})  # fmt: skip
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "iteration": t,
+                        "pass_at_1": acc + 0.01 * seed + jitter,
+                        "entropy": ent + 0.01 * seed + jitter,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

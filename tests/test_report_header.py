@@ -82,8 +82,12 @@ def small_run(tmp_path_factory):
     nbformat.write(notebook, notebooks / "small.ipynb")
     (notebooks / "profiles.yaml").write_text("smoke:\n  small: {seeds: [3, 4, 5]}\n")
     patch = pytest.MonkeyPatch()
-    for name, value in {"NOTEBOOKS": notebooks, "PROFILES": notebooks / "profiles.yaml", "ROOT": tmp,
-                        "RESULTS": tmp / "results"}.items():  # fmt: skip
+    for name, value in {
+        "NOTEBOOKS": notebooks,
+        "PROFILES": notebooks / "profiles.yaml",
+        "ROOT": tmp,
+        "RESULTS": tmp / "results",
+    }.items():
         patch.setattr(runner, name, value)
     import contextlib
     import io
@@ -154,16 +158,23 @@ def test_committed_ablations_report_rerenders_without_stderr_boxes(tmp_path):
 
 
 def test_lanes_keep_shared_work_together_and_balance_by_recorded_time(tmp_path):
-    seconds = {"hh_rlhf": 1200, "efficiency": 30, "ablations": 900, "sd_resolution": 180, "sd_alignment": 360,
-               "reasoning": 700}  # fmt: skip
+    seconds = {
+        "hh_rlhf": 1200,
+        "efficiency": 30,
+        "ablations": 900,
+        "sd_resolution": 180,
+        "sd_alignment": 360,
+        "reasoning": 700,
+    }
     for name, value in seconds.items():
         (tmp_path / "tiny" / name).mkdir(parents=True)
         (tmp_path / "tiny" / name / "status.json").write_text(json.dumps({"ok": True, "seconds": value}))
     names = sorted(seconds)
     two = runner.lanes(names, 2, tmp_path)
     assert two == [["hh_rlhf", "efficiency", "ablations"], ["reasoning", "sd_alignment", "sd_resolution"]]
-    assert runner.lanes(names, 1, tmp_path) == [["hh_rlhf", "efficiency", "ablations", "reasoning", "sd_alignment",
-                                                 "sd_resolution"]]  # fmt: skip
+    assert runner.lanes(names, 1, tmp_path) == [
+        ["hh_rlhf", "efficiency", "ablations", "reasoning", "sd_alignment", "sd_resolution"]
+    ]
     # four lanes: the shared group stays whole; the longest lanes are not split further
     four = runner.lanes(names, 4, tmp_path)
     assert ["hh_rlhf", "efficiency", "ablations"] in four and sorted(n for lane in four for n in lane) == names

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from raftlib.sections import SelectionSection as Rule
 from raftlib.select import as_float_array, kl_ranking_key, select, select_global, select_local, select_threshold
 
 
@@ -88,13 +89,15 @@ def test_ranking_is_invariant_to_affine_reward_shift():
     rng = np.random.default_rng(0)
     key = rng.normal(size=24)
     pids, sidx = np.repeat(np.arange(6), 4), np.tile(np.arange(4), 6)
-    base = select("local", key, pids, sidx, samples_per_prompt=4).kept
-    assert (select("local", 3.0 * key - 7.0, pids, sidx, samples_per_prompt=4).kept == base).all()
+    base = select(Rule(), key, pids, sidx, samples_per_prompt=4).kept
+    assert (select(Rule(), 3.0 * key - 7.0, pids, sidx, samples_per_prompt=4).kept == base).all()
 
 
 def test_dispatch_global_uses_one_over_k():
     key = np.arange(12, dtype=float)
-    result = select("global", key, np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3), samples_per_prompt=4)
+    result = select(
+        Rule(strategy="global"), key, np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3), samples_per_prompt=4
+    )
     assert np.flatnonzero(result.kept).tolist() == [9, 10, 11]
 
 
@@ -103,17 +106,30 @@ def test_max_kept_caps_the_winners_best_key_first():
     key = np.array([0.1, 0.9, 0.5, 0.4, 0.7, 0.7])
     prompt_ids = np.array([0, 0, 1, 1, 2, 2])
     sample_indices = np.array([0, 1, 0, 1, 0, 1])
-    capped = select("local", key, prompt_ids, sample_indices, samples_per_prompt=2, max_kept=2)
+    capped = select(Rule(max_kept=2), key, prompt_ids, sample_indices, samples_per_prompt=2)
     assert capped.kept.tolist() == [False, True, False, False, True, False]  # 0.9 and the tie-broken 0.7
-    uncapped = select("local", key, prompt_ids, sample_indices, samples_per_prompt=2, max_kept=5)
+    uncapped = select(Rule(max_kept=5), key, prompt_ids, sample_indices, samples_per_prompt=2)
     assert uncapped.kept.sum() == 3
 
 
 def test_count_keeps_exactly_the_best_n_and_never_an_invalid_one():
     key = as_float_array([0.1, 0.9, None, 0.5, 0.7])
-    result = select("count", key, np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 0]), samples_per_prompt=2, count=3)
+    result = select(
+        Rule(strategy="count", kept_counts=[3]),
+        key,
+        np.array([0, 0, 1, 1, 2]),
+        np.array([0, 1, 0, 1, 0]),
+        samples_per_prompt=2,
+    )
     assert result.kept.tolist() == [False, True, False, True, True]
-    short = select("count", key, np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 0]), samples_per_prompt=2, count=9)
+    short = select(
+        Rule(strategy="count", kept_counts=[4, 9]),
+        key,
+        np.array([0, 0, 1, 1, 2]),
+        np.array([0, 1, 0, 1, 0]),
+        samples_per_prompt=2,
+        iteration=2,
+    )
     assert short.kept.sum() == 4 and not short.kept[2]  # fewer usable rewards than asked: all usable ones
 
 

@@ -395,9 +395,16 @@ def test_summary_table_and_its_csv_files(tmp_path):
     summary = report.save_seed_table(rows, tmp_path, "table5_k", metrics=["proxy_reward", "perplexity"])
     assert list(summary.index) == [32, 16, 8]  # first-seen order, as the caller laid out the sweep
     assert list(summary.columns) == [
-        "proxy_reward", "proxy_reward_ci95_low", "proxy_reward_ci95_high", "proxy_reward_iqm",
-        "perplexity", "perplexity_ci95_low", "perplexity_ci95_high", "perplexity_iqm", "n_seeds",
-    ]  # fmt: skip
+        "proxy_reward",
+        "proxy_reward_ci95_low",
+        "proxy_reward_ci95_high",
+        "proxy_reward_iqm",
+        "perplexity",
+        "perplexity_ci95_low",
+        "perplexity_ci95_high",
+        "perplexity_iqm",
+        "n_seeds",
+    ]
     # K=8: 0.4, 0.5, 0.6 -> 0.5 +- 4.3027 x 0.1 / sqrt(3) = [0.2516, 0.7484], the t-interval
     half = T975_DF2 * 0.1 / math.sqrt(3)
     assert summary.loc[8, "proxy_reward"] == pytest.approx(0.5)
@@ -449,8 +456,12 @@ def test_headline_with_an_interval(tmp_path):
     assert stored["mean"] == pytest.approx(0.7) and stored["n"] == 3 and stored["interval"] == "95 % t-interval, n = 3"
     assert (stored["ci95_low"], stored["ci95_high"]) == pytest.approx((0.7 - 0.24841, 0.7 + 0.24841), abs=1e-4)
     assert numbers["one seed"] == {
-        "mean": 1.0, "ci95_low": None, "ci95_high": None, "n": 1, "interval": "no interval: n = 1"
-    }  # fmt: skip
+        "mean": 1.0,
+        "ci95_low": None,
+        "ci95_high": None,
+        "n": 1,
+        "interval": "no interval: n = 1",
+    }
     assert numbers["ratio"] == {"mean": 0.45, "ci95_low": 0.40, "ci95_high": 0.51}
     assert report.format_headline_value(numbers["ratio"]) == "0.450 [0.400, 0.510]"
     assert report.format_headline_value(stored) == "0.700 [0.452, 0.948] (95 % t-interval, n = 3)"
@@ -472,8 +483,12 @@ def test_claims_carry_verdict_p_value_and_detectable_effect(tmp_path):
     ]
     table = report.write_claims(tmp_path, claims)
     stored = json.loads((tmp_path / report.CLAIMS_FILE).read_text())
-    assert [c["verdict"] for c in stored] == ["reproduces", "not resolved at this sample size", "identical runs",
-                                              "not resolved at this sample size"]  # fmt: skip
+    assert [c["verdict"] for c in stored] == [
+        "reproduces",
+        "not resolved at this sample size",
+        "identical runs",
+        "not resolved at this sample size",
+    ]
     assert stored[0]["n"] == 5 and stored[0]["interval"] == "95 % t-interval, n = 5" and stored[0]["primary"]
     assert stored[0]["ours"] == str(rise) and stored[0]["detectable_at_80pct_power"] is None
     assert stored[0]["p_value"] == pytest.approx(stats.p_value(rise))

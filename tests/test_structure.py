@@ -66,3 +66,55 @@ def test_every_evaluation_goes_through_raftlib_evaluation():
     assert loads and all(".to(model_device())" in line for line in loads)
     reasoning = (ROOT / "raftsuite" / "reasoning.py").read_text()
     assert "evaluate_policy(" in reasoning and "generate_samples" not in reasoning
+
+
+def public_functions_over(limit: int) -> list[str]:
+    """Public functions and methods of raftlib and raftsuite taking more than `limit` parameters (self excluded)."""
+    import ast
+
+    over = []
+    for package in ("raftlib", "raftsuite"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
+                    continue
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                count -= bool(a.args) and a.args[0].arg in ("self", "cls")
+                if count > limit:
+                    over.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} takes {count}")
+    return over
+
+
+def test_no_public_function_takes_more_than_8_parameters():
+    """Settings travel as frozen records (MethodSettings, ReasoningSettings, SetupRequest, SelectionSection...)."""
+    assert public_functions_over(8) == []
+
+
+def test_formatting_markers_stay_rare():
+    markers = sum(p.read_text().count("fmt: skip") for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
+    assert markers <= 30, f"{markers} `# fmt: skip` markers in the tree (at most 30: use fewer arguments instead)"
+
+
+def test_the_algorithm_is_at_least_a_fifth_of_loop_py():
+    """Code lines of `_execute` (the loop read top to bottom) and the stages' calls into the algorithm's parts
+    (sampling, scoring, the ranking key and selection, the fine-tune, the evaluation), over all code lines."""
+    import ast
+    import re
+
+    source = (ROOT / "raftlib" / "loop.py").read_text()
+    tree, lines = ast.parse(source), source.splitlines()
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.FunctionDef) and ast.get_docstring(node):
+            docstrings.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    code = [
+        n
+        for n, line in enumerate(lines, 1)
+        if line.strip() and not line.strip().startswith("#") and n not in docstrings
+    ]
+    execute = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_execute")
+    calls = re.compile(r"prompts_for_iteration\(|modality\.generate\(|score_samples\(|kl_ranking_key\(|\bselect\("
+                       r"|modality\.finetune\(|evaluation\.(draw|measure)\(|reference_logprobs\(")  # fmt: skip
+    algorithm = [n for n in code if execute.lineno <= n <= execute.end_lineno or calls.search(lines[n - 1])]
+    assert len(algorithm) / len(code) >= 0.2, f"{len(algorithm)} of {len(code)} code lines"

@@ -119,19 +119,29 @@ def write_hh_dataset(directory, rows=12):
             for i in range(rows):
                 human = "the cat sat " * (1 if i % 4 else 40)  # every 4th prompt is too long and is dropped
                 human += "" if split == "train" else "x"
-                handle.write(json.dumps({
-                    "chosen": f"\n\nHuman: {human}{i}\n\nAssistant: a kind answer {i}",
-                    "rejected": f"\n\nHuman: {human}{i}\n\nAssistant: a rude answer {i}",
-                }) + "\n")  # fmt: skip
+                handle.write(
+                    json.dumps(
+                        {
+                            "chosen": f"\n\nHuman: {human}{i}\n\nAssistant: a kind answer {i}",
+                            "rejected": f"\n\nHuman: {human}{i}\n\nAssistant: a rude answer {i}",
+                        }
+                    )
+                    + "\n"
+                )
     return directory
 
 
 def test_paper_setup_runs_on_local_dirs_standing_in_for_hub_ids(tmp_path, gpt2_dir):
     dataset = write_hh_dataset(tmp_path / "hh-rlhf")
-    setup = hh_paper.prepare_paper_setup(
-        tmp_path / "setup", policy_model=str(gpt2_dir), dataset=str(dataset), reward_model=str(gpt2_dir),
-        max_prompt_tokens=32, eval_prompts=5, progress=False, subset="helpful-base",
-    )  # fmt: skip
+    request = hh_paper.PaperSetupRequest(
+        policy_model=str(gpt2_dir),
+        dataset=str(dataset),
+        reward_model=str(gpt2_dir),
+        max_prompt_tokens=32,
+        eval_prompts=5,
+        subset="helpful-base",
+    )
+    setup = hh_paper.prepare_paper_setup(tmp_path / "setup", request, progress=False)
     rows = [json.loads(line) for line in setup.prompts.read_text().splitlines()]
     # 3 of 12 prompts are over 32 tokens and dropped; the test split is then capped at 5
     assert setup.train_prompts == 9 and setup.eval_prompts == 5
@@ -187,8 +197,13 @@ def test_only_changes_with_a_paper_direction_become_claims():
 
 
 def _row(prompt_id, sample_index, reward, completion="a b", gold=None):
-    return {"prompt_id": prompt_id, "sample_index": sample_index, "reward": reward, "completion": completion,
-            "reward/gold": gold}  # fmt: skip
+    return {
+        "prompt_id": prompt_id,
+        "sample_index": sample_index,
+        "reward": reward,
+        "completion": completion,
+        "reward/gold": gold,
+    }
 
 
 def test_best_of_keeps_the_proxy_argmax_of_each_group_of_k_samples():
@@ -224,9 +239,19 @@ def reward_model_dir(tmp_path_factory):
 def tiny_settings(policy, reward_model, **overrides):
     from raftsuite import hh_methods
 
-    values = {"sft_model": str(policy), "reward_model": str(reward_model), "iterations": 1,
-              "prompts_per_iteration": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "prompts_per_batch": 4,
-              "micro_batch_size": 4, "epochs": 1, "eval_samples_per_prompt": 2, "reward_batch_size": 8}  # fmt: skip
+    values = {
+        "sft_model": str(policy),
+        "reward_model": str(reward_model),
+        "iterations": 1,
+        "prompts_per_iteration": 4,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 6,
+        "prompts_per_batch": 4,
+        "micro_batch_size": 4,
+        "epochs": 1,
+        "eval_samples_per_prompt": 2,
+        "reward_batch_size": 8,
+    }
     return hh_methods.MethodSettings(**(values | overrides))
 
 
@@ -239,9 +264,11 @@ def test_table3_of_tiny_models_is_raftlibs_evaluation_and_is_cached_per_seed(
     settings = tiny_settings(gpt2_dir, reward_model_dir)
     held_out = hh.plan_prompts(hh.prompt_plan(prompts_file, 4, 4), "curve")
     table = hh_table3.Table3(
-        settings, held_out, shared={"SFT": {"path": str(gpt2_dir)}, "best-of-3": {"path": str(gpt2_dir), "best_of": 3}},
+        settings,
+        held_out,
+        shared={"SFT": {"path": str(gpt2_dir)}, "best-of-3": {"path": str(gpt2_dir), "best_of": 3}},
         trained={"RAFT": {0: {"path": str(gpt2_dir), "extra": {"learning_rate": 1e-3}}}},
-    )  # fmt: skip
+    )
     rows, prompts = hh_table3.evaluate_seeds(table, [0], tmp_path / "table3")
     by_method = rows.set_index("method")
     assert list(by_method.index) == ["SFT", "best-of-3", "RAFT"] and set(rows["seed"]) == {0}
@@ -327,9 +354,13 @@ def test_children_under_accelerate_launch_report_every_process_and_the_main_resu
 
     lines = []
     record = children.run_in_child(
-        "memory_jobs:allocate_by_rank", {"megabytes": 200}, jobs / "a.json", jobs / "a.log",
-        num_processes=2, echo=lines.append,
-    )  # fmt: skip
+        "memory_jobs:allocate_by_rank",
+        {"megabytes": 200},
+        jobs / "a.json",
+        jobs / "a.log",
+        num_processes=2,
+        echo=lines.append,
+    )
     assert record["result"] == 0  # the main process's return value
     assert record["processes"] == 2
     small, large = record["peak_rss_mib_per_process"]  # rank 0, rank 1
@@ -341,14 +372,23 @@ def test_children_under_accelerate_launch_report_every_process_and_the_main_resu
 def test_the_notebook_echo_shows_progress_and_problems_only(capsys):
     from raftsuite import launch
 
-    for line in ("log: runs/x.log\n", "00:01:02 INFO raftlib: iter 2/6 | reward 0.41 | 3.0s\n",
-                 "GRPO step 4/12 | eval reward 0.300 | 1.0s training\n", "Loading weights: 100%|####| 28/28\n",
-                 "Traceback (most recent call last):\n", "ValueError: bad\n", "{'loss': 0.1}\n"):  # fmt: skip
+    for line in (
+        "log: runs/x.log\n",
+        "00:01:02 INFO raftlib: iter 2/6 | reward 0.41 | 3.0s\n",
+        "GRPO step 4/12 | eval reward 0.300 | 1.0s training\n",
+        "Loading weights: 100%|####| 28/28\n",
+        "Traceback (most recent call last):\n",
+        "ValueError: bad\n",
+        "{'loss': 0.1}\n",
+    ):
         launch.progress_echo(line)
     assert capsys.readouterr().out.splitlines() == [
-        "log: runs/x.log", "00:01:02 INFO raftlib: iter 2/6 | reward 0.41 | 3.0s",
-        "GRPO step 4/12 | eval reward 0.300 | 1.0s training", "Traceback (most recent call last):", "ValueError: bad",
-    ]  # fmt: skip
+        "log: runs/x.log",
+        "00:01:02 INFO raftlib: iter 2/6 | reward 0.41 | 3.0s",
+        "GRPO step 4/12 | eval reward 0.300 | 1.0s training",
+        "Traceback (most recent call last):",
+        "ValueError: bad",
+    ]
     stopped = launch.Interrupted("stopped; its log: x.log")
     assert isinstance(stopped, KeyboardInterrupt) and stopped._render_traceback_() == [
         "Interrupted: stopped; its log: x.log"
@@ -465,11 +505,17 @@ def test_efficiency_claims_are_geometric_mean_ratios_and_count_censored_seeds():
     from raftsuite import efficiency, stats
 
     per_seed = pd.DataFrame(
-        {"seed": [0, 1, 2], "time_ratio": [0.5, 0.25, math.nan], "samples_ratio": [2.0, 2.0, 2.0],
-         "memory_ratio": [0.5, 0.5, 0.5], "area_difference_time": [0.1, 0.2, 0.3],
-         "area_difference_samples": [0.0, 0.0, 0.0], "raft_censored": [False, False, True],
-         "grpo_censored": [False, False, False]}
-    )  # fmt: skip
+        {
+            "seed": [0, 1, 2],
+            "time_ratio": [0.5, 0.25, math.nan],
+            "samples_ratio": [2.0, 2.0, 2.0],
+            "memory_ratio": [0.5, 0.5, 0.5],
+            "area_difference_time": [0.1, 0.2, 0.3],
+            "area_difference_samples": [0.0, 0.0, 0.0],
+            "raft_censored": [False, False, True],
+            "grpo_censored": [False, False, False],
+        }
+    )
     claims, table = efficiency.claims(per_seed)
     by_label = {c.claim: c for c in claims}
     time = by_label["training time to the common target, RAFT / GRPO"]
@@ -532,8 +578,16 @@ def _sweep(rows):
 def test_sweep_chooses_each_methods_best_validation_rate_lowest_on_ties():
     from raftsuite import sweeps
 
-    sweep = _sweep([("raft", 1e-4, 0.3), ("raft", 4e-4, 0.5), ("raft", 2e-4, 0.7),
-                    ("grpo", 1e-4, 0.1), ("grpo", 5e-5, 0.4), ("grpo", 2e-5, 0.4)])  # fmt: skip
+    sweep = _sweep(
+        [
+            ("raft", 1e-4, 0.3),
+            ("raft", 4e-4, 0.5),
+            ("raft", 2e-4, 0.7),
+            ("grpo", 1e-4, 0.1),
+            ("grpo", 5e-5, 0.4),
+            ("grpo", 2e-5, 0.4),
+        ]
+    )
     marked = sweeps.mark_chosen(sweep)
     chosen = marked.set_index(["method", "learning_rate"])["chosen"]
     assert chosen[chosen].index.tolist() == [("grpo", 2e-5), ("raft", 2e-4)]  # the tie 0.4 / 0.4 keeps 2e-5
@@ -546,9 +600,19 @@ def test_a_grid_is_extended_past_the_end_its_choice_sits_on():
     from raftsuite import sweeps
 
     marked = sweeps.mark_chosen(
-        _sweep([("low", 1e-4, 0.9), ("low", 2e-4, 0.5), ("high", 1e-4, 0.1), ("high", 2e-4, 0.5),
-                ("mid", 1e-4, 0.1), ("mid", 2e-4, 0.5), ("mid", 4e-4, 0.2), ("one", 3e-4, 0.0)])
-    )  # fmt: skip
+        _sweep(
+            [
+                ("low", 1e-4, 0.9),
+                ("low", 2e-4, 0.5),
+                ("high", 1e-4, 0.1),
+                ("high", 2e-4, 0.5),
+                ("mid", 1e-4, 0.1),
+                ("mid", 2e-4, 0.5),
+                ("mid", 4e-4, 0.2),
+                ("one", 3e-4, 0.0),
+            ]
+        )
+    )
     assert sweeps.extend_grid(marked, "low") == pytest.approx([5e-5, 1e-4, 2e-4])
     assert sweeps.extend_grid(marked, "high") == pytest.approx([1e-4, 2e-4, 4e-4])
     assert sweeps.extend_grid(marked, "high", factor=10) == pytest.approx([1e-4, 2e-4, 2e-3])
@@ -634,9 +698,10 @@ def test_method_settings_runs_and_configs():
     lora = hh_methods.raft_config(MethodSettings("sft", "rm", lora_rank=4), "p", 5, MethodRun("raft", 1e-4, 0), "o")
     assert (RAFTConfig.from_dict(lora).model.lora.r, RAFTConfig.from_dict(lora).model.lora.alpha) == (4, 8)
     formatted = RAFTConfig.from_dict(
-        hh_methods.raft_config(MethodSettings("sft", "rm", reward_formatter="open_llama_hh"), "p", 5,
-                               MethodRun("raft", 1e-4, 0), "o")
-    )  # fmt: skip
+        hh_methods.raft_config(
+            MethodSettings("sft", "rm", reward_formatter="open_llama_hh"), "p", 5, MethodRun("raft", 1e-4, 0), "o"
+        )
+    )
     assert formatted.reward.fn == "raftsuite.hh_paper:formatted_reward_model"
     evaluation = hh_methods.evaluation_config(settings, seed=4)
     assert (evaluation.model.path, evaluation.seed, evaluation.loop.eval_samples_per_prompt) == ("sft", 4, 2)
@@ -698,13 +763,36 @@ def test_a_method_run_is_made_once_in_its_own_process_and_chosen_on_validation(
 
 
 SHARED_RUN_PARAMETERS = (
-    "eval_prompts", "validation_prompts", "samples_per_prompt", "temperature", "max_new_tokens",
-    "prompts_per_iteration", "iterations", "learning_rates", "grpo_learning_rates", "epochs", "micro_batch_size",
-    "eval_samples_per_prompt", "grpo_prompts_per_step", "grpo_eval_every_steps", "grpo_gradient_accumulation_steps",
-    "policy_dtype", "reward_dtype", "mixed_precision", "lora_rank", "gradient_checkpointing", "generation_backend",
-    "prompts_per_batch", "reward_batch_size", "num_processes", "accelerate_config", "setup_samples_per_prompt",
-    "rm_epochs", "base_model", "openings",
-)  # fmt: skip
+    "eval_prompts",
+    "validation_prompts",
+    "samples_per_prompt",
+    "temperature",
+    "max_new_tokens",
+    "prompts_per_iteration",
+    "iterations",
+    "learning_rates",
+    "grpo_learning_rates",
+    "epochs",
+    "micro_batch_size",
+    "eval_samples_per_prompt",
+    "grpo_prompts_per_step",
+    "grpo_eval_every_steps",
+    "grpo_gradient_accumulation_steps",
+    "policy_dtype",
+    "reward_dtype",
+    "mixed_precision",
+    "lora_rank",
+    "gradient_checkpointing",
+    "generation_backend",
+    "prompts_per_batch",
+    "reward_batch_size",
+    "num_processes",
+    "accelerate_config",
+    "setup_samples_per_prompt",
+    "rm_epochs",
+    "base_model",
+    "openings",
+)
 """What `hh_methods.MethodSettings`, the prompt plan and the sweep are built from in both notebooks."""
 
 
@@ -714,10 +802,20 @@ def tiny_setup(**overrides):
 
     from raftsuite.hh_setup import HHSetup
 
-    values = {"hh_data": False, "directory": Path("runs/tiny/hh_setup"), "sft_model": "runs/tiny/hh_setup/sft",
-              "reward_model": "runs/tiny/hh_setup/reward_model", "formatter": "raw",
-              "prompts": Path("runs/tiny/hh_setup/prompts.jsonl"), "eval_prompts": 64, "curve_prompts": 64,
-              "max_prompt_tokens": None, "test_prompts_file": None, "rm_accuracy": 0.7, "description": ""}  # fmt: skip
+    values = {
+        "hh_data": False,
+        "directory": Path("runs/tiny/hh_setup"),
+        "sft_model": "runs/tiny/hh_setup/sft",
+        "reward_model": "runs/tiny/hh_setup/reward_model",
+        "formatter": "raw",
+        "prompts": Path("runs/tiny/hh_setup/prompts.jsonl"),
+        "eval_prompts": 64,
+        "curve_prompts": 64,
+        "max_prompt_tokens": None,
+        "test_prompts_file": None,
+        "rm_accuracy": 0.7,
+        "description": "",
+    }
     return HHSetup(**(values | overrides))
 
 
@@ -727,8 +825,12 @@ def test_method_settings_come_from_the_notebooks_parameters_and_the_setup():
     from raftsuite import runner
     from raftsuite.hh_methods import MethodSettings
 
-    parameters = runner.notebook_parameters("hh_rlhf") | {"policy_dtype": "auto", "reward_dtype": "auto",
-                                                          "iterations": 3, "sft_model": "not this one"}  # fmt: skip
+    parameters = runner.notebook_parameters("hh_rlhf") | {
+        "policy_dtype": "auto",
+        "reward_dtype": "auto",
+        "iterations": 3,
+        "sft_model": "not this one",
+    }
     settings = MethodSettings.from_parameters(parameters, tiny_setup())
     auto = "bfloat16" if torch.cuda.is_available() else "float32"
     assert (settings.policy_dtype, settings.reward_dtype, settings.iterations) == (auto, auto, 3)

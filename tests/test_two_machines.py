@@ -24,19 +24,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def machine(rank: int, port: int, *arguments: str) -> list[str]:
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-        "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "--num_processes", "2", "--rdzv_backend", "static", "--same_network", "-m", "raftlib", *arguments,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--num_processes",
+        "2",
+        "--rdzv_backend",
+        "static",
+        "--same_network",
+        "-m",
+        "raftlib",
+        *arguments,
+    ]
 
 
 def start_both(tmp_path: Path, name: str, *arguments: str) -> list[subprocess.Popen]:
     port = free_port()
     return [
-        subprocess.Popen(machine(rank, port, *arguments), env=environment(), stdout=open(tmp_path / f"{name}{rank}.log", "w"),
-                         stderr=subprocess.STDOUT, start_new_session=True)
+        subprocess.Popen(
+            machine(rank, port, *arguments),
+            env=environment(),
+            stdout=open(tmp_path / f"{name}{rank}.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         for rank in (0, 1)
-    ]  # fmt: skip
+    ]
 
 
 def wait_all(processes: list[subprocess.Popen], tmp_path: Path, name: str) -> None:

@@ -272,8 +272,11 @@ def test_sigkill_then_resume_with_vllm_equals_uninterrupted(
     config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_vllm_dir, prompts_file, run_dir, **VLLM_RUN))
     killed = subprocess.run(
         [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", "run", str(config)],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, f"the run was not killed at {point} #{occurrence}:\n{killed.stderr[-3000:]}"
     assert not (run_dir / "final").exists()
     resume(run_dir)
@@ -298,10 +301,20 @@ def test_two_processes_each_with_its_engine_equal_one_process(gpt2_vllm_dir, pro
         torch.set_num_threads(threads)
     two = base_config(gpt2_vllm_dir, prompts_file, tmp_path / "two", **VLLM_RUN | {"training": training})
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(TESTS.parent / "examples/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port",
-        str(free_port()), "-m", "raftlib", "run", str(write_config(tmp_path / "two.yaml", two)),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(TESTS.parent / "examples/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "raftlib",
+        "run",
+        str(write_config(tmp_path / "two.yaml", two)),
+    ]
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(snapshot(tmp_path / "two"), snapshot(tmp_path / "one"))

@@ -29,8 +29,10 @@ def main(argv: list[str]) -> int:
     profile, notebooks = argv[0], argv[1:]
     known = profiles()
     if profile not in known:
-        print(f"error: PROFILE={profile}: no such profile in notebooks/profiles.yaml (profiles: {', '.join(known)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: PROFILE={profile}: no such profile in notebooks/profiles.yaml (profiles: {', '.join(known)})",
+            file=sys.stderr,
+        )
         return 1
     names = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     for name in notebooks:

@@ -30,10 +30,23 @@ def shape(tiny: bool):
     from transformers import LlamaConfig
 
     if tiny:
-        return LlamaConfig(vocab_size=4000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
+        return LlamaConfig(
+            vocab_size=4000,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
 
 
 def raft_config(model_dir: Path, **sections):
@@ -42,11 +55,16 @@ def raft_config(model_dir: Path, **sections):
     raw = {
         "model": {"path": str(model_dir)},
         "data": {"prompts": "unused.jsonl", "max_prompt_tokens": PROMPT, "eval_prompts": 0},
-        "generation": {"samples_per_prompt": K, "max_new_tokens": NEW, "prompts_per_batch": PROMPTS, "backend": "static"},
+        "generation": {
+            "samples_per_prompt": K,
+            "max_new_tokens": NEW,
+            "prompts_per_batch": PROMPTS,
+            "backend": "static",
+        },
         "reward": {"fn": "length"},
         "training": {"micro_batch_size": MICRO_BATCH, "epochs": 1, "mixed_precision": "bf16"},
         "loop": {"iterations": 1, "prompts_per_iteration": SAMPLES},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         raw[name] = raw[name] | values
     return RAFTConfig.from_dict(raw)
@@ -74,22 +92,31 @@ def finetune_stage(model_config, model_dir: Path, hardware) -> dict:
     accelerator = build_accelerator(config.training)
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config).to(accelerator.device)
-    examples = [(torch.randint(100, model_config.vocab_size, (PROMPT,)).tolist(),
-                 torch.randint(100, model_config.vocab_size, (NEW,)).tolist()) for _ in range(SAMPLES)]  # fmt: skip
+    examples = [
+        (
+            torch.randint(100, model_config.vocab_size, (PROMPT,)).tolist(),
+            torch.randint(100, model_config.vocab_size, (NEW,)).tolist(),
+        )
+        for _ in range(SAMPLES)
+    ]
     reset()
-    _, stats = finetune(model, examples, config.training, pad_id=0, seed=0, iteration=1, accelerator=accelerator,
-                        progress=False)  # fmt: skip
+    _, stats = finetune(
+        model, examples, config.training, pad_id=0, seed=0, iteration=1, accelerator=accelerator, progress=False
+    )
     measured = peak()
     row = next(s for s in plan(config, hardware, sharding="fsdp").stages if s.stage == "fine-tune (FSDP)")
     predicted = row.memory_bytes - RUNTIME_OVERHEAD_BYTES
     train = next(t.value for t in row.time_terms if t.name == "train")
     return {
-        "sharded": is_sharded(accelerator), "measured_peak_allocated_gib": measured / 2**30,
-        "predicted_gib": predicted / 2**30, "memory_ratio": predicted / measured if measured else None,
-        "measured_seconds": stats.seconds, "predicted_train_seconds": train,
+        "sharded": is_sharded(accelerator),
+        "measured_peak_allocated_gib": measured / 2**30,
+        "predicted_gib": predicted / 2**30,
+        "memory_ratio": predicted / measured if measured else None,
+        "measured_seconds": stats.seconds,
+        "predicted_train_seconds": train,
         "tokens_per_s": SAMPLES * (PROMPT + NEW) / stats.seconds,
         "terms": {t.name: t.value / 2**30 for t in row.memory_terms},
-    }  # fmt: skip
+    }
 
 
 def generation_stage(model_config, model_dir: Path, hardware, device) -> dict:
@@ -120,11 +147,15 @@ def generation_stage(model_config, model_dir: Path, hardware, device) -> dict:
     row = next(s for s in plan(config, hardware).stages if s.stage == "generate")
     predicted = row.memory_bytes - RUNTIME_OVERHEAD_BYTES
     return {
-        "measured_peak_allocated_gib": measured / 2**30, "predicted_gib": predicted / 2**30,
-        "memory_ratio": predicted / measured if measured else None, "measured_seconds": seconds,
-        "first_call_seconds": first, "predicted_seconds": row.seconds,
-        "tokens_per_s": PROMPTS * K * NEW / seconds, "terms": {t.name: t.value / 2**30 for t in row.memory_terms},
-    }  # fmt: skip
+        "measured_peak_allocated_gib": measured / 2**30,
+        "predicted_gib": predicted / 2**30,
+        "memory_ratio": predicted / measured if measured else None,
+        "measured_seconds": seconds,
+        "first_call_seconds": first,
+        "predicted_seconds": row.seconds,
+        "tokens_per_s": PROMPTS * K * NEW / seconds,
+        "terms": {t.name: t.value / 2**30 for t in row.memory_terms},
+    }
 
 
 def main() -> int:
@@ -140,10 +171,15 @@ def main() -> int:
     model_config = shape(args.tiny)
     model_dir = args.out / "model"
     model_config.save_pretrained(model_dir)  # config.json only: all the planner reads
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "hardware": hardware.__dict__}  # fmt: skip
-    for name, fn in (("finetune_fsdp", lambda: finetune_stage(model_config, model_dir, hardware)),
-                     ("generate_static", lambda: generation_stage(model_config, model_dir, hardware, device))):  # fmt: skip
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "hardware": hardware.__dict__,
+    }
+    for name, fn in (
+        ("finetune_fsdp", lambda: finetune_stage(model_config, model_dir, hardware)),
+        ("generate_static", lambda: generation_stage(model_config, model_dir, hardware, device)),
+    ):
         try:
             results[name] = fn()
         except Exception as error:  # record and go on: the other stage's numbers still count
@@ -159,8 +195,10 @@ def main() -> int:
             print(f"| {name} | error: {r['error'][:80]} |")
             continue
         seconds = r.get("predicted_train_seconds", r.get("predicted_seconds"))
-        print(f"| {name} | {r['measured_peak_allocated_gib']:.2f} | {r['predicted_gib']:.2f} | "
-              f"{r['memory_ratio'] or float('nan'):.2f} | {r['measured_seconds']:.1f} | {seconds:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {r['measured_peak_allocated_gib']:.2f} | {r['predicted_gib']:.2f} | "
+            f"{r['memory_ratio'] or float('nan'):.2f} | {r['measured_seconds']:.1f} | {seconds:.1f} |"
+        )
     return 0
 
 

@@ -66,13 +66,29 @@ def qwen_shape(tiny: bool):
     from transformers import Qwen2Config
 
     if tiny:
-        return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                           tie_word_embeddings=True)  # fmt: skip
+        return Qwen2Config(
+            vocab_size=4096,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )
     # Qwen2.5-0.5B's shape (config.json of Qwen/Qwen2.5-0.5B), random weights
-    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)  # fmt: skip
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
 
 
 def build_model(config, device, dtype):
@@ -149,9 +165,14 @@ def static_tokens_per_s(model, rows: int, k: int, prompt_len: int, new_tokens: i
     sync()
     seconds = time.perf_counter() - began
     return {
-        "tokens_per_s": tokens.numel() / seconds, "seconds": seconds, "first_call_s": first_call,
-        "peak_gib": peak_gib(), "prefills": rows // k, "compiled": compile_error is None, "compile_error": compile_error,
-    }  # fmt: skip
+        "tokens_per_s": tokens.numel() / seconds,
+        "seconds": seconds,
+        "first_call_s": first_call,
+        "peak_gib": peak_gib(),
+        "prefills": rows // k,
+        "compiled": compile_error is None,
+        "compile_error": compile_error,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,24 +200,52 @@ def finetune_speed(model_config, device, *, seq: int, micro_batch: int, steps: i
         ids = torch.randint(100, model_config.vocab_size - 100, (count, seq), generator=generator).tolist()
         return [(row[:prompt_len], row[prompt_len:]) for row in ids]
 
-    section = TrainingSection(learning_rate=1e-5, epochs=1, micro_batch_size=micro_batch, lr_scheduler="constant",
-                              mixed_precision="bf16" if device.type == "cuda" else "no", **training)  # fmt: skip
+    section = TrainingSection(
+        learning_rate=1e-5,
+        epochs=1,
+        micro_batch_size=micro_batch,
+        lr_scheduler="constant",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        **training,
+    )
     accelerator = Accelerator(mixed_precision=section.mixed_precision)
-    model, _ = finetune(model, examples(micro_batch * 2), section, pad_id=0, seed=0, iteration=1,
-                        accelerator=accelerator, progress=False)  # warm-up: kernels, allocator, autotuning  # fmt: skip
+    model, _ = finetune(
+        model,
+        examples(micro_batch * 2),
+        section,
+        pad_id=0,
+        seed=0,
+        iteration=1,
+        accelerator=accelerator,
+        progress=False,
+    )  # warm-up: kernels, allocator, autotuning
     reset_peak()
     sync()
-    model, stats = finetune(model, examples(micro_batch * steps), section, pad_id=0, seed=0, iteration=2,
-                            accelerator=accelerator, progress=False)  # fmt: skip
+    model, stats = finetune(
+        model,
+        examples(micro_batch * steps),
+        section,
+        pad_id=0,
+        seed=0,
+        iteration=2,
+        accelerator=accelerator,
+        progress=False,
+    )
     sync()
     tokens = micro_batch * steps * seq  # every position runs forward and backward
     tokens_per_s = tokens / stats.seconds
     flops = model_flops_per_token(model_config, params, seq) * tokens_per_s
     result = {
-        "tokens_per_s": tokens_per_s, "seconds": stats.seconds, "params": params, "seq": seq,
-        "micro_batch": micro_batch, "steps": steps, "loss_last": stats.last_epoch_loss, "peak_gib": peak_gib(),
+        "tokens_per_s": tokens_per_s,
+        "seconds": stats.seconds,
+        "params": params,
+        "seq": seq,
+        "micro_batch": micro_batch,
+        "steps": steps,
+        "loss_last": stats.last_epoch_loss,
+        "peak_gib": peak_gib(),
         "mfu": flops / (H100_BF16_DENSE_TFLOPS * 1e12) if device.type == "cuda" else None,
-    }  # fmt: skip
+    }
     del model
     return result
 
@@ -253,13 +302,19 @@ def step_grid(model_config, device, *, seq: int, micro_batch: int, steps: int) -
                         / (H100_BF16_DENSE_TFLOPS * 1e12)
                     )
                     grid[f"{weights} gc={checkpointing} loss={loss_kind}"] = {
-                        "tokens_per_s": tokens_per_s, "step_s": seconds, "peak_gib": peak_gib(), "mfu": mfu,
-                    }  # fmt: skip
+                        "tokens_per_s": tokens_per_s,
+                        "step_s": seconds,
+                        "peak_gib": peak_gib(),
+                        "mfu": mfu,
+                    }
                 except Exception as error:
                     grid[f"{weights} gc={checkpointing} loss={loss_kind}"] = {"error": repr(error)[:300]}
                     optimizer.zero_grad(set_to_none=True)
-                print(f"[{elapsed():6.1f}s]   {weights} gc={checkpointing} {loss_kind}: "
-                      f"{grid[f'{weights} gc={checkpointing} loss={loss_kind}']}", flush=True)  # fmt: skip
+                print(
+                    f"[{elapsed():6.1f}s]   {weights} gc={checkpointing} {loss_kind}: "
+                    f"{grid[f'{weights} gc={checkpointing} loss={loss_kind}']}",
+                    flush=True,
+                )
         model = optimizer = head = None  # free this precision's model before building the next
         gc.collect()
         if torch.cuda.is_available():
@@ -281,10 +336,18 @@ def end_to_end(device, workdir: Path) -> dict:
     tokenizer = build_tokenizer(workdir / "model", vocab_size=512)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(workdir / "model")
     write_prompts(workdir / "prompts.jsonl", count=96)
@@ -294,12 +357,18 @@ def end_to_end(device, workdir: Path) -> dict:
         "generation": {"samples_per_prompt": 4, "max_new_tokens": 32, "prompts_per_batch": 16, "backend": "static"},
         "reward": {"fn": "length", "args": {"unit": "chars", "target": 40}},
         "selection": {"strategy": "local"},
-        "training": {"learning_rate": 1e-3, "epochs": 1, "micro_batch_size": 16, "packing": True,
-                     "loss_chunk_tokens": 256, "mixed_precision": "bf16" if device.type == "cuda" else "no"},
+        "training": {
+            "learning_rate": 1e-3,
+            "epochs": 1,
+            "micro_batch_size": 16,
+            "packing": True,
+            "loss_chunk_tokens": 256,
+            "mixed_precision": "bf16" if device.type == "cuda" else "no",
+        },
         "loop": {"iterations": 3, "prompts_per_iteration": 64},
         "logging": {"progress_bars": False},
         "output_dir": str(workdir / "run"),
-    }  # fmt: skip
+    }
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
     result = run(RAFTConfig.from_yaml(workdir / "config.yaml"))
     rows = result.metrics
@@ -339,10 +408,13 @@ def main() -> int:
 
     RESULTS["environment"] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "tiny": args.tiny,
-    }  # fmt: skip
+    }
     print(json.dumps(RESULTS["environment"]), flush=True)
     shape = qwen_shape(args.tiny)
     prompt_len, new_tokens = (16, 16) if args.tiny else (128, 256)
@@ -357,8 +429,9 @@ def main() -> int:
     wanted = {args.only} if args.only else {"generate", "finetune", "end_to_end"}
     model = build_model(shape, device, dtype) if "generate" in wanted else None
     for rows in batches if "generate" in wanted else ():
-        hf = section(f"generate_hf_b{rows}", dl * 0.5)(hf_generate_tokens_per_s)(model, rows, prompt_len, new_tokens,
-                                                                               device)  # fmt: skip
+        hf = section(f"generate_hf_b{rows}", dl * 0.5)(hf_generate_tokens_per_s)(
+            model, rows, prompt_len, new_tokens, device
+        )
         fast = section(f"generate_static_b{rows}_k8", dl * 0.5)(static_tokens_per_s)(
             model, rows, 8, prompt_len, new_tokens, device, compile_step=True
         )
@@ -391,9 +464,10 @@ def main() -> int:
     for name, value in RESULTS["sections"].items():
         status = "ok" if value.get("ok") else ("SKIPPED" if "skipped" in value else "ERROR " + value["error"][:80])
         numbers = " ".join(
-            f"{key}={value[key]:.4g}" for key in ("tokens_per_s", "mfu", "peak_gib", "first_call_s", "seconds")
+            f"{key}={value[key]:.4g}"
+            for key in ("tokens_per_s", "mfu", "peak_gib", "first_call_s", "seconds")
             if isinstance(value.get(key), float)
-        )  # fmt: skip
+        )
         print(f"  {name:28} {status:6} {numbers}")
     print(f"total {elapsed():.0f} s")
     return 0

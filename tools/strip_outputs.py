@@ -28,8 +28,9 @@ def stripped(notebook: dict) -> dict:
 def has_outputs(notebook: dict) -> bool:
     return any(
         cell.get("outputs") or cell.get("execution_count") is not None
-        for cell in notebook.get("cells", []) if cell.get("cell_type") == "code"
-    )  # fmt: skip
+        for cell in notebook.get("cells", [])
+        if cell.get("cell_type") == "code"
+    )
 
 
 def main(argv: list[str]) -> int:

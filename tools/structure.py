@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     found_circles = circles(import_graph(root))
     longest = functions(names)
     sizes = {m: len(p.read_text(encoding="utf-8").splitlines()) for m, p in names.items()}
-    print(f"{len(names)} modules, {sum(sizes.values())} lines; largest: "
-          + ", ".join(f"{m} {n}" for m, n in sorted(sizes.items(), key=lambda x: -x[1])[:5]))  # fmt: skip
+    print(
+        f"{len(names)} modules, {sum(sizes.values())} lines; largest: "
+        + ", ".join(f"{m} {n}" for m, n in sorted(sizes.items(), key=lambda x: -x[1])[:5])
+    )
     print("longest functions: " + ", ".join(f"{f.module}.{f.name} {f.lines}" for f in longest[:5]))
     print("import circles: " + ("; ".join(" <-> ".join(c) for c in found_circles) or "none"))
     over = [f for f in longest if f.lines > args.max_lines]

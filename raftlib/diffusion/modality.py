@@ -58,14 +58,25 @@ class ImageModality:
         return policy.unet
 
     def generate(
-        self, policy: LoadedPipeline, prompts: Sequence[Prompt], *, stream: int, samples_per_prompt: int | None = None,
-        candidates: bool = False, batches: Batches | None = None,
-    ) -> list[ImageSample]:  # fmt: skip
+        self,
+        policy: LoadedPipeline,
+        prompts: Sequence[Prompt],
+        *,
+        stream: int,
+        samples_per_prompt: int | None = None,
+        candidates: bool = False,
+        batches: Batches | None = None,
+    ) -> list[ImageSample]:
         """K images per prompt, one recorded seed each (`candidates` adds nothing: no external images)."""
         return generate_images(
-            policy, prompts, self.config.generation, seed=self.config.seed, stream=stream,
-            samples_per_prompt=samples_per_prompt, batches=batches,
-        )  # fmt: skip
+            policy,
+            prompts,
+            self.config.generation,
+            seed=self.config.seed,
+            stream=stream,
+            samples_per_prompt=samples_per_prompt,
+            batches=batches,
+        )
 
     @staticmethod
     def reward_inputs(samples: list[ImageSample]) -> tuple[list, list[str]]:
@@ -83,16 +94,23 @@ class ImageModality:
 
     def finetune(self, policy, kept, *, iteration, accelerator, progress):
         return finetune_images(
-            policy, kept, self.config.training, seed=self.config.seed, iteration=iteration,
-            accelerator=accelerator, progress=progress,
-        )  # fmt: skip
+            policy,
+            kept,
+            self.config.training,
+            seed=self.config.seed,
+            iteration=iteration,
+            accelerator=accelerator,
+            progress=progress,
+        )
 
     def sample_settings(self) -> dict[str, Any]:
         g = self.config.generation
         return {
-            "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale, "scheduler": g.scheduler,
+            "num_inference_steps": g.num_inference_steps,
+            "guidance_scale": g.guidance_scale,
+            "scheduler": g.scheduler,
             "eta": g.eta,
-        }  # fmt: skip
+        }
 
     @staticmethod
     def sample_metrics(samples: list[ImageSample], prefix: str) -> dict[str, Any]:

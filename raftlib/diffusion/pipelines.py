@@ -308,10 +308,15 @@ def sample_pipeline(
         kwargs = {"eta": settings.eta} if "eta" in _parameters(pipeline.scheduler.step) else {}
         with loaded.autocast():
             latents = pipeline(
-                prompt=list(texts), num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-                generator=generators, output_type="latent", **kwargs,
-            ).images  # fmt: skip
+                prompt=list(texts),
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=generators,
+                output_type="latent",
+                **kwargs,
+            ).images
     finally:
         pipeline.scheduler = original
     chunks = [

@@ -35,13 +35,24 @@ from raftlib.sections import ConfigError
 SD15 = {
     "unet": {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768, "sample_size": 64},  # rest: defaults
     "vae": {
-        "_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-        "latent_channels": 4, "sample_size": 512,
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "sample_size": 512,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
     },
-    "text_encoder": {"_class_name": "CLIPTextModel", "hidden_size": 768, "intermediate_size": 3072,
-                     "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 49408, "max_position_embeddings": 77},
-}  # fmt: skip
+    "text_encoder": {
+        "_class_name": "CLIPTextModel",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+}
 KNOWN_PIPELINES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": SD15, "runwayml/stable-diffusion-v1-5": SD15}
 
 
@@ -85,8 +96,11 @@ def _unet_forward_counts(
 
     sample = torch.zeros(batch, channels, *latent, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    kwargs = {"class_labels": torch.zeros(batch, dtype=torch.long, device="meta")} if context is None else {
-        "encoder_hidden_states": torch.zeros(batch, 77, context, device="meta")}  # fmt: skip
+    kwargs = (
+        {"class_labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        if context is None
+        else {"encoder_hidden_states": torch.zeros(batch, 77, context, device="meta")}
+    )
     if context is None and getattr(unet.config, "num_class_embeds", None) is None:
         kwargs = {}
     # Each saved storage once (ops save the same tensor, or views of it, many times); weights are not activations.
@@ -137,25 +151,49 @@ def plan_diffusion(config, hw: Hardware, sharding: str, *, model_config: str | N
 
     gen_memory = (
         *weights,
-        Term("latents", rows * channels * latent[0] * latent[1] * 4 * 3, f"rows x C x h x w x 4 B x 3 = {rows} x {channels} x {latent[0]} x {latent[1]} x 12"),
+        Term(
+            "latents",
+            rows * channels * latent[0] * latent[1] * 4 * 3,
+            f"rows x C x h x w x 4 B x 3 = {rows} x {channels} x {latent[0]} x {latent[1]} x 12",
+        ),
         Term("UNet activations", 0, "not estimated: an inference forward frees each block's activations as it goes"),
         overhead,
-    )  # fmt: skip
+    )
     images = lp.prompts_per_iteration * g.samples_per_prompt * (2 if g.guidance_scale > 1 else 1)
     gen_seconds = forward_flops * g.num_inference_steps * images / P / (peak * FORWARD_MFU)
-    stages.append(StageEstimate(
-        "generate", gen_memory,
-        (Term("UNet", gen_seconds, f"FLOPs per image x steps x images / P / (peak x MFU) = {forward_flops:.3g} x "
-              f"{g.num_inference_steps} x {images} / {P}"),),
-        fits=sum(x.value for x in gen_memory) <= limit, key="generation.prompts_per_batch",
-    ))  # fmt: skip
+    stages.append(
+        StageEstimate(
+            "generate",
+            gen_memory,
+            (
+                Term(
+                    "UNet",
+                    gen_seconds,
+                    f"FLOPs per image x steps x images / P / (peak x MFU) = {forward_flops:.3g} x "
+                    f"{g.num_inference_steps} x {images} / {P}",
+                ),
+            ),
+            fits=sum(x.value for x in gen_memory) <= limit,
+            key="generation.prompts_per_batch",
+        )
+    )
 
+    stages += _finetune_stages(config, hw, sharding, unet, n_unet, weights[1], forward_flops, saved_per_image, peak)
+    covered = "diffusion: UNet FLOPs and saved activations counted on the meta device; rewards, VAE decode not covered"
+    return Plan(hw, sharding, lp.iterations, tuple(stages), (), (*ASSUMPTIONS, covered), models)
+
+
+def _finetune_stages(config, hw, sharding, unet, n_unet, frozen, forward_flops, saved_per_image, peak) -> list:
+    """The UNet fine-tune under DDP and under FSDP (the one not chosen shown as an alternative)."""
+    t, lp, P = config.training, config.loop, hw.gpus
+    bf16 = t.mixed_precision != "no"
+    limit = hw.gpu_memory_gib * GiB * USABLE_FRACTION
+    overhead = Term("runtime", RUNTIME_OVERHEAD_BYTES, "CUDA context + allocator slack (assumed)")
     lora = config.model.lora
     trainable = n_unet if lora is None else _lora_params(unet, lora)
     kept = config.kept_per_iteration or lp.prompts_per_iteration
-    train_flops = (
-        (3 if lora is None else 2) * forward_flops * kept * t.epochs
-    )  # forward + backward (2x, or 1x for LoRA)
+    train_flops = (3 if lora is None else 2) * forward_flops * kept * t.epochs  # forward + backward (2x; LoRA 1x)
+    stages = []
     time_terms = (
         Term(
             "train",
@@ -163,25 +201,37 @@ def plan_diffusion(config, hw: Hardware, sharding: str, *, model_config: str | N
             f"{3 if lora is None else 2} x FLOPs x kept x epochs / (P x peak x MFU)",
         ),
     )
-    act = Term("activations", t.micro_batch_size * saved_per_image * (0.5 if bf16 else 1),
-               f"micro_batch x saved per image = {t.micro_batch_size} x {saved_per_image / 2**20:.1f} MiB (float32, counted on meta"
-               + (", halved for bf16)" if bf16 else ")"))  # fmt: skip
+    act = Term(
+        "activations",
+        t.micro_batch_size * saved_per_image * (0.5 if bf16 else 1),
+        f"micro_batch x saved per image = {t.micro_batch_size} x {saved_per_image / 2**20:.1f} MiB (float32, counted on meta"
+        + (", halved for bf16)" if bf16 else ")"),
+    )
     for strategy in ("ddp", "fsdp"):
         shard = P if strategy == "fsdp" else 1
         memory = (
             Term("UNet weights", (trainable * 4 + (n_unet - trainable) * 4) / shard, f"N_unet x 4 B / {shard}"),
-            weights[1],
-            Term("gradients + AdamW", 3 * trainable * 4 / shard, f"3 x trainable x 4 B / {shard} = 3 x {trainable:,} x 4 / {shard}"),
-            act, overhead,
-        )  # fmt: skip
+            frozen,
+            Term(
+                "gradients + AdamW",
+                3 * trainable * 4 / shard,
+                f"3 x trainable x 4 B / {shard} = 3 x {trainable:,} x 4 / {shard}",
+            ),
+            act,
+            overhead,
+        )
         fits = sum(x.value for x in memory) <= limit
-        stages.append(StageEstimate(
-            f"fine-tune ({strategy.upper()})", memory, time_terms, fits=fits,
-            key=None if fits else ("training.micro_batch_size" if act.value > limit / 3 else "model.lora"),
-            alternative=strategy != sharding,
-        ))  # fmt: skip
-    covered = "diffusion: UNet FLOPs and saved activations counted on the meta device; rewards, VAE decode not covered"
-    return Plan(hw, sharding, lp.iterations, tuple(stages), (), (*ASSUMPTIONS, covered), models)
+        stages.append(
+            StageEstimate(
+                f"fine-tune ({strategy.upper()})",
+                memory,
+                time_terms,
+                fits=fits,
+                key=None if fits else ("training.micro_batch_size" if act.value > limit / 3 else "model.lora"),
+                alternative=strategy != sharding,
+            )
+        )
+    return stages
 
 
 def _lora_params(unet: torch.nn.Module, lora) -> int:

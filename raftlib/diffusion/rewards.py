@@ -190,8 +190,15 @@ def load_aesthetic_head(path: str | Path, sha256: str | None = None) -> torch.nn
 
 
 class Aesthetic(_ClipBacked):
-    def __init__(self, clip: str, head: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto",
-                 sha256: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        clip: str,
+        head: str,
+        batch_size: int = 32,
+        device: str | None = None,
+        dtype: str = "auto",
+        sha256: str | None = None,
+    ) -> None:
         super().__init__(clip, batch_size, device, dtype)
         self.head_path, self.sha256 = head, sha256
         self.head = None
@@ -217,8 +224,14 @@ class Aesthetic(_ClipBacked):
             return self.head(self.image_embeddings(images)).squeeze(-1).cpu().tolist()
 
 
-def aesthetic(clip: str, head: str, batch_size: int = 32, device: str | None = None, dtype: str = "auto",
-              sha256: str | None = None) -> Aesthetic:  # fmt: skip
+def aesthetic(
+    clip: str,
+    head: str,
+    batch_size: int = 32,
+    device: str | None = None,
+    dtype: str = "auto",
+    sha256: str | None = None,
+) -> Aesthetic:
     """args: {clip: CLIP ViT-L/14 dir or hub id, head: the predictor's .safetensors/.pth, batch_size, device,
     dtype (of CLIP), sha256 (of the head; default: its .sha256 sidecar or LAION's published checksum)}."""
     return Aesthetic(clip, head, batch_size, device, dtype, sha256)
@@ -241,11 +254,14 @@ def jpeg_compressibility(quality: int = 95) -> Callable[..., list[float | None]]
 class ClassifierProbability:
     """p(class = columns[label_column][i] | image_i) under an image classifier."""
 
-    def __init__(self, path: str | None, classifier: str | None, classifier_args: dict, label_column: str,
-                 device: str | None) -> None:  # fmt: skip
+    def __init__(
+        self, path: str | None, classifier: str | None, classifier_args: dict, label_column: str, device: str | None
+    ) -> None:
         if (path is None) == (classifier is None):
-            raise RewardError("classifier_probability: give exactly one of `path` (an HF image classifier dir) "
-                              "or `classifier` (a module:function returning images -> class probabilities)")  # fmt: skip
+            raise RewardError(
+                "classifier_probability: give exactly one of `path` (an HF image classifier dir) "
+                "or `classifier` (a module:function returning images -> class probabilities)"
+            )
         self.path, self.classifier, self.classifier_args = path, classifier, classifier_args
         self.label_column, self.device = label_column, _device(device)
         self.predict: Callable[[list], np.ndarray] | None = None

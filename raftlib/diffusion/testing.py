@@ -40,20 +40,32 @@ def _clip_text_config(vocab_size: int, projection_dim: int = 32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=vocab_size, max_position_embeddings=77, projection_dim=projection_dim,
-    )  # fmt: skip
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+    )
 
 
 def _tiny_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=32, sample_size=32,
-    )  # fmt: skip
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        norm_num_groups=32,
+        sample_size=32,
+    )
 
 
 def build_stable_diffusion(directory: Path, *, seed: int = 0) -> Path:
@@ -65,10 +77,16 @@ def build_stable_diffusion(directory: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(directory / "tokenizer")
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
-    )  # fmt: skip
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
     pipeline = StableDiffusionPipeline(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_clip_text_config(len(tokenizer))),
@@ -95,13 +113,22 @@ def build_sdxl(directory: Path, *, seed: int = 0) -> Path:
     tokenizer = build_clip_tokenizer(directory / "tokenizer")
     tokenizer_2 = build_clip_tokenizer(directory / "tokenizer_2")
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + the 32-dim pooled text embedding
-        cross_attention_dim=64, norm_num_groups=32,
-    )  # fmt: skip
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
     pipeline = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_clip_text_config(len(tokenizer))),
@@ -131,10 +158,17 @@ def build_class_conditional(directory: Path, *, num_classes: int = 10, size: int
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
-        sample_size=size, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, num_class_embeds=num_classes + 1, attention_head_dim=8,
-    )  # fmt: skip
+        sample_size=size,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=num_classes + 1,
+        attention_head_dim=8,
+    )
     unet.save_pretrained(directory / "unet", safe_serialization=True)
     DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", steps_offset=1).save_pretrained(
         directory / "scheduler"
@@ -156,9 +190,14 @@ def build_clip(
     tokenizer = build_clip_tokenizer(directory)
     text = _clip_text_config(len(tokenizer), projection_dim).to_dict()
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=image_size,
-        patch_size=patch_size, projection_dim=projection_dim,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim,
+    )
     config = CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=projection_dim)
     CLIPModel(config).save_pretrained(directory, safe_serialization=True)
     processor = CLIPProcessor(

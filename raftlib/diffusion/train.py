@@ -37,9 +37,12 @@ def lora_config(kind: str, section: LoraSection):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, init_lora_weights="gaussian",
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        init_lora_weights="gaussian",
         target_modules=section.target_modules or DEFAULT_LORA_TARGETS[kind],
-    )  # fmt: skip
+    )
 
 
 def add_lora(loaded: LoadedPipeline, section: LoraSection, seed: int = 0) -> None:
@@ -284,9 +287,15 @@ def finetune_images(
         loaded.unet.enable_gradient_checkpointing()
     try:
         unet, stats = train_stage(
-            loaded.unet, kept, DenoisingLoss(loaded), section, seed=seed, iteration=iteration,
-            accelerator=accelerator, progress=progress,
-        )  # fmt: skip
+            loaded.unet,
+            kept,
+            DenoisingLoss(loaded),
+            section,
+            seed=seed,
+            iteration=iteration,
+            accelerator=accelerator,
+            progress=progress,
+        )
     finally:
         if checkpointing:
             loaded.unet.disable_gradient_checkpointing()

@@ -57,9 +57,15 @@ def finetune(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         return train_stage(
-            model, list(examples), loss, section, seed=seed, iteration=iteration, accelerator=accelerator,
+            model,
+            list(examples),
+            loss,
+            section,
+            seed=seed,
+            iteration=iteration,
+            accelerator=accelerator,
             progress=progress,
-        )  # fmt: skip
+        )
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()

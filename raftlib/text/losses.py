@@ -160,8 +160,9 @@ class RaftPPLoss:
         # pi_old: the policy that generated the kept samples is the one entering this stage; take its
         # per-token log-probabilities now, once, before any update moves it.
         chunk = self.training.loss_chunk_tokens
-        old = completion_token_logprobs(model, list(examples), self.pad_id, batch_size=self.training.micro_batch_size,
-                                        chunk_tokens=chunk)  # fmt: skip
+        old = completion_token_logprobs(
+            model, list(examples), self.pad_id, batch_size=self.training.micro_batch_size, chunk_tokens=chunk
+        )
         self.head = None
         if chunk:
             from raftlib.text.tokens import output_head
@@ -184,8 +185,9 @@ class RaftPPLoss:
             logp, mask = token_logprobs(model(**inputs).logits, batch["labels"])  # (B, T-1) each
         else:  # logits a chunk of positions at a time (training.loss_chunk_tokens), recomputed in the backward
             out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-            logp, mask = chunked_token_logprobs(out.hidden_states[-1], batch["labels"], self.head,
-                                                self.training.loss_chunk_tokens)  # fmt: skip
+            logp, mask = chunked_token_logprobs(
+                out.hidden_states[-1], batch["labels"], self.head, self.training.loss_chunk_tokens
+            )
         clip = (self.training.clip_range, self.training.clip_range_high)
         return clipped_ratio_loss(logp, batch["old_logprobs"], mask, clip_low=clip[0], clip_high=clip[1]).loss
 

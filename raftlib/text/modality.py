@@ -156,9 +156,15 @@ class TextModality:
         return self._decoder
 
     def generate(
-        self, policy, prompts: Sequence[Prompt], *, stream: int, samples_per_prompt: int | None = None,
-        candidates: bool = False, batches: Batches | None = None,
-    ) -> list[Sample]:  # fmt: skip
+        self,
+        policy,
+        prompts: Sequence[Prompt],
+        *,
+        stream: int,
+        samples_per_prompt: int | None = None,
+        candidates: bool = False,
+        batches: Batches | None = None,
+    ) -> list[Sample]:
         """K samples per prompt from the run's decoder; with `candidates`, plus the external ones.
 
         A call with k samples per prompt batches max(1, rows_per_batch // k) prompts, so every decode call
@@ -236,9 +242,15 @@ class TextModality:
 
     def finetune(self, policy, kept: list[Sample], *, iteration, accelerator, progress):
         return finetune(
-            policy, examples_of(kept), self.config.training, pad_id=self.text_format.pad_id,
-            seed=self.config.seed, iteration=iteration, accelerator=accelerator, progress=progress,
-        )  # fmt: skip
+            policy,
+            examples_of(kept),
+            self.config.training,
+            pad_id=self.text_format.pad_id,
+            seed=self.config.seed,
+            iteration=iteration,
+            accelerator=accelerator,
+            progress=progress,
+        )
 
     # -- what gets recorded -----------------------------------------------------------------------
 

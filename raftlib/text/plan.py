@@ -129,8 +129,19 @@ def text_sizes(
     lora = config.model.lora
     lp_batch = 16  # completion_logprobs' batch
     return TextSizes(
-        config=config, hw=hw, policy=policy, reward=reward, rm_dtype=rm_dtype,
-        P=hw.gpus, Lp=Lp, G=G, S=S, wb=wb, N=N, L=L, kv_per_token=2 * L * policy.kv_dim * wb,
+        config=config,
+        hw=hw,
+        policy=policy,
+        reward=reward,
+        rm_dtype=rm_dtype,
+        P=hw.gpus,
+        Lp=Lp,
+        G=G,
+        S=S,
+        wb=wb,
+        N=N,
+        L=L,
+        kv_per_token=2 * L * policy.kv_dim * wb,
         bf16_compute=bf16_compute,
         peak=(hw.gpu_tflops if bf16_compute else hw.fp32_peak) * 1e12,
         gen_peak=(hw.gpu_tflops if wb == 2 else hw.fp32_peak) * 1e12,
@@ -142,9 +153,11 @@ def text_sizes(
             "reference weights", 0 if lora else N * wb, "LoRA: adapter disabled, 0" if lora else f"N x {wb} B"
         ),
         lp_memory=Term(
-            "log-prob logits", lp_batch * S * policy.vocab * 4 * 2, f"16 x S x V x 4 B x 2 = 16 x {S} x {policy.vocab} x 8"
+            "log-prob logits",
+            lp_batch * S * policy.vocab * 4 * 2,
+            f"16 x S x V x 4 B x 2 = 16 x {S} x {policy.vocab} x 8",
         ),
-    )  # fmt: skip
+    )
 
 
 def plan_text(
@@ -198,10 +211,17 @@ def _decode_seconds(z: TextSizes, prompts: int, samples_per_prompt: int, prefix:
     host = STEP_OVERHEAD_S_PER_LAYER[g.backend] * z.L
     prefill = 2 * z.N * ppb * z.Lp / (z.gen_peak * FORWARD_MFU)
     return [
-        Term(f"{prefix}decode", batches * z.G * (per_step + host),
-             f"batches x G x (max(bytes/bw, FLOPs/peak) + host) = {batches} x {z.G} x ({per_step * 1e3:.1f} + {host * 1e3:.1f} ms)"),
-        Term(f"{prefix}prefill", batches * prefill, f"batches x 2N x prompts x Lp / (peak x MFU) = {batches} x {prefill:.3f} s"),
-    ]  # fmt: skip
+        Term(
+            f"{prefix}decode",
+            batches * z.G * (per_step + host),
+            f"batches x G x (max(bytes/bw, FLOPs/peak) + host) = {batches} x {z.G} x ({per_step * 1e3:.1f} + {host * 1e3:.1f} ms)",
+        ),
+        Term(
+            f"{prefix}prefill",
+            batches * prefill,
+            f"batches x 2N x prompts x Lp / (peak x MFU) = {batches} x {prefill:.3f} s",
+        ),
+    ]
 
 
 def _generate(z: TextSizes) -> StageEstimate:
@@ -216,20 +236,23 @@ def _generate(z: TextSizes) -> StageEstimate:
         logits = Term("prefill logits", 0, "inside vLLM's pool")
     else:
         kv = Term(
-            "KV cache", R * S * z.kv_per_token,
+            "KV cache",
+            R * S * z.kv_per_token,
             f"R x S x 2 x L x kv x {wb} B = {R} x {S} x 2 x {z.L} x {policy.kv_dim} x {wb}",
-        )  # fmt: skip
+        )
         logits = Term(
             "prefill logits",
             ppb * Lp * policy.vocab * wb + 2 * R * policy.vocab * 4,
             f"prompts x Lp x V x {wb} B + 2 x R x V x 4 B (sampling) = {ppb} x {Lp} x {policy.vocab} x {wb} + 2 x {R} x {policy.vocab} x 4",
-        )  # fmt: skip
+        )
     memory = (z.weights, kv, logits, z.overhead)
     return StageEstimate(
-        "generate", memory, tuple(_decode_seconds(z, z.config.loop.prompts_per_iteration, K, "")),
+        "generate",
+        memory,
+        tuple(_decode_seconds(z, z.config.loop.prompts_per_iteration, K, "")),
         fits=sum(x.value for x in memory) <= z.memory_limit,
         key="generation.prompts_per_batch" if N * wb + RUNTIME_OVERHEAD_BYTES < z.memory_limit else "model.dtype",
-    )  # fmt: skip
+    )
 
 
 # -- reward scoring: b x K samples, sharded by batch; the policy stays resident ------------------------------
@@ -248,17 +271,28 @@ def _score(z: TextSizes, reward: ModelShape) -> StageEstimate:
     memory = (
         z.weights,
         Term("reward weights", reward.params * rb, f"N_rm x {rb} B = {reward.params:,} x {rb}"),
-        Term("reward forward", batch * S * (reward.hidden + reward.intermediate) * rb * 2,
-             f"batch x S x (d + f) x {rb} B x 2 = {batch} x {S} x ({reward.hidden} + {reward.intermediate}) x {rb} x 2"),
+        Term(
+            "reward forward",
+            batch * S * (reward.hidden + reward.intermediate) * rb * 2,
+            f"batch x S x (d + f) x {rb} B x 2 = {batch} x {S} x ({reward.hidden} + {reward.intermediate}) x {rb} x 2",
+        ),
         z.overhead,
-    )  # fmt: skip
+    )
     samples = z.config.loop.prompts_per_iteration * z.config.generation.samples_per_prompt
     flops = 2 * reward.params * S * samples / P
     return StageEstimate(
-        "score (reward model)", memory,
-        (Term("forward", flops / (rm_peak * FORWARD_MFU), f"2 N_rm x S x bK / P / (peak x MFU) = 2 x {reward.params:.3g} x {S} x {samples} / {P}"),),
-        fits=sum(x.value for x in memory) <= z.memory_limit, key="reward.args.dtype",
-    )  # fmt: skip
+        "score (reward model)",
+        memory,
+        (
+            Term(
+                "forward",
+                flops / (rm_peak * FORWARD_MFU),
+                f"2 N_rm x S x bK / P / (peak x MFU) = 2 x {reward.params:.3g} x {S} x {samples} / {P}",
+            ),
+        ),
+        fits=sum(x.value for x in memory) <= z.memory_limit,
+        key="reward.args.dtype",
+    )
 
 
 # -- KL reference (selection.kl_coef > 0: log pi_0 of every sample, main process alone) ----------------------
@@ -271,9 +305,13 @@ def _kl_reference(z: TextSizes) -> tuple[StageEstimate, list[str]]:
     samples = lp.prompts_per_iteration * z.config.generation.samples_per_prompt
     seconds = 2 * N * S * samples / (z.gen_peak * FORWARD_MFU)  # no autocast: the weights dtype
     warnings = _timeout_warning(z, "computes reference log-probs", seconds)
-    return StageEstimate("select (KL reference, main process only)", memory,
-                         (Term("forward", seconds, f"2N x S x bK / (peak x MFU) = 2 x {N:.3g} x {S} x {samples}"),),
-                         fits=sum(x.value for x in memory) <= z.memory_limit, key="model.lora"), warnings  # fmt: skip
+    return StageEstimate(
+        "select (KL reference, main process only)",
+        memory,
+        (Term("forward", seconds, f"2N x S x bK / (peak x MFU) = 2 x {N:.3g} x {S} x {samples}"),),
+        fits=sum(x.value for x in memory) <= z.memory_limit,
+        key="model.lora",
+    ), warnings
 
 
 def _timeout_warning(z: TextSizes, what: str, seconds: float) -> list[str]:
@@ -281,8 +319,10 @@ def _timeout_warning(z: TextSizes, what: str, seconds: float) -> list[str]:
     minutes = z.config.loop.process_group_timeout_minutes
     if seconds <= minutes * 60:
         return []
-    return [f"the main process alone {what} for {seconds / 60:.0f} min, past "
-            f"loop.process_group_timeout_minutes = {minutes:g}: raise it"]  # fmt: skip
+    return [
+        f"the main process alone {what} for {seconds / 60:.0f} min, past "
+        f"loop.process_group_timeout_minutes = {minutes:g}: raise it"
+    ]
 
 
 # -- fine-tune: DDP and FSDP (the one not chosen shown for comparison) ----------------------------------------
@@ -306,8 +346,15 @@ def _train_time(z: TextSizes) -> tuple[Term, ...]:
     write = Term(
         "checkpoint", 2 * N * z.wb / DISK_BYTES_PER_S, f"write + reload N x {z.wb} B at {DISK_BYTES_PER_S / 1e9:g} GB/s"
     )
-    return (Term("train", train_seconds, f"({4 if lora else 6}N + 12 L d S) x tokens / (P x peak x MFU) = "
-                 f"{flops_per_token:.3g} x {tokens:,} / ({P} x {z.peak / 1e12:g}T x {TRAIN_MFU})"), write)  # fmt: skip
+    return (
+        Term(
+            "train",
+            train_seconds,
+            f"({4 if lora else 6}N + 12 L d S) x tokens / (P x peak x MFU) = "
+            f"{flops_per_token:.3g} x {tokens:,} / ({P} x {z.peak / 1e12:g}T x {TRAIN_MFU})",
+        ),
+        write,
+    )
 
 
 def _activations(z: TextSizes) -> Term:
@@ -335,8 +382,11 @@ def _loss_logits(z: TextSizes) -> Term:
     loss_rows = min(mb_tokens, t.loss_chunk_tokens) if t.loss_chunk_tokens else mb_tokens
     # logits and log-softmax (float32), and in the backward their two float32 gradients; autocast adds bf16 logits
     loss_bytes = 20 if t.mixed_precision != "no" else 16
-    return Term("loss logits", loss_rows * vocab * loss_bytes,
-                f"tokens x V x {loss_bytes} B (logits, log-softmax and their gradients) = {loss_rows} x {vocab} x {loss_bytes}")  # fmt: skip
+    return Term(
+        "loss logits",
+        loss_rows * vocab * loss_bytes,
+        f"tokens x V x {loss_bytes} B (logits, log-softmax and their gradients) = {loss_rows} x {vocab} x {loss_bytes}",
+    )
 
 
 def _fine_tunes(z: TextSizes, sharding: str) -> list[StageEstimate]:
@@ -366,16 +416,25 @@ def _fine_tune(
     else:
         shard, name = P, "fine-tune (FSDP)"
         master = 4 if t.mixed_precision != "no" else wb  # accelerate keeps float32 master weights under mixed precision
-        extra = [Term("gathered layers", 2 * z.policy.layer_params * (2 if z.bf16_compute else wb),
-                      "2 layers' full weights (current + prefetch) in the compute dtype")]  # fmt: skip
+        extra = [
+            Term(
+                "gathered layers",
+                2 * z.policy.layer_params * (2 if z.bf16_compute else wb),
+                "2 layers' full weights (current + prefetch) in the compute dtype",
+            )
+        ]
     frozen = N - trainable
     memory = (
-        Term("weights", (trainable * master + frozen * wb) / shard,
-             f"(trainable x {master} B + frozen x {wb} B) / {shard} = ({trainable:,} x {master} + {frozen:,} x {wb}) / {shard}"),
+        Term(
+            "weights",
+            (trainable * master + frozen * wb) / shard,
+            f"(trainable x {master} B + frozen x {wb} B) / {shard} = ({trainable:,} x {master} + {frozen:,} x {wb}) / {shard}",
+        ),
         Term("gradients", trainable * master / shard, f"trainable x {master} B / {shard}"),
         Term("AdamW moments", 2 * trainable * master / shard, f"2 x trainable x {master} B / {shard}"),
-        *extra, *tail,
-    )  # fmt: skip
+        *extra,
+        *tail,
+    )
     total = sum(x.value for x in memory)
     act = tail[0]
     if total <= z.memory_limit:
@@ -406,9 +465,16 @@ def _evaluate(z: TextSizes) -> tuple[StageEstimate, list[str]]:
     memory = (z.weights, z.reference_weights, z.lp_memory, z.overhead) if lp.eval_kl else (z.weights, z.overhead)
     warnings = _timeout_warning(z, "scores the evaluation", main_only)
     return StageEstimate(
-        "evaluate", memory,
-        (*_decode_seconds(z, E, k_eval, "generate: "),
-         Term("score + KL (main process only)", main_only + load,
-              f"(2N + 2N_rm) x S x {eval_samples} / (peak x MFU) + loading the reference")),
-        fits=sum(x.value for x in memory) <= z.memory_limit, key="model.lora",
-    ), warnings  # fmt: skip
+        "evaluate",
+        memory,
+        (
+            *_decode_seconds(z, E, k_eval, "generate: "),
+            Term(
+                "score + KL (main process only)",
+                main_only + load,
+                f"(2N + 2N_rm) x S x {eval_samples} / (peak x MFU) + loading the reference",
+            ),
+        ),
+        fits=sum(x.value for x in memory) <= z.memory_limit,
+        key="model.lora",
+    ), warnings
