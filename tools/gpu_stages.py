@@ -119,7 +119,11 @@ def run_stages(out: Path, tiny: bool, deadline: float) -> None:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             decoded = decoder.decode(ids, samples_per_prompt=k, seed=0)
         decoder.close()
-        return {"rows": prompts_per_batch * k, "new_tokens": new_tokens, "tokens": int(sum(decoded.lengths))}
+        return {
+            "rows": prompts_per_batch * k,
+            "new_tokens": new_tokens,
+            "tokens": int(sum(decoded.lengths) if decoded.lengths else decoded.tokens.numel()),
+        }
 
     def train(model_dir: Path, micro_batch: int, sequence: int, **training) -> dict:
         from transformers import AutoModelForCausalLM
