@@ -73,8 +73,7 @@ test: lint browser
 	$(PY) -m raftsuite.runner check --profile paper
 	$(PY) -m raftsuite.runner check --profile gpu
 	$(PY) -m raftsuite.runner check --profile dryrun
-	$(PY) -m pytest -q
-	$(MAKE) reproduce-all PROFILE=dryrun
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # ---- the main job: every experiment notebook of a profile, executed by papermill ---------------------
 # Goes on after a failed notebook (its partial executed copy and report stay) and exits non-zero at the end.

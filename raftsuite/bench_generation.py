@@ -7,7 +7,8 @@ notebooks/data/openings.jsonl), temperature 1, K = 8, 48 new tokens. Each round 
 turn, so a load change on this shared machine hits all of them alike; the table gives the median over rounds of
 completion tokens per second (tokens up to and including each row's EOS, for every decoder alike) and its ratio
 to HF `generate` in the same round. Writes generation.csv (every timing), generation.md (the table) and
-machine.json (CPU, threads, versions, date). Speed is measured here, never asserted in a test.
+machine.json (CPU, threads, versions, date), then one RAFT iteration end to end per backend
+(raft_iteration.csv, appended to the table). Speed is measured here, never asserted in a test.
 """
 
 from __future__ import annotations
@@ -80,12 +81,39 @@ def decoders(model, rows: int, width: int):
     return built
 
 
+def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int = 32) -> dict:
+    """One RAFT iteration end to end with `backend` (assets/tiny-lm, K = 8, the word-count reward): wall seconds
+    from the call to the returned run (vLLM's engine start included, as a run pays it) and each stage's seconds
+    from the run's metrics row. Evaluation is off (eval_prompts 0) so only the iteration is timed."""
+    from raftlib.config import RAFTConfig
+    from raftlib.loop import run
+
+    config = RAFTConfig.from_dict(
+        {
+            "model": {"path": MODEL},
+            "data": {"prompts": PROMPTS, "eval_prompts": 0},
+            "reward": {"fn": "length"},
+            "loop": {"iterations": 1, "prompts_per_iteration": prompts},
+            "output_dir": str(work / backend),
+            "generation": {"samples_per_prompt": K, "max_new_tokens": new_tokens, "prompts_per_batch": 16,
+                           "chat_template": "never", "backend": backend},
+            "training": {"learning_rate": 1e-4, "epochs": 1, "micro_batch_size": 16},
+        }
+    )  # fmt: skip
+    began = time.perf_counter()
+    result = run(config)
+    wall = time.perf_counter() - began
+    row = next(r for r in result.metrics if r["iteration"] == 1)
+    return {"backend": backend, "wall_s": wall} | {k: v for k, v in row.items() if k.startswith("time_")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-iteration", dest="iteration", action="store_false", help="skip the RAFT iterations")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -158,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
     }
     (args.output / "machine.json").write_text(json.dumps(facts, indent=2) + "\n")
+    if args.iteration:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            iterations = pd.DataFrame([raft_iteration(b, Path(work)) for b in ("eager", "static", "vllm")])
+        iterations.to_csv(args.output / "raft_iteration.csv", index=False)
+        columns = [c for c in iterations.columns if c != "backend"]
+        lines += ["", "One RAFT iteration end to end (64 prompts, K = 8, 32 new tokens, one epoch; seconds):", "",
+                  "| backend | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
+        lines += [
+            f"| {r['backend']} | " + " | ".join(f"{r[c]:.1f}" for c in columns) + " |" for _, r in iterations.iterrows()
+        ]
+        (args.output / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"medians over {args.rounds} rounds; {statistics.mean(frame['seconds']):.2f} s per timing on average")
     return 0

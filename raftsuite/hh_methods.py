@@ -286,15 +286,21 @@ def method_run(
     """
     root = Path(root)
     run_dir = root / run.name
-    if link is not None:  # a stable name in the notebook's work dir for the run most recently started
-        link = Path(link)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp_link = link.with_name(f".{link.name}.tmp")
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(run_dir.resolve(), target_is_directory=True)
-        os.replace(tmp_link, link)
+
+    def make() -> dict[str, Any]:
+        # A stable name in the notebook's work dir for the run most recently started; a run read from its
+        # record is not started, so the link keeps pointing at the one in progress (or the last one made).
+        if link is not None:
+            link_path = Path(link)
+            link_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp_link = link_path.with_name(f".{link_path.name}.tmp")
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(run_dir.resolve(), target_is_directory=True)
+            os.replace(tmp_link, link_path)
+        return _make_run(root, settings, plan, run)
+
     params = {"run": asdict(run), "settings": asdict(settings), "plan": asdict(plan)}
-    return cached(root / f"{run.name}.json", params, lambda: _make_run(root, settings, plan, run))
+    return cached(root / f"{run.name}.json", params, make)
 
 
 def _make_run(root: Path, settings: MethodSettings, plan: hh.PromptPlan, run: MethodRun) -> dict[str, Any]:

@@ -102,14 +102,21 @@ def _claim_rows(claims: list[dict[str, Any]]) -> str:
 
 
 def _report_rows(profile_dir: Path) -> str:
+    from raftsuite.report import format_headline_value
+
     rows = []
     for status_path in sorted(profile_dir.glob("*/status.json")):
         directory, status = status_path.parent, _read(status_path)
         headline = _read(directory / "headline.json") or {}
         state = "ran" if status["ok"] else f"FAILED: {status['error']}"
+        numbers = "; ".join(
+            f"{html.escape(str(k))}: <b>{html.escape(format_headline_value(v))}</b>"
+            for k, v in headline.get("numbers", {}).items()
+        )  # the report's headline, so the page answers "what did each notebook find" without opening it
         rows.append(
             f"<tr><td><a href='{profile_dir.name}/{html.escape(directory.name)}/report.html'>"
-            f"{html.escape(headline.get('title', directory.name))}</a><br><small>{html.escape(headline.get('note', ''))}</small></td>"
+            f"{html.escape(headline.get('title', directory.name))}</a><br><small>{html.escape(headline.get('note', ''))}</small>"
+            f"<br><small>{numbers}</small></td>"
             f"<td class='{'ok' if status['ok'] else 'failed'}'>{html.escape(state)}</td>"
             f"<td>{status['seconds'] / 60:.1f} min<br><small>{html.escape(status['finished'])}</small></td></tr>"
         )
@@ -119,10 +126,9 @@ def _report_rows(profile_dir: Path) -> str:
 def _commits(profile_dir: Path) -> str:
     commits = {}
     for path in profile_dir.glob("*/header.json"):
-        git = (_read(path) or {}).get("git", {})
-        commits.setdefault(f"{git.get('commit', '?')[:10]}{' (dirty)' if git.get('dirty') else ''}", []).append(
-            path.parent.name
-        )
+        git = (_read(path) or {}).get("git") or {}  # outside a git checkout the header records git: null
+        commit = git["commit"][:10] if git.get("commit") else "not a git checkout"
+        commits.setdefault(f"{commit}{' (dirty)' if git.get('dirty') else ''}", []).append(path.parent.name)
     return "; ".join(
         f"<code>{html.escape(c)}</code> ({', '.join(sorted(names))})" for c, names in sorted(commits.items())
     )

@@ -87,11 +87,17 @@ def final_comparisons(frame: pd.DataFrame, problems: pd.DataFrame, methods: Sequ
     return pd.DataFrame(rows)
 
 
-def pattern_comparisons(frame: pd.DataFrame, problems: pd.DataFrame, method: str, early: int) -> pd.DataFrame:
+def pattern_comparisons(frame: pd.DataFrame, problems: pd.DataFrame, method: str, early: int) -> pd.DataFrame | None:
     """The paper's entropy story for `method` against GRPO, as three paired changes: ahead early (mean pass@1 over
-    iterations 1..early), entropy below GRPO's at the end, and its lead shrinking from early to the end (the
-    early difference minus the final one > 0: GRPO catches up)."""
+    the evaluated iterations 1..early), entropy below GRPO's at the end, and its lead shrinking from early to the
+    end (the early difference minus the final one > 0: GRPO catches up). With `loop.eval_every` an early window
+    may hold no evaluation: it then ends at the first evaluated iteration. None when the only evaluated iteration
+    after the base is the last one (no "early" to compare with: a run too short for the story)."""
     last = int(frame["iteration"].max())
+    evaluated = sorted(int(i) for i in set(frame["iteration"]) if i > 0)
+    early = max([i for i in evaluated if i <= early] or evaluated[:1])
+    if early >= last:
+        return None
     lead = comparison(frame, problems, method, "GRPO", "pass_at_1", 1, early)
     entropy = comparison(frame, problems, method, "GRPO", "entropy", last, last)
     early_gap = at_iterations(frame, 1, early, "pass_at_1")

@@ -207,3 +207,7 @@ def test_dryrun_profile_runs_under_papermill_on_two_processes(name, standins, tm
     run_dir = tmp_path / "runs" / "dryrun" / name / "raft"
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert "2 processes" in (run_dir / "launch" / "launch.log").read_text()
+    # best of K for each prompt, then the paper's top-N cap (max_kept; the paper keeps 8 of 10)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(run_dir / "iter_0001" / "kept.parquet").num_rows == dryrun["max_kept"]

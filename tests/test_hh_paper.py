@@ -55,6 +55,19 @@ def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
     assert tokenizer.decode(tokenizer("###Human: soup? ###Assistant: rain")["input_ids"], skip_special_tokens=True) == (
         "###Human: soup? ###Assistant: rain"
     )
+    # the converted fast tokenizer splits runs of spaces unlike the tokenizer.model (transformers#24233), as
+    # Open-LLaMA's does: the scorer then encodes with sentencepiece, the tokens the reward model was trained on
+    import sentencepiece
+
+    from raftlib.text.rewards import check_against_sentencepiece, sentencepiece_batch
+
+    processor = check_against_sentencepiece(tokenizer, str(standins["reward_model"]))
+    assert processor is not None
+    text = "###Human: How do I   bake bread?"
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(standins["reward_model"] / "tokenizer.model"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    row = sentencepiece_batch(processor, tokenizer, [text, "short"], None)["input_ids"][0].tolist()
+    assert [t for t in row if t != tokenizer.bos_token_id] == spm.encode(text)
     reward = formatted_reward_model(str(standins["reward_model"]), formatter="open_llama_hh", batch_size=2)
     prompts, completions = ["\n\nHuman: How do I make soup?\n\nAssistant:"] * 2, [" Boil water.", " Rain."]
     ours = reward(prompts, completions)

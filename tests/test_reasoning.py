@@ -260,6 +260,14 @@ def test_the_entropy_story_is_three_paired_changes():
     level = frame_of({"RAFT++": [(0.2, 0.9), (0.4, 0.6), (0.4, 0.3)], "GRPO": [(0.2, 0.9), (0.3, 0.85), (0.3, 0.8)]})
     # GRPO never catches up: the lead does not shrink, so the third part fails to reproduce (level is not "caught up")
     assert RR.pattern_verdict(RR.pattern_comparisons(level, NO_PROBLEMS, "RAFT++", early=1)) != "appears"
+    # eval_every 2 over 2 iterations: iterations 0 and 2 evaluated, no early window, no verdict (not a KeyError)
+    only_last = pattern[pattern["iteration"] != 1]
+    assert RR.pattern_comparisons(only_last, NO_PROBLEMS, "RAFT++", early=1) is None
+    # eval_every 2 over 4 iterations with early = 1: the early window ends at the first evaluated iteration (2)
+    skipping = frame_of({m: [*v, v[-1]] for m, v in {"RAFT++": [(0.2, 0.9), (0.4, 0.6), (0.5, 0.3)],
+                                                    "GRPO": [(0.2, 0.9), (0.3, 0.85), (0.55, 0.8)]}.items()})  # fmt: skip
+    skipping = skipping[skipping["iteration"].isin([0, 2, 3])]
+    assert RR.pattern_comparisons(skipping, NO_PROBLEMS, "RAFT++", early=1)["when"].iloc[0] == "iterations 1-2"
 
 
 def test_paper_table_names_the_version_and_the_primary_claim():

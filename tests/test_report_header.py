@@ -93,9 +93,11 @@ def small_run(tmp_path_factory):
     import io
 
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        code = runner.main(["all", "--profile", "smoke", "--progress"])
-    patch.undo()
+    try:  # undone even when the run raises: the runner's paths are module globals other tests read
+        with contextlib.redirect_stderr(stderr):
+            code = runner.main(["all", "--profile", "smoke", "--progress"])
+    finally:
+        patch.undo()
     assert code == 0
     return tmp / "results" / "smoke" / "small", stderr.getvalue()
 

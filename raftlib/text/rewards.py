@@ -157,7 +157,7 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
-        check_against_sentencepiece(self.tokenizer, self.path)
+        self.sentencepiece = check_against_sentencepiece(self.tokenizer, self.path)
 
     def teardown(self) -> None:
         import gc
@@ -197,13 +197,18 @@ class RewardModelScorer:
             scores: list[float | None] = []
             device = next(self.model.parameters()).device
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=self.max_length is not None,
-                    max_length=self.max_length,
-                ).to(device)
+                chunk = texts[start : start + self.batch_size]
+                if getattr(self, "sentencepiece", None) is not None:
+                    batch = sentencepiece_batch(self.sentencepiece, self.tokenizer, chunk, self.max_length)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                else:
+                    batch = self.tokenizer(
+                        chunk,
+                        return_tensors="pt",
+                        padding=True,
+                        truncation=self.max_length is not None,
+                        max_length=self.max_length,
+                    ).to(device)
                 with torch.no_grad():
                     logits = self.model(**batch).logits[:, 0].float()  # (B,)
                 scores.extend(float(v) for v in logits.cpu())
@@ -221,32 +226,48 @@ SENTENCEPIECE_PROBES = (
 """Texts with what HH-RLHF holds and converted fast tokenizers get wrong (runs of spaces: transformers#24233)."""
 
 
-def check_against_sentencepiece(tokenizer, path: str) -> None:
+def check_against_sentencepiece(tokenizer, path: str):
     """When the model dir ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
-    must encode as sentencepiece does; a converted fast tokenizer that differs (Open-LLaMA's, on repeated
-    spaces) would score other tokens than the reward model was trained on: refuse it, naming a text."""
+    must encode as sentencepiece does. A converted fast tokenizer that differs (Open-LLaMA's, on repeated spaces:
+    transformers#24233) would score other tokens than the reward model was trained on: then the sentencepiece
+    processor is returned and the scorer encodes with it (a warning names the text that differed); None when the
+    fast tokenizer agrees or there is no tokenizer.model."""
     from pathlib import Path
-
-    from raftlib.hub import ModelLoadError
 
     model_file = Path(path) / "tokenizer.model"
     if not model_file.is_file():
-        return
+        return None
     try:
         import sentencepiece
     except ImportError:
-        return  # nothing to compare against (sentencepiece is in the suite's environment)
+        return None  # nothing to compare against (sentencepiece is in the suite's environment)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     for text in SENTENCEPIECE_PROBES:
         fast = tokenizer(text, add_special_tokens=False)["input_ids"]
         slow = processor.encode(text)
         if fast != slow:
-            raise ModelLoadError(
-                f"reward model {path!r}: its fast tokenizer encodes {text!r} as {fast[:12]}... but its "
-                f"tokenizer.model (sentencepiece) as {slow[:12]}...: the reward model would score other tokens than "
-                "it was trained on. Re-export the tokenizer (tokenizer.json from the sentencepiece model) or fix "
-                "its normalizer (transformers#24233)"
-            )
+            logger.warning(
+                "reward model %r: its fast tokenizer encodes %r as %s... but its tokenizer.model (sentencepiece) as "
+                "%s...: scoring encodes with sentencepiece, as the reward model was trained (transformers#24233)",
+                path, text, fast[:12], slow[:12],
+            )  # fmt: skip
+            return processor
+    return None
+
+
+def sentencepiece_batch(processor, tokenizer, texts: list[str], max_length: int | None) -> dict:
+    """`texts` encoded by sentencepiece as the fast tokenizer would frame them: its BOS when it adds one,
+    truncated to `max_length`, padded with its pad id on its padding side, with the attention mask."""
+    import torch
+
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    rows = [([tokenizer.bos_token_id] if adds_bos else []) + processor.encode(t) for t in texts]
+    rows = [r[:max_length] if max_length else r for r in rows]
+    width = max(map(len, rows))
+    pad, left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
+    ids = [([pad] * (width - len(r)) + r) if left else (r + [pad] * (width - len(r))) for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r))) for r in rows]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
 def reward_model(path: str, **kwargs: Any) -> RewardFn:
