@@ -152,7 +152,8 @@ MEASURE = textwrap.dedent("""
     section = TrainingSection(learning_rate=1e-4, epochs=1, micro_batch_size=8)
     examples = [(list(range(1, 193)), list(range(193, 257)))] * 16  # 16 samples of 256 tokens, 2 micro-batches
     finetune(model, examples, section, pad_id=0, seed=0, iteration=1, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # high-water resident bytes (Linux: KiB)
+    from raftsuite.children import peak_rss_mib  # VmHWM: ru_maxrss would carry the pytest worker's size over
+    peak = int(peak_rss_mib() * 2**20)
     print(json.dumps({"baseline": baseline, "peak": peak}))
 """)
 
