@@ -9,7 +9,6 @@ the KV pool it sizes, the errors it gives, and whole runs (one process and two, 
 from __future__ import annotations
 
 import builtins
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_generate import PROMPTS, load
+from test_loop import kill
 
 from conftest import assert_same_run, base_config, snapshot, write_config
 from raftlib import RAFTConfig, resume, run
@@ -32,7 +32,6 @@ from raftlib.text.prompts import GenerationError, TextFormat
 from raftlib.text.vllm_backend import engine_options, lora_capacity
 
 TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": f"{TESTS.parent / 'examples' / 'toy'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 SETTINGS = {"samples_per_prompt": 3, "temperature": 1.0, "max_new_tokens": 10, "prompts_per_batch": 2}
 
 
@@ -271,16 +270,7 @@ def test_sigkill_at_every_point_in_turn_then_resume_with_vllm_equals_uninterrupt
     config = write_config(tmp_path / "cfg.yaml", base_config(gpt2_vllm_dir, prompts_file, run_dir, **VLLM_RUN))
     for number, (point, occurrence) in enumerate(VLLM_KILL_CHAIN):
         command = ["run", str(config)] if number == 0 else ["resume", str(run_dir)]
-        killed = subprocess.run(
-            [sys.executable, str(TESTS / "kill_harness.py"), point, str(occurrence), "--", *command],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert killed.returncode == -9, (
-            f"kill {number + 1} ({point} #{occurrence}) did not land:\n{killed.stderr[-3000:]}"
-        )
+        kill(point, occurrence, command)  # tests/test_loop.py: asserts the SIGKILL landed
         assert not (run_dir / "final").exists()
     resume(run_dir)
     assert_same_run(snapshot(run_dir), vllm_reference[1])

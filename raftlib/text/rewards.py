@@ -111,6 +111,8 @@ class RewardModelScorer:
         self.use_chat_template = use_chat_template
         self.model = None
         self.tokenizer = None
+        self.sentencepiece = None
+        """The reward model's sentencepiece processor, when its fast tokenizer encodes differently (setup)."""
         self.holders = 0
         """setup() calls not yet matched by teardown(): the model stays loaded while anyone holds it."""
 
@@ -169,6 +171,7 @@ class RewardModelScorer:
             return
         self.model = None
         self.tokenizer = None
+        self.sentencepiece = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -198,7 +201,7 @@ class RewardModelScorer:
             device = next(self.model.parameters()).device
             for start in range(0, len(texts), self.batch_size):
                 chunk = texts[start : start + self.batch_size]
-                if getattr(self, "sentencepiece", None) is not None:
+                if self.sentencepiece is not None:
                     batch = sentencepiece_batch(self.sentencepiece, self.tokenizer, chunk, self.max_length)
                     batch = {k: v.to(device) for k, v in batch.items()}
                 else:
