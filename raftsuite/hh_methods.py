@@ -357,7 +357,7 @@ def sweep_until_interior(
     plan: hh.PromptPlan,
     grids: Mapping[str, Sequence[float]],
     seed: int,
-    max_extensions: int = 3,
+    max_extensions: int = 10,
 ) -> pd.DataFrame:
     """Each method at each learning rate of its grid, one seed, scored on the validation prompts, each grid
     extended until its chosen rate is interior (`raftsuite.sweeps`). One row per (method, learning_rate): seed,

@@ -27,6 +27,9 @@ PAPER_TABLE3 = {
 }
 """Table 3 of Dong et al. 2023 (LLaMA-7B-SFT, RAFT-K32 at lambda 1, PPO beta 0.1): docs/paper.md."""
 
+RATIO_METRICS = ("perplexity",)
+"""Metrics compared SFT -> RAFT as a ratio (geometric mean, log-t) rather than a difference."""
+
 
 def paired_rows(
     per_seed: pd.DataFrame, per_prompt: pd.DataFrame, raft: str, baselines: Mapping[str, str], metrics: Sequence[str]
@@ -75,18 +78,20 @@ def table3_claims(paired: pd.DataFrame, directions: pd.DataFrame, hh_data: bool)
         )
     for row in directions.itertuples():
         paper = f"SFT {row.paper_sft} -> RAFT {row.paper_raft}"
-        claims.append(
-            Claim("Table 3", f"SFT -> RAFT, {row.metric.replace('_', ' ')}", paper, row.t, row.paper_direction)
-        )
+        name = row.metric.replace("_", " ") + (" (ratio RAFT / SFT)" if row.metric in RATIO_METRICS else "")
+        claims.append(Claim("Table 3", f"SFT -> RAFT, {name}", paper, row.t, row.paper_direction))
     return claims
 
 
 def sft_to_raft(per_seed: pd.DataFrame, raft: str, sft: str, metrics: Sequence[str]) -> pd.DataFrame:
-    """RAFT minus SFT per metric over seeds, beside the paper's SFT -> RAFT-K32 change and its direction."""
+    """RAFT minus SFT per metric over seeds, beside the paper's SFT -> RAFT-K32 change and its direction.
+    Perplexity is compared as a ratio (RAFT / SFT, the t-interval of the log ratio): it is multiplicative, and one
+    seed whose text degenerates would otherwise set the whole interval."""
     by_seed = per_seed.set_index(["method", "seed"])
     rows = []
     for metric in metrics:
-        interval = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[sft][metric])
+        compare = stats.ratio_ci if metric in RATIO_METRICS else stats.paired_difference
+        interval = compare(by_seed.loc[raft][metric], by_seed.loc[sft][metric])
         before, after = PAPER_TABLE3["sft"][metric], PAPER_TABLE3["raft"][metric]
         direction = stats.paper_direction(before, after)
         rows.append(
@@ -95,7 +100,7 @@ def sft_to_raft(per_seed: pd.DataFrame, raft: str, sft: str, metrics: Sequence[s
                 "paper_sft": before,
                 "paper_raft": after,
                 "paper_direction": direction,
-                "ours_raft_minus_sft": str(interval),
+                "ours": str(interval) + (" (RAFT / SFT)" if metric in RATIO_METRICS else " (RAFT − SFT)"),
                 "n_seeds": interval.n,
                 "verdict": stats.verdict(interval, direction),
                 "t": interval,

@@ -181,3 +181,32 @@ Regenerate with <code>make reproduce-all</code>.</p>
     index = results / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def claims_markdown_table(profile_dir: Path) -> str:
+    """The profile's claim table as Markdown, for docs/results.md (a test keeps the two equal): the same rows and
+    order as the results page, from the same claims.json files."""
+    lines = [
+        "| paper | claim | the paper's number | ours [interval] | verdict | report |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in profile_claims(profile_dir):
+        verdict = NAMES.get(c["verdict"], c["verdict"])
+        detectable = c.get("detectable_at_80pct_power")
+        if detectable:
+            verdict += f" (detectable at 80 % power: {detectable:.3g})"
+        if "holm_p" in c:
+            verdict += f"; primary, Holm p = {c['holm_p']:.3g}: {NAMES.get(c['holm_verdict'], '')}"
+        elif c["primary"]:
+            verdict += "; primary"
+        cells = [c["table"], c["claim"], str(c["paper"]), f"{c['ours']} ({c['interval']})", verdict]
+        cells.append(f"[{c['report']}](../results/{c['link']})")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m raftsuite.index results/tiny: the claim table as Markdown (docs/results.md holds it)
+    sys.stdout.write(claims_markdown_table(Path(sys.argv[1])))

@@ -174,7 +174,7 @@ def run_notebook(
     import papermill
 
     from raftsuite import header as run_header
-    from raftsuite.report import STAGES_FILE, read_stages
+    from raftsuite.report import read_stages
 
     results = results or RESULTS
     runs = runs or ROOT / "runs"
@@ -185,8 +185,11 @@ def run_notebook(
     values |= check_parameters(name, extra or {}, "command line")
     out_dir = results / profile / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("headline.json", "status.json", "header.json", STAGES_FILE):
-        (out_dir / stale).unlink(missing_ok=True)
+    # The previous run's files go first: a table or figure this version no longer writes must not sit beside the
+    # new ones as if it were current (subfolders, which no notebook writes, are left alone).
+    for stale in out_dir.iterdir():
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink()
     work_dir = runs / profile / name
     values |= {
         "profile": profile,

@@ -81,6 +81,9 @@ def small_run(tmp_path_factory):
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, notebooks / "small.ipynb")
     (notebooks / "profiles.yaml").write_text("smoke:\n  small: {seeds: [3, 4, 5]}\n")
+    stale = tmp / "results" / "smoke" / "small" / "table_an_older_version_wrote.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old\n")
     patch = pytest.MonkeyPatch()
     for name, value in {
         "NOTEBOOKS": notebooks,
@@ -99,6 +102,7 @@ def small_run(tmp_path_factory):
     finally:
         patch.undo()
     assert code == 0
+    assert not stale.exists()  # the previous run's files are cleared before the notebook runs
     return tmp / "results" / "smoke" / "small", stderr.getvalue()
 
 
