@@ -868,3 +868,19 @@ def test_hh_rlhf_and_efficiency_share_one_sweep_and_one_set_of_runs(profile):
         return hh_methods.MethodSettings.from_parameters(parameters, tiny_setup())
 
     assert settings("hh_rlhf") == settings("efficiency")
+
+
+def test_sft_to_raft_compares_perplexity_as_a_ratio_and_the_rest_as_differences():
+    from raftsuite import hh_report
+
+    rows = []
+    for seed, (sft_ppl, raft_ppl) in enumerate([(200.0, 400.0), (200.0, 440.0), (200.0, 420.0)]):
+        rows.append({"method": "SFT", "seed": seed, "perplexity": sft_ppl, "proxy_reward": 0.0})
+        rows.append({"method": "RAFT", "seed": seed, "perplexity": raft_ppl, "proxy_reward": 1.0 + seed})
+    table = hh_report.sft_to_raft(pd.DataFrame(rows), "RAFT", "SFT", ["perplexity", "proxy_reward"])
+    ppl, proxy = table.set_index("metric").loc["perplexity"], table.set_index("metric").loc["proxy_reward"]
+    assert ppl["t"].method == "log-t" and ppl["t"].mean == pytest.approx((2.0 * 2.2 * 2.1) ** (1 / 3))  # geometric mean
+    assert proxy["t"].method == "t" and proxy["t"].mean == pytest.approx(2.0)
+    assert ppl["verdict"] == "reproduces"  # every seed's ratio is above 1, the paper's direction (3.781 -> 4.031)
+    claims = hh_report.table3_claims(table.iloc[:0].assign(comparison=[]), table, hh_data=False)
+    assert [c.claim for c in claims] == ["SFT -> RAFT, perplexity (ratio RAFT / SFT)", "SFT -> RAFT, proxy reward"]
