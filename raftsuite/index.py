@@ -62,6 +62,21 @@ def profile_claims(profile_dir: Path) -> list[dict[str, Any]]:
     return sorted(claims, key=lambda c: (rank.get(c["table"], len(rank)), not c["primary"]))
 
 
+def _power_note(claim: dict[str, Any]) -> str:
+    """'detectable at 80 % power: 0.318' for a "not resolved", else ''."""
+    detectable = claim.get("detectable_at_80pct_power")
+    return f"detectable at 80 % power: {detectable:.3g}" if detectable else ""
+
+
+def _primary_note(claim: dict[str, Any]) -> str:
+    """'primary, Holm p = 0.334: not resolved' for a primary verdict, else ''."""
+    if not claim["primary"]:
+        return ""
+    if "holm_p" not in claim:
+        return "primary"
+    return f"primary, Holm p = {claim['holm_p']:.3g}: {NAMES.get(claim['holm_verdict'], '')}"
+
+
 def _badge(verdict: str) -> str:
     return f"<span class='v {VERDICT_CLASS.get(verdict, 'open')}'>{html.escape(NAMES.get(verdict, verdict))}</span>"
 
@@ -82,15 +97,8 @@ def _counts(claims: list[dict[str, Any]]) -> str:
 def _claim_rows(claims: list[dict[str, Any]]) -> str:
     rows = []
     for c in claims:
-        detectable = c.get("detectable_at_80pct_power")
-        power = f"<br><small>detectable at 80 % power: {detectable:.3g}</small>" if detectable else ""
-        primary = ""
-        if c["primary"]:
-            primary = (
-                f"<br><small>primary; Holm p = {c['holm_p']:.3g}: {html.escape(NAMES.get(c['holm_verdict'], ''))}</small>"
-                if "holm_p" in c
-                else "<br><small>primary</small>"
-            )
+        power = f"<br><small>{html.escape(_power_note(c))}</small>" if _power_note(c) else ""
+        primary = f"<br><small>{html.escape(_primary_note(c))}</small>" if _primary_note(c) else ""
         rows.append(
             f"<tr class='{'primary' if c['primary'] else ''}'><td>{html.escape(c['table'])}</td>"
             f"<td>{html.escape(c['claim'])}</td><td>{html.escape(str(c['paper']))}</td>"
@@ -192,13 +200,8 @@ def claims_markdown_table(profile_dir: Path) -> str:
     ]
     for c in profile_claims(profile_dir):
         verdict = NAMES.get(c["verdict"], c["verdict"])
-        detectable = c.get("detectable_at_80pct_power")
-        if detectable:
-            verdict += f" (detectable at 80 % power: {detectable:.3g})"
-        if "holm_p" in c:
-            verdict += f"; primary, Holm p = {c['holm_p']:.3g}: {NAMES.get(c['holm_verdict'], '')}"
-        elif c["primary"]:
-            verdict += "; primary"
+        verdict += f" ({_power_note(c)})" if _power_note(c) else ""
+        verdict += f"; {_primary_note(c)}" if _primary_note(c) else ""
         cells = [c["table"], c["claim"], str(c["paper"]), f"{c['ours']} ({c['interval']})", verdict]
         cells.append(f"[{c['report']}](../results/{c['link']})")
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
