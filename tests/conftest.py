@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -186,9 +187,15 @@ def read_run_dir(run_dir: Path) -> int:
 
     from raftlib.store import TMP_MARK
 
+    # os.walk, not Path.rglob: rglob raises when a directory vanishes between listing and descending (a
+    # temporary checkpoint renamed into place), os.walk skips it; temporaries are pruned before descending.
+    paths = []
+    for parent, dirnames, filenames in os.walk(run_dir):
+        dirnames[:] = sorted(name for name in dirnames if TMP_MARK not in name)
+        paths += [Path(parent) / name for name in sorted(filenames) if TMP_MARK not in name]
     count = 0
-    for path in sorted(run_dir.rglob("*")):
-        if TMP_MARK in str(path.relative_to(run_dir)) or not path.is_file():
+    for path in paths:
+        if not path.is_file():
             continue
         try:
             if path.suffix == ".parquet":
