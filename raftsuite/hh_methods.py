@@ -17,6 +17,7 @@ master weights (bf16 only as autocast on a GPU) and, with `lora_rank`, train the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -338,17 +339,35 @@ def _make_run(root: Path, settings: MethodSettings, plan: hh.PromptPlan, run: Me
     }
 
 
-def validation_reward(root: str | Path, settings: MethodSettings, plan: hh.PromptPlan, record: Mapping) -> float:
-    """Mean proxy reward of a run's final model on the plan's validation prompts (sampling seed 0, raftlib's
-    evaluation), cached with the run's record. This, never a reported score, picks the learning rates."""
-    params = {"model": record["model_dir"], "made": record["made"], "settings": asdict(settings), "plan": asdict(plan)}
+MAX_VALIDATION_PERPLEXITY_RATIO = 2.0
+"""A learning rate is admissible only if its run's reference perplexity on the validation prompts is at most this
+multiple of the SFT model's (docs/statistics.md, declared before the runs it selects). The proxy reward alone
+picks rates whose text has collapsed (tiny: perplexity x 135 and distinct-2 0.18 at the proxy's choice, gold
+reward below SFT's); the paper's RAFT ends at 1.07 x its SFT perplexity."""
 
-    def score() -> float:
-        model, _ = hh.load_causal_lm(record["model_dir"], settings.policy_dtype)
+
+def validation_scores(
+    root: str | Path, settings: MethodSettings, plan: hh.PromptPlan, record: Mapping | None
+) -> dict[str, float]:
+    """Mean proxy reward and reference perplexity (of the preferred responses, under the model) of a run's final
+    model on the plan's validation prompts, or of the SFT model with `record` None; sampling seed 0, raftlib's
+    evaluation; cached beside the run's record (the SFT model's in `root`). These, never a reported score, pick
+    the learning rates."""
+    model_dir = settings.sft_model if record is None else record["model_dir"]
+    made = None if record is None else record["made"]
+    params = {"model": model_dir, "made": made, "settings": asdict(settings), "plan": asdict(plan)}
+    params["measures"] = ["validation_reward", "validation_perplexity"]
+    path = Path(root) / "sft.validation.json" if record is None else Path(f"{record['run_dir']}.validation.json")
+
+    def score() -> dict[str, float]:
+        model, _ = hh.load_causal_lm(model_dir, settings.policy_dtype)
         evaluation = held_out_evaluation(model, settings, hh.plan_prompts(plan, "validation"), seed=0)
-        return evaluation.metrics["eval_reward_mean"]
+        return {
+            "validation_reward": evaluation.metrics["eval_reward_mean"],
+            "validation_perplexity": evaluation.metrics.get("eval_reference_ppl", math.nan),
+        }
 
-    return cached(Path(f"{record['run_dir']}.validation.json"), params, score)
+    return cached(path, params, score)
 
 
 def sweep_until_interior(
@@ -360,17 +379,28 @@ def sweep_until_interior(
     max_extensions: int = 10,
 ) -> pd.DataFrame:
     """Each method at each learning rate of its grid, one seed, scored on the validation prompts, each grid
-    extended until its chosen rate is interior (`raftsuite.sweeps`). One row per (method, learning_rate): seed,
-    validation_reward, process seconds, `chosen`, `interior`. The chosen rate then runs with every seed (the
+    extended until its chosen rate is interior (`raftsuite.sweeps`): the best validation proxy reward among the
+    rates whose validation perplexity is at most `MAX_VALIDATION_PERPLEXITY_RATIO` x the SFT model's. One row per
+    (method, learning_rate): seed, validation_reward, validation_perplexity, perplexity_over_sft, admissible,
+    process seconds, `chosen`, `interior`. The chosen rate then runs with every seed (the
     sweep's run is that seed's run, not a rerun)."""
+
+    sft_perplexity = validation_scores(root, settings, plan, None)["validation_perplexity"]
 
     def score(method: str, rate: float) -> dict[str, Any]:
         record = method_run(root, settings, plan, MethodRun(method, rate, seed))
-        return {
-            "seed": seed,
-            "validation_reward": validation_reward(root, settings, plan, record),
-            "process_seconds": record["process_seconds"],
-        }
+        scores = validation_scores(root, settings, plan, record)
+        ratio = scores["validation_perplexity"] / sft_perplexity
+        return (
+            {"seed": seed}
+            | scores
+            | {
+                "perplexity_over_sft": ratio,
+                # without reference responses there is no perplexity to constrain: every rate is admissible
+                "admissible": bool(math.isnan(ratio) or ratio <= MAX_VALIDATION_PERPLEXITY_RATIO),
+                "process_seconds": record["process_seconds"],
+            }
+        )
 
     return sweeps.sweep_until_interior(grids, score, max_extensions)
 

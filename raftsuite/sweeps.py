@@ -4,9 +4,11 @@
     chosen_rates(sweep)                                   # {"raft": 2e-4, "grpo": 5e-5}
 
 `score(method, learning_rate)` makes (or reads from its cache) one run and returns its row: at least
-`validation_reward`, the score on validation prompts that no run trains on and no report shows. A grid whose best
-value sits at one of its ends is extended past that end (x 2 or / 2) and swept again, so no method is compared at
-a learning rate that is only the largest (or smallest) one tried.
+`validation_reward`, the score on validation prompts that no run trains on and no report shows, and optionally
+`admissible` (a constraint the run must meet to be chosen at all, e.g. that it did not wreck the language model;
+`raftsuite.hh_methods` uses validation perplexity). A grid whose best admissible value sits at one of its ends is
+extended past that end (x 2 or / 2) and swept again, so no method is compared at a learning rate that is only the
+largest (or smallest) one tried.
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ def learning_rate_sweep(grids: Mapping[str, Sequence[float]], score: Score) -> p
 
 
 def mark_chosen(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Add `chosen` (per method, the highest validation reward; a tie keeps the lower rate) and `interior` (the
-    method's chosen rate lies strictly between the ends of its grid)."""
+    """Add `chosen` (per method, the highest validation reward among its `admissible` rows when that column is
+    there, else among all; a tie keeps the lower rate; a method with no admissible row takes its lowest rate, so
+    the grid extends downwards) and `interior` (the method's chosen rate lies strictly between the ends of its
+    grid: a best admissible rate just below an inadmissible one is interior)."""
     sweep = sweep.sort_values(["method", "learning_rate"], kind="stable").reset_index(drop=True)
-    best = set(sweep.groupby("method", sort=False)["validation_reward"].idxmax().tolist())
+    admissible = sweep["admissible"].astype(bool) if "admissible" in sweep else pd.Series(True, index=sweep.index)
+    # inadmissible rows rank below every admissible one; among none admissible, the lowest rate wins the tie
+    ranked = sweep["validation_reward"].where(admissible, -float("inf"))
+    best = set(ranked.groupby(sweep["method"], sort=False).idxmax().tolist())
     interior = {}
     for method, group in sweep.groupby("method", sort=False):
         rate = float(group.loc[group.index.isin(best), "learning_rate"].iloc[0])

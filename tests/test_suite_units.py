@@ -620,6 +620,24 @@ def test_a_grid_is_extended_past_the_end_its_choice_sits_on():
     assert sweeps.extend_grid(marked, "one") is None  # one fixed rate: no choice was made
 
 
+def test_an_inadmissible_rate_is_never_chosen_and_the_best_admissible_one_below_it_is_interior():
+    from raftsuite import sweeps
+
+    # reward keeps rising with the rate, but past 4e-4 the run breaks the constraint (say, perplexity)
+    def score(method, rate):
+        return {"validation_reward": rate, "admissible": rate <= 4e-4 if method == "raft" else False}
+
+    sweep = sweeps.sweep_until_interior({"raft": [1e-4, 2e-4], "grpo": [1e-4, 2e-4]}, score, max_extensions=4)
+    rates = sweep.groupby("method")["learning_rate"].apply(list).to_dict()
+    assert rates["raft"] == pytest.approx([1e-4, 2e-4, 4e-4, 8e-4])  # 8e-4 was tried, rejected, so 4e-4 is inside
+    assert sweeps.chosen_rates(sweep)["raft"] == pytest.approx(4e-4)
+    assert sweep[sweep["method"] == "raft"]["interior"].all()
+    # no rate admissible: the lowest is taken and the grid grows downwards, one halving per extension
+    assert rates["grpo"] == pytest.approx([6.25e-6, 1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4])
+    assert sweeps.chosen_rates(sweep)["grpo"] == pytest.approx(6.25e-6)
+    assert not sweep[sweep["method"] == "grpo"]["interior"].any()
+
+
 def test_sweep_until_interior_extends_each_grid_until_its_choice_is_interior():
     from raftsuite import sweeps
 
@@ -753,13 +771,19 @@ def test_a_method_run_is_made_once_in_its_own_process_and_chosen_on_validation(
 
     assert hh_methods.method_run(root, settings, plan, run) == record  # read back: no second child
     assert log.stat().st_mtime_ns == made
-    validation = hh_methods.validation_reward(root, settings, plan, record)
-    assert math.isfinite(validation) and (root / f"{run.name}.validation.json").is_file()
+    validation = hh_methods.validation_scores(root, settings, plan, record)
+    assert math.isfinite(validation["validation_reward"]) and (root / f"{run.name}.validation.json").is_file()
+    sft = hh_methods.validation_scores(root, settings, plan, None)
+    assert validation["validation_perplexity"] > 1 and sft["validation_perplexity"] > 1
+    assert validation["validation_perplexity"] != sft["validation_perplexity"]  # the run changed the model
     sweep = hh_methods.sweep_until_interior(root, settings, plan, {"raft": [1e-3]}, seed=0)
     assert sweep[["method", "learning_rate", "seed", "chosen", "interior"]].values.tolist() == [
         ["raft", 1e-3, 0, True, False]
     ]
-    assert sweep.loc[0, "validation_reward"] == validation and log.stat().st_mtime_ns == made
+    assert sweep.loc[0, "validation_reward"] == validation["validation_reward"] and log.stat().st_mtime_ns == made
+    ratio = validation["validation_perplexity"] / sft["validation_perplexity"]
+    assert sweep.loc[0, "perplexity_over_sft"] == pytest.approx(ratio)
+    assert sweep.loc[0, "admissible"] == (ratio <= hh_methods.MAX_VALIDATION_PERPLEXITY_RATIO)
 
 
 SHARED_RUN_PARAMETERS = (
