@@ -112,3 +112,28 @@ def sft_to_raft(per_seed: pd.DataFrame, raft: str, sft: str, metrics: Sequence[s
 def visible(frame: pd.DataFrame) -> pd.DataFrame:
     """A comparison table without its interval objects (column `t`; for display and CSV)."""
     return frame.drop(columns=["t"])
+
+
+def fluency_check(per_seed: pd.DataFrame, sft: str, trained: Sequence[str]) -> str:
+    """Markdown to read before any reward number: per trained method, its held-out perplexity as a multiple of
+    the SFT model's (geometric mean over seeds with its 95 % log-t interval), its distinct-2 and, where recorded,
+    its gold reward beside the SFT model's. A policy whose text collapsed can win the proxy by hacking it."""
+    by_seed = per_seed.set_index(["method", "seed"])
+    paper = PAPER_TABLE3["raft"]["perplexity"] / PAPER_TABLE3["sft"]["perplexity"]
+    sft_rows = by_seed.loc[sft]
+    has_gold = "gold_reward" in by_seed and bool(by_seed["gold_reward"].notna().any())  # tiny only
+    lines = [
+        f"**Fluency check**, held-out perplexity over the SFT model's as a geometric mean [95 % t-interval of the "
+        f"log ratio, n = {sft_rows.shape[0]} seeds] (the paper's RAFT ends at {paper:.2f} x; SFT here: distinct-2 "
+        f"{sft_rows['distinct_2'].mean():.2f}"
+        + (f", gold {sft_rows['gold_reward'].mean():+.3f}" if has_gold else "")
+        + "):"
+    ]
+    for method in trained:
+        rows = by_seed.loc[method]
+        ratio = stats.ratio_ci(rows["perplexity"], sft_rows["perplexity"])
+        line = f"- {method}: perplexity x {ratio} of SFT's, distinct-2 {rows['distinct_2'].mean():.2f}"
+        if has_gold:
+            line += f", gold {rows['gold_reward'].mean():+.3f}"
+        lines.append(line)
+    return "\n".join(lines)

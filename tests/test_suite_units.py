@@ -894,6 +894,22 @@ def test_hh_rlhf_and_efficiency_share_one_sweep_and_one_set_of_runs(profile):
     assert settings("hh_rlhf") == settings("efficiency")
 
 
+def test_the_fluency_check_gives_each_methods_perplexity_ratio_distinct2_and_gold_beside_sfts():
+    from raftsuite import hh_report
+
+    rows = []
+    for seed, ratio in enumerate([2.0, 4.0, 8.0]):
+        rows.append({"method": "SFT", "seed": seed, "perplexity": 100.0, "distinct_2": 0.8, "gold_reward": 0.1})
+        rows.append(
+            {"method": "RAFT", "seed": seed, "perplexity": 100.0 * ratio, "distinct_2": 0.2, "gold_reward": -0.2}
+        )
+    text = hh_report.fluency_check(pd.DataFrame(rows), "SFT", ["RAFT"])
+    assert "n = 3 seeds" in text and "distinct-2 0.80, gold +0.100" in text
+    assert "- RAFT: perplexity x 4.000 [" in text and "distinct-2 0.20, gold -0.200" in text  # geometric mean 4
+    no_gold = hh_report.fluency_check(pd.DataFrame(rows).assign(gold_reward=float("nan")), "SFT", ["RAFT"])
+    assert "gold" not in no_gold  # HH-RLHF profiles have no hidden gold preference
+
+
 def test_sft_to_raft_compares_perplexity_as_a_ratio_and_the_rest_as_differences():
     from raftsuite import hh_report
 
