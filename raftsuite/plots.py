@@ -280,3 +280,63 @@ def plot_proxy_and_gold(over: pd.DataFrame, title: str):
     )
     fig.tight_layout()
     return fig
+
+
+def plot_learning_rate_sweep(sweep: pd.DataFrame, title: str, max_perplexity_ratio: float | None = None):
+    """A learning-rate sweep (`raftsuite.sweeps` rows, one seed per rate): one column per method, the validation
+    reward on top and, where the rows have `perplexity_over_sft`, that ratio below on a log axis with the
+    admissibility limit dashed. Rates on a log axis; a rate that failed the constraint (`admissible` False) is a
+    hollow marker, the chosen rate a star, so the highest point is visibly not the choice when it was rejected."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    use_style()
+    for column in ("method", "learning_rate", "validation_reward", "chosen"):
+        if column not in sweep:
+            raise KeyError(f"plot_learning_rate_sweep: no column {column!r} (columns: {', '.join(sweep)})")
+    methods = list(dict.fromkeys(sweep["method"]))
+    with_ratio = "perplexity_over_sft" in sweep
+    rows = 2 if with_ratio else 1
+    fig, axes = plt.subplots(rows, len(methods), figsize=(4.6 * len(methods), 3.2 * rows), squeeze=False, sharex="col")
+    for column, method in enumerate(methods):
+        group = sweep[sweep["method"] == method].sort_values("learning_rate")
+        rate = group["learning_rate"].astype(float)
+        admissible = group["admissible"].astype(bool) if "admissible" in group else pd.Series(True, index=group.index)
+        chosen = group["chosen"].astype(bool)
+        panels_ = [("validation_reward", "validation reward")]
+        if with_ratio:
+            panels_.append(("perplexity_over_sft", "validation perplexity / SFT's"))
+        for row, (metric, label) in enumerate(panels_):
+            ax = axes[row][column]
+            ax.plot(rate, group[metric], color="0.6", linewidth=1, zorder=1)
+            ax.scatter(rate[admissible], group[metric][admissible], s=36, color="C0", zorder=2)
+            ax.scatter(
+                rate[~admissible], group[metric][~admissible], s=36, facecolors="none", edgecolors="C3", zorder=2
+            )
+            ax.scatter(rate[chosen], group[metric][chosen], s=160, marker="*", color="C2", zorder=3)
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel(label)
+            if metric == "perplexity_over_sft":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                if max_perplexity_ratio is not None:
+                    ax.axhline(max_perplexity_ratio, color="C3", linestyle="--", linewidth=1)
+            if row == 0:
+                ax.set_title(method.upper())
+        axes[rows - 1][column].set_xlabel("learning rate (log scale)")
+        for ax in axes[:, column]:
+            ax.set_xticks(rate.tolist(), [f"{r:g}" for r in rate], rotation=45, ha="right")
+            ax.xaxis.set_minor_locator(plt.NullLocator())
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color="C0", label="admissible (one seed: no interval)"),
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="C3", label="rejected by the limit"),
+        Line2D([], [], marker="*", linestyle="", markersize=12, color="C2", label="chosen"),
+    ]
+    if with_ratio and max_perplexity_ratio is not None:
+        handles.append(Line2D([], [], linestyle="--", color="C3", label=f"limit: {max_perplexity_ratio:g} x SFT"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig

@@ -280,3 +280,32 @@ def test_proxy_and_gold_panels(tmp_path):
     assert np.allclose(gap, [-0.06, -0.11, -0.16])  # falling: the proxy's gains outrun the gold's
     assert right.get_ylabel() == "gold − proxy"
     saved_png(fig, tmp_path, "proxy_gold")
+
+
+def test_learning_rate_sweep_marks_the_choice_and_the_rejected_rates(tmp_path):
+    sweep = pd.DataFrame(
+        {
+            "method": ["raft"] * 3 + ["grpo"] * 2,
+            "learning_rate": [1e-4, 2e-4, 4e-4, 1e-4, 2e-4],
+            "validation_reward": [0.2, 0.5, 0.9, 0.1, 0.3],
+            "perplexity_over_sft": [1.1, 1.5, 6.0, 1.0, 1.2],
+            "admissible": [True, True, False, True, True],
+            "chosen": [False, True, False, False, True],
+        }
+    )
+    fig = plots.plot_learning_rate_sweep(sweep, "sweep", max_perplexity_ratio=2.0)
+    assert len(fig.axes) == 4  # reward and perplexity ratio, per method
+    reward_ax = fig.axes[0]
+    assert reward_ax.get_title() == "RAFT" and reward_ax.get_xscale() == "log"
+    admissible, rejected, chosen = reward_ax.collections  # the order the scatters are drawn in
+    assert admissible.get_offsets().tolist() == [[1e-4, 0.2], [2e-4, 0.5]]
+    assert rejected.get_offsets().tolist() == [[4e-4, 0.9]]  # the highest reward, rejected by the limit
+    assert chosen.get_offsets().tolist() == [[2e-4, 0.5]]
+    ratio_ax = fig.axes[2]
+    assert ratio_ax.get_yscale() == "log" and any(list(line.get_ydata()) == [2.0, 2.0] for line in ratio_ax.lines)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "limit: 2 x SFT"
+    saved_png(fig, tmp_path, "lr_sweep")
+    with pytest.raises(KeyError, match="no column 'chosen'"):
+        plots.plot_learning_rate_sweep(sweep.drop(columns="chosen"), "sweep")
+    only_reward = plots.plot_learning_rate_sweep(sweep.drop(columns=["perplexity_over_sft", "admissible"]), "s")
+    assert len(only_reward.axes) == 2  # no ratio: one row; no `admissible`: every rate is admissible
