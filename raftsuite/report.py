@@ -6,6 +6,7 @@ Every model-generated string that reaches HTML goes through `html.escape`: a com
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -138,8 +139,15 @@ def reference_row(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def save_table(frame: pd.DataFrame, output_dir: str | Path, name: str, index: bool = True) -> Path:
     path = Path(output_dir) / f"{name}.csv"
-    frame.to_csv(path, float_format="%.4f", index=index)
+    _counts_as_integers(frame).to_csv(path, float_format="%.4f", index=index)
     return path
+
+
+def _counts_as_integers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Seed and sample counts as integers with a blank where there is none: a column holding one missing
+    count is float in pandas, and would print "5.0000 seeds"."""
+    counts = [c for c in frame.columns if c in ("seeds", "n_seeds", "n") and pd.api.types.is_numeric_dtype(frame[c])]
+    return frame.astype(dict.fromkeys(counts, "Int64"))
 
 
 def save_seed_table(
@@ -160,10 +168,73 @@ def save_seed_table(
     return summary
 
 
-def save_figure(fig, output_dir: str | Path, name: str) -> Path:
+FIGURES_FILE = "figures.json"  # NAME -> the alt text of NAME.png and the notebook cell that saved it
+
+
+def save_figure(fig, output_dir: str | Path, name: str, alt: str = "") -> Path:
+    """Write NAME.png and record its alt text (`alt`, or `describe_figure`) in figures.json, with a digest of
+    the notebook cell saving it: the report gives the figure that cell shows the same words."""
     path = Path(output_dir) / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    figures_path = Path(output_dir) / FIGURES_FILE
+    figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    figures[name] = {"alt": alt or describe_figure(fig) or name, "cell": _running_cell(), "saved": time.time()}
+    figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     return path
+
+
+def describe_figure(fig) -> str:
+    """A figure's alt text from its own words: its title, then each panel's title and what it plots
+    ("y against x"); empty for a figure with no text at all."""
+    parts = [fig.get_suptitle()] if fig.get_suptitle() else []
+    for ax in fig.axes:
+        title = " ".join(t for t in (ax.get_title("left"), ax.get_title(), ax.get_title("right")) if t)
+        y, x = ax.get_ylabel(), ax.get_xlabel()
+        plotted = f"{y} against {x}" if y and x else y or x
+        panel = ": ".join(p for p in (title, plotted) if p)
+        if panel:
+            parts.append(panel)
+    return "; ".join(" ".join(p.split()) for p in parts)
+
+
+def _cell_digest(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()[:16]
+
+
+def _running_cell() -> str | None:
+    """A digest of the source of the IPython cell running now (None outside IPython). The source, not the
+    In-number: papermill's executed copy keeps each cell's source, while the number a cell sees while it runs
+    is not the one its copy shows under every ipykernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    result = getattr(getattr(get_ipython(), "displayhook", None), "exec_result", None)
+    source = getattr(getattr(result, "info", None), "raw_cell", None)
+    return None if source is None else _cell_digest(source)
+
+
+def label_figures(notebook: Any, output_dir: str | Path) -> Any:
+    """Alt text on every PNG a code cell shows (nbconvert's lab template writes none): the words that
+    `save_figure` recorded for that cell, in the order it saved them, when the cell shows as many images as it
+    saved; otherwise "Figure i of section “S”". In place; returns the notebook."""
+    path = Path(output_dir) / FIGURES_FILE
+    figures = json.loads(path.read_text()) if path.is_file() else {}
+    by_cell: dict[str, list[str]] = {}
+    for name, entry in sorted(figures.items(), key=lambda item: item[1]["saved"]):
+        by_cell.setdefault(entry["cell"], []).append(f"Figure {name}.png: {entry['alt']}")
+    section = "the notebook's opening"
+    for cell in notebook.cells:
+        if cell.get("cell_type") == "markdown":
+            headings = [line.lstrip("#").strip() for line in cell["source"].splitlines() if line.startswith("#")]
+            section = headings[-1] if headings else section
+            continue
+        images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        saved = by_cell.get(_cell_digest(cell.get("source", "")), []) if images else []
+        for number, output in enumerate(images, 1):
+            alt = saved[number - 1] if len(saved) == len(images) else f"Figure {number} of section “{section}”"
+            output.setdefault("metadata", {}).setdefault("image/png", {}).setdefault("alt", alt)
+    return notebook
 
 
 def write_headline(output_dir: str | Path, title: str, numbers: dict[str, Any], note: str = "") -> dict[str, str]:
@@ -443,8 +514,6 @@ def show_table(frame: pd.DataFrame, title: str, note: str = "") -> None:
     """Display a table under a bold title (with its unit) and an optional note, NaN shown as a dash."""
     from IPython.display import HTML, display
 
-    counts = [c for c in frame.columns if c in ("seeds", "n_seeds", "n") and pd.api.types.is_numeric_dtype(frame[c])]
-    frame = frame.astype(dict.fromkeys(counts, "Int64"))  # counts as integers, a dash where there is none
-    body = frame.to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
+    body = _counts_as_integers(frame).to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
     caption = f"<p><b>{html.escape(title)}</b>" + (f"<br><small>{html.escape(note)}</small>" if note else "") + "</p>"
     display(HTML(caption + body))

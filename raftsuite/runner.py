@@ -4,6 +4,7 @@
     python -m raftsuite.runner all --profile tiny        # every notebook; goes on after a failure
     python -m raftsuite.runner all --profile tiny --jobs 2 --threads 1   # two notebooks at a time, 1 thread each
     python -m raftsuite.runner index                      # rebuild results/index.html
+    python -m raftsuite.runner render [hh_rlhf ...]       # re-render reports from their executed copies
     python -m raftsuite.runner check --profile paper      # validate a profile without running it
 
 A profile (notebooks/profiles.yaml) is a set of parameter values per notebook. Each run writes, under
@@ -229,10 +230,8 @@ def run_notebook(
         papermill_log.removeFilter(_known_parameters_only)
     seconds = time.perf_counter() - started
     report = out_dir / "report.html"
-    caption = f"profile {profile} · {time.strftime('%Y-%m-%d %H:%M')} · {seconds / 60:.1f} min"
     header |= {"stages": read_stages(out_dir), "wall_seconds": seconds}
     (out_dir / "header.json").write_text(json.dumps(header, indent=2, default=str) + "\n")
-    render_report(executed, report, caption, header)
     status = {
         "ok": error is None,
         "error": error,
@@ -240,8 +239,30 @@ def run_notebook(
         "profile": profile,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    render_report(executed, report, _caption(status), header)
     (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
     return Outcome(name, error is None, seconds, report, error)
+
+
+def _caption(status: dict[str, Any]) -> str:
+    """The report toolbar's line: profile, when the run finished, how long it took."""
+    finished = status["finished"].replace("T", " ")[:16]
+    return f"profile {status['profile']} · {finished} · {status['seconds'] / 60:.1f} min"
+
+
+def rerender(name: str, profile: str, results: Path | None = None) -> Path:
+    """Render results/PROFILE/NAME/report.html again from the executed copy and the run's header.json and
+    status.json, without running anything: for a change of the report's template or its post-processing."""
+    out_dir = (results or RESULTS) / profile / name
+    needed = [out_dir / f"{name}.ipynb", out_dir / "header.json", out_dir / "status.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ParameterError(f"cannot render {name!r} of profile {profile!r}: missing {', '.join(missing)}")
+    header = json.loads(needed[1].read_text())
+    status = json.loads(needed[2].read_text())
+    report = out_dir / "report.html"
+    render_report(needed[0], report, _caption(status), header)
+    return report
 
 
 def _known_parameters_only(record: logging.LogRecord) -> bool:
@@ -260,10 +281,11 @@ def render_report(executed: Path, report: Path, caption: str = "", header: dict[
     from nbconvert import HTMLExporter
 
     from raftsuite import header as run_header
-    from raftsuite.report import collapse_logs, fold_long_tables, headline_html, relink_for_report
+    from raftsuite.report import collapse_logs, fold_long_tables, headline_html, label_figures, relink_for_report
 
     exporter = HTMLExporter(template_name="report", extra_template_basedirs=[str(TEMPLATES)], embed_images=True)
     notebook = relink_for_report(fold_long_tables(collapse_logs(nbformat.read(executed, as_version=4))))
+    label_figures(notebook, executed.parent)
     resources = {
         "raft_caption": caption,
         "raft_header_html": run_header.to_html(header) if header else "",
@@ -407,10 +429,23 @@ def main(argv: list[str] | None = None) -> int:
         if command == "all":
             sub.add_argument("--jobs", type=int, default=1, help="notebooks run side by side (lanes; default 1)")
     commands.add_parser("index")
+    render = commands.add_parser("render", help="render reports again from their executed copies (runs nothing)")
+    render.add_argument("notebooks", nargs="*", help="default: every notebook with results in the profile")
+    render.add_argument("--profile", default="tiny")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     if args.command == "index":
+        print(write_index())
+        return 0
+    if args.command == "render":
+        names = args.notebooks or [n for n in notebook_names() if (RESULTS / args.profile / n).is_dir()]
+        try:
+            for name in names:
+                print(rerender(name, args.profile))
+        except ParameterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(write_index())
         return 0
     try:

@@ -284,6 +284,7 @@ def open_page(path: Path):
         facts = {
             "images": page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])"),
             "widths": page.eval_on_selector_all("img", "els => els.map(e => [e.naturalWidth, e.clientWidth])"),
+            "alts": page.eval_on_selector_all("img", "els => els.map(e => e.getAttribute('alt'))"),
             "links": page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"),
             "pwned": page.evaluate("window.__raft_pwned === undefined ? null : window.__raft_pwned"),
             "text": page.inner_text("body"),
@@ -307,6 +308,9 @@ def test_report_opens_offline_without_errors(smoke_results, name):
         "a figure did not render"
     )
     assert facts["code_hidden"] is True and facts["code_hidden_after_click"] is False
+    # every figure says what it shows, in the words its figure carries (report.save_figure -> figures.json)
+    assert all(alt and not alt.startswith("No description") for alt in facts["alts"]), facts["alts"]
+    assert any(alt.startswith("Figure ") and ".png: " in alt for alt in facts["alts"]), facts["alts"]
 
 
 def broken_links(page: Path, links: list[str], results: Path) -> list[str]:
@@ -380,7 +384,7 @@ def test_a_completion_with_a_script_tag_stays_inert_text(tmp_path):
     assert errors == []
 
 
-def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
+def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(smoke_results, tmp_path):
     """SIGKILL papermill and its kernel mid-RAFT; executing the notebook again resumes the run in place."""
     import subprocess
     import sys
@@ -389,6 +393,9 @@ def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
     from conftest import kill_tree
 
     runs, results = tmp_path / "runs", tmp_path / "results"
+    # The smoke setup (SFT and reward model), copied from the suite run above: the kill is meant for RAFT, and
+    # a setup built again here would cost a minute and a half (the copy is found where it now lies, hh.py).
+    shutil.copytree(smoke_results[0].parent / "runs" / "smoke" / "hh_setup", runs / "smoke" / "hh_setup")
     script = (
         "from pathlib import Path; from raftsuite import runner; "
         f"runner.run_notebook('hh_rlhf', 'smoke', {{'run_grpo_baseline': False}}, "
@@ -418,3 +425,4 @@ def test_a_notebook_re_executed_after_a_kill_picks_up_its_run(tmp_path):
     assert (raft / "final" / "model.safetensors").is_file()
     executed = (results / "smoke" / "hh_rlhf" / "hh_rlhf.ipynb").read_text()
     assert "already holds this run: resuming it" in executed
+    assert "reusing the setup in " + str(runs / "smoke" / "hh_setup") in executed

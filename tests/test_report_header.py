@@ -209,3 +209,50 @@ def test_the_dirty_flag_counts_code_not_results(tmp_path):
     assert header.git_state(tmp_path)["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert header.git_state(tmp_path)["dirty"] is True
+
+
+def test_figures_carry_alt_text_from_the_cell_that_saved_them(tmp_path):
+    """A figure save_figure wrote gets its own words as alt text in the report; one it did not, its section."""
+    import papermill
+
+    out = tmp_path / "out"
+    out.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# Curves\nsome words"),
+        nbformat.v4.new_code_cell(
+            "import matplotlib.pyplot as plt\nfrom raftsuite import report\n"
+            "fig, ax = plt.subplots()\nax.plot([0, 1], [0, 1])\nax.set(title='seed 0', xlabel='iteration', "
+            "ylabel='reward')\nfig.suptitle('Held-out reward')\n"
+            f"_ = report.save_figure(fig, {str(out)!r}, 'curve')"
+        ),
+        nbformat.v4.new_markdown_cell("## Not saved"),
+        nbformat.v4.new_code_cell("fig, ax = plt.subplots()\nax.plot([1, 0])"),
+    ]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "figures.ipynb")
+    executed = out / "figures.ipynb"
+    papermill.execute_notebook(
+        str(tmp_path / "figures.ipynb"), str(executed), kernel_name="python3", progress_bar=False
+    )
+    recorded = json.loads((out / "figures.json").read_text())
+    assert recorded["curve"]["alt"] == "Held-out reward; seed 0: reward against iteration"
+    runner.render_report(executed, out / "report.html")
+    page = (out / "report.html").read_text()
+    assert 'alt="Figure curve.png: Held-out reward; seed 0: reward against iteration"' in page
+    assert 'alt="Figure 1 of section “Not saved”"' in page
+    assert "No description has been provided" not in page
+
+
+def test_render_rebuilds_a_report_from_its_executed_copy_with_its_caption(tmp_path):
+    committed = ROOT / "results" / "tiny" / "efficiency"
+    if not (committed / "status.json").is_file():
+        pytest.skip("no committed efficiency results")
+    shutil.copytree(committed, tmp_path / "tiny" / "efficiency")
+    report_path = runner.rerender("efficiency", "tiny", results=tmp_path)
+    status = json.loads((committed / "status.json").read_text())
+    caption = f"profile tiny · {status['finished'].replace('T', ' ')[:16]} · {status['seconds'] / 60:.1f} min"
+    assert caption in report_path.read_text()
+    with pytest.raises(runner.ParameterError, match=r"missing .*status\.json"):
+        (tmp_path / "tiny" / "efficiency" / "status.json").unlink()
+        runner.rerender("efficiency", "tiny", results=tmp_path)
