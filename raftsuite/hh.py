@@ -133,7 +133,7 @@ def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings
         saved = json.loads(record.read_text())
         if saved["settings"] == asdict(settings):
             logger.info("reusing the setup in %s", directory)
-            return _setup_from_record(saved)
+            return _setup_from_record(saved, directory)
     started = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -208,9 +208,17 @@ def prepare_setup(directory: str | Path, settings: SetupSettings = SetupSettings
     return setup
 
 
-def _setup_from_record(saved: dict[str, Any]) -> Setup:
+def _setup_from_record(saved: dict[str, Any], directory: Path) -> Setup:
+    """The recorded setup, its files found in `directory`, where it lies now: a runs/ folder moved or
+    copied elsewhere still holds a usable setup (the record names the folder it was built in)."""
+    built_in = Path(saved["directory"])
+
+    def here(value: str) -> Path:
+        path = Path(value)
+        return directory / path.relative_to(built_in) if path.is_relative_to(built_in) else path
+
     paths = {"directory", "sft_model", "reward_model", "prompts"}
-    return Setup(**{k: Path(v) if k in paths else v for k, v in saved.items()})
+    return Setup(**{k: here(v) if k in paths else v for k, v in saved.items()})
 
 
 def _write_pairs(path: Path, pairs: list[tuple[Sample, Sample]]) -> None:

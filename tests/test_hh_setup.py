@@ -7,6 +7,7 @@ rebuilt, when `prepare` gets the notebook's parameters as a `SetupRequest`: so r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,14 @@ def test_the_tiny_setup_reuses_the_builders_cache_and_holds_out_its_openings(tmp
     settings = hh_methods.MethodSettings.from_parameters(_parameters(iterations=2), setup)
     assert (settings.sft_model, settings.reward_model) == (str(built.sft_model), str(built.reward_model))
     assert (settings.reward_formatter, settings.max_prompt_tokens, settings.gold) == ("raw", None, True)
+
+    # a runs/ folder copied elsewhere (another checkout, a test's tmp dir) serves its setup from the copy
+    shutil.copytree(runs, tmp_path / "moved")
+    shutil.rmtree(runs)
+    moved = hh_setup.prepare(tmp_path / "moved", _request(base_model=str(base), openings=str(openings)))
+    assert moved.sft_model == str(tmp_path / "moved" / "hh_setup" / "sft") and Path(moved.reward_model).is_dir()
+    assert (tmp_path / "moved" / "hh_setup" / "setup.json").read_bytes() == record  # reused, not rebuilt
+    assert len(moved.held_out()) == 6
 
 
 def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
