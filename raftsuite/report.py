@@ -184,16 +184,24 @@ def save_figure(fig, output_dir: str | Path, name: str, alt: str = "") -> Path:
 
 
 def describe_figure(fig) -> str:
-    """A figure's alt text from its own words: its title, then each panel's title and what it plots
-    ("y against x"); empty for a figure with no text at all."""
+    """A figure's alt text from its own words: its title, then each plot panel's title and what it plots
+    ("y against x"), then how many image panels it holds (their per-image captions would drown the title);
+    empty for a figure with no text at all."""
     parts = [fig.get_suptitle()] if fig.get_suptitle() else []
+    image_panels = [ax for ax in fig.axes if ax.images and not (ax.get_xlabel() or ax.get_ylabel())]
     for ax in fig.axes:
+        if ax in image_panels:
+            continue
         title = " ".join(t for t in (ax.get_title("left"), ax.get_title(), ax.get_title("right")) if t)
         y, x = ax.get_ylabel(), ax.get_xlabel()
         plotted = f"{y} against {x}" if y and x else y or x
         panel = ": ".join(p for p in (title, plotted) if p)
         if panel:
             parts.append(panel)
+    if len(image_panels) > 1:
+        parts.append(f"{len(image_panels)} images")
+    elif image_panels:
+        parts.append(" ".join(image_panels[0].get_title().split()) or "an image")
     return "; ".join(" ".join(p.split()) for p in parts)
 
 

@@ -256,3 +256,26 @@ def test_render_rebuilds_a_report_from_its_executed_copy_with_its_caption(tmp_pa
     with pytest.raises(runner.ParameterError, match=r"missing .*status\.json"):
         (tmp_path / "tiny" / "efficiency" / "status.json").unlink()
         runner.rerender("efficiency", "tiny", results=tmp_path)
+
+
+def test_describe_figure_names_plots_by_their_axes_and_counts_image_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from raftsuite import report
+
+    fig, (curve, image_a, image_b) = plt.subplots(1, 3)
+    curve.plot([0, 1])
+    curve.set(title="seed 0", xlabel="iteration", ylabel="reward")
+    for image in (image_a, image_b):
+        image.imshow(np.zeros((4, 4)))
+        image.set_title("kept 0.93: digit 8")
+    fig.suptitle("held-out   reward\nand kept images")
+    assert report.describe_figure(fig) == "held-out reward and kept images; seed 0: reward against iteration; 2 images"
+    plt.close(fig)
+    fig, _ = plt.subplots()
+    assert report.describe_figure(fig) == ""  # no words of its own: save_figure falls back on the name
+    plt.close(fig)
