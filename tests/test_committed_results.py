@@ -57,3 +57,11 @@ def test_committed_seed_intervals_are_at_least_the_t_interval_of_their_seeds():
 
 def test_docs_results_holds_the_committed_claim_table():
     assert index.claims_markdown_table(TINY) in (ROOT / "docs" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(PER_PROMPT))
+def test_every_figure_of_a_committed_report_has_alt_text(name):
+    import re
+
+    images = re.findall(r"<img\b[^>]*>", (TINY / name / "report.html").read_text())
+    assert images and all(re.search(r'\balt="Figure [^"]+"', tag) for tag in images), name
