@@ -247,23 +247,20 @@ def test_a_run_whose_engine_is_not_refreshed_stops_with_the_gap(gpt2_vllm_dir, p
 
 VLLM_KILL_CHAIN = [
     ("generate-batch", 2),  # iteration 1, mid-generation: the resumed engine redraws the lost batches
-    ("parquet-write", 2),  # a generation batch half written under its temporary name
-    ("score-batch", 1),  # mid-scoring
-    ("optimizer-step", 3),  # mid-fine-tune
-    ("checkpoint", 1),  # the weights half written
-    ("before-marker", 1),  # a stage's output on disk, unmarked
+    ("optimizer-step", 3),  # mid-fine-tune: the resumed process's engine holds the base weights until refreshed
+    ("checkpoint", 1),  # the weights half written: the engine must not load the torn file
     ("marker", 1),  # iteration 1's fine-tune marked, its eval not run: the engine must take the new weights
     ("generate-batch", 2),  # iteration 2, mid-generation: a fresh engine loads the iteration-1 checkpoint
-    ("optimizer-step", 2),
-    ("metrics-write", 1),  # metrics.jsonl half rewritten
 ]
-"""docs/reliability.md's kill points (tests/test_loop.py kills a fresh run at each one, with the eager decoder), here
-landing one after another on one run with backend: vllm: each process resumes what the one before it left and is
-killed at the next point (the occurrence counts from that process's start). A chain costs one engine start per point
-instead of two (13 separate kill-and-resume cases took 16-19 s each here), and the run survives all ten kills or the comparison fails."""
+"""The kill points of docs/reliability.md whose recovery involves the engine (what it draws, which weights it holds
+and where it loads them from), landing one after another on one run with backend: vllm: each process resumes what
+the one before it left and is killed at the next point (the occurrence counts from that process's start). The
+points the decoder takes no part in (a half-written Parquet batch or metrics.jsonl, mid-scoring, an unmarked stage
+output) are tested for every decoder by tests/test_loop.py's kill cases; each point here costs a process that
+imports vLLM and starts its engine (the ten-point chain took 126-250 s here, pytest --durations, 2026-12-02/03)."""
 
 
-def test_sigkill_at_every_point_in_turn_then_resume_with_vllm_equals_uninterrupted(
+def test_sigkill_at_each_engine_point_in_turn_then_resume_with_vllm_equals_uninterrupted(
     vllm_reference, gpt2_vllm_dir, prompts_file, tmp_path
 ):
     run_dir = tmp_path / "run"
