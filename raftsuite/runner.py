@@ -254,14 +254,12 @@ def rerender(name: str, profile: str, results: Path | None = None) -> Path:
     """Render results/PROFILE/NAME/report.html again from the executed copy and the run's header.json and
     status.json, without running anything: for a change of the report's template or its post-processing."""
     out_dir = (results or RESULTS) / profile / name
-    needed = [out_dir / f"{name}.ipynb", out_dir / "header.json", out_dir / "status.json"]
-    missing = [str(p) for p in needed if not p.is_file()]
+    executed, header_file, status_file = out_dir / f"{name}.ipynb", out_dir / "header.json", out_dir / "status.json"
+    missing = [str(p) for p in (executed, header_file, status_file) if not p.is_file()]
     if missing:
         raise ParameterError(f"cannot render {name!r} of profile {profile!r}: missing {', '.join(missing)}")
-    header = json.loads(needed[1].read_text())
-    status = json.loads(needed[2].read_text())
     report = out_dir / "report.html"
-    render_report(needed[0], report, _caption(status), header)
+    render_report(executed, report, _caption(json.loads(status_file.read_text())), json.loads(header_file.read_text()))
     return report
 
 
