@@ -112,6 +112,8 @@ tiny-lm: setup
 	$(PY) -m raftsuite.tinylm assets/tiny-lm
 
 tiny-digits: setup
+	# scikit-learn only here (environment.yml says why): its digits go into real-digits.safetensors first
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[digits]"
 	$(PY) -m raftsuite.digits assets/tiny-digits
 
 tiny-math: setup

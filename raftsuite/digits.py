@@ -4,6 +4,9 @@
 
 Builds and saves, all offline from the 1,797 digit images that ship inside scikit-learn:
 
+- `real-digits.safetensors`: those 1,797 images and labels as scikit-learn's `load_digits` returns them, so
+  nothing but this build imports scikit-learn (installed, transformers imports it in every process: 1.6 s
+  each on this machine, `docs/performance.md`); `--data-only` writes just this file;
 - `unet/` + `scheduler/`: a label-conditioned pixel-space UNet2DModel (classes 0-9, class 10 = null
   for classifier-free guidance), trained at 8x8 with the standard denoising loss;
 - `noisy-labels/`: the same model trained with half of its labels replaced at random, the stand-in for
@@ -46,15 +49,56 @@ HELD_OUT = 297
 # ----------------------------------------------------------------------------------------------
 
 
-def real_digits(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
-    """(N, 8, 8) uint8 images (0-16 scaled to 0-255) and labels; split: all | train | heldout (fixed)."""
+DATA_FILE = "real-digits.safetensors"
+"""The real digits in the asset folder (written by the build from scikit-learn)."""
+DATA = Path("assets") / "tiny-digits" / DATA_FILE
+"""Where the notebooks find them: repository-relative, as their parameters are (the kernel runs at the root)."""
+
+
+def export_real_digits(out: Path) -> Path:
+    """Write scikit-learn's 1,797 digits (raw 0-16 pixel values, labels) to `out/real-digits.safetensors`,
+    read back and compared before returning; its metadata names the source and the scikit-learn version."""
+    import sklearn
+    from safetensors.numpy import save_file
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = np.round(data.images / 16.0 * 255).astype(np.uint8)
+    path = out / DATA_FILE
+    arrays = {"images": data.images.astype(np.uint8), "labels": data.target.astype(np.int64)}
+    if not np.array_equal(arrays["images"], data.images):
+        raise ValueError("load_digits returned pixel values that are not integers 0-16")
+    out.mkdir(parents=True, exist_ok=True)
+    # one metadata key: safetensors writes a map's keys in no fixed order, and the file's hash should not move
+    save_file(
+        arrays, str(path), metadata={"source": f"sklearn.datasets.load_digits, scikit-learn {sklearn.__version__}"}
+    )
+    images, labels = _read_data(path)
+    if not (np.array_equal(images, data.images) and np.array_equal(labels, data.target)):
+        raise RuntimeError(f"{path} does not read back as load_digits' arrays")
+    return path
+
+
+def _read_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path}: the real digits are missing; `make tiny-digits` writes them "
+            "(python -m raftsuite.digits assets/tiny-digits --data-only, with scikit-learn installed)"
+        )
+    arrays = load_file(str(path))
+    return arrays["images"], arrays["labels"]
+
+
+def real_digits(split: str = "all", data: str | Path = DATA) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 8, 8) uint8 images (0-16 scaled to 0-255) and labels; split: all | train | heldout (fixed).
+
+    `data`: the build's copy of scikit-learn's digits (default: the committed asset's)."""
+    raw, labels = _read_data(Path(data))
+    images = np.round(raw / 16.0 * 255).astype(np.uint8)
     order = np.random.default_rng(0).permutation(len(images))
     chosen = {"all": order, "heldout": order[:HELD_OUT], "train": order[HELD_OUT:]}[split]
-    return images[chosen], data.target[chosen]
+    return images[chosen], labels[chosen]
 
 
 def as_tensor(images: Sequence[Any], size: int | None = None) -> torch.Tensor:
@@ -367,10 +411,10 @@ def save_unet(unet, out: Path) -> None:
     )
 
 
-def build_noisy_labels(out: Path, unet_steps: int = 3000) -> dict[str, Any]:
+def build_noisy_labels(out: Path, data: Path, unet_steps: int = 3000) -> dict[str, Any]:
     """The text-image alignment base model: trained like the main one, but on noisy labels."""
     started = time.time()
-    train_x, train_y = real_digits("train")
+    train_x, train_y = real_digits("train", data)
     unet, losses = train_unet(train_x, train_y, unet_steps, label_noise=LABEL_NOISE)
     save_unet(unet, out)
     return {
@@ -381,10 +425,10 @@ def build_noisy_labels(out: Path, unet_steps: int = 3000) -> dict[str, Any]:
     }
 
 
-def build_quality_scorer(out: Path, scorer_steps: int = 1500) -> dict[str, Any]:
+def build_quality_scorer(out: Path, data: Path, scorer_steps: int = 1500) -> dict[str, Any]:
     """Train, evaluate on held-out digits and save the 16x16 quality scorer; returns its record."""
-    train_x, _ = real_digits("train")
-    held_x, _ = real_digits("heldout")
+    train_x, _ = real_digits("train", data)
+    held_x, _ = real_digits("heldout", data)
     scorer = train_quality_scorer(train_x, scorer_steps)
     generator = torch.Generator().manual_seed(1)
     real16 = as_tensor(held_x, ADAPTED)
@@ -406,22 +450,23 @@ def build(out: Path, unet_steps: int = 3000, scorer_steps: int = 1500) -> dict[s
     import sklearn
 
     started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    train_x, train_y = real_digits("train")
-    held_x, held_y = real_digits("heldout")
+    data = export_real_digits(out)
+    train_x, train_y = real_digits("train", data)
+    held_x, held_y = real_digits("heldout", data)
 
     classifier = train_classifier(train_x, train_y, scorer_steps)
     with torch.no_grad():
         accuracy = float((classifier(as_tensor(held_x)).argmax(-1).numpy() == held_y).mean())
         accuracy16 = float((classifier(as_tensor(upsample(held_x, ADAPTED))).argmax(-1).numpy() == held_y).mean())
     _save(classifier, out / "classifier.safetensors")
-    scorer_record = build_quality_scorer(out, scorer_steps)
+    scorer_record = build_quality_scorer(out, data, scorer_steps)
 
     unet, losses = train_unet(train_x, train_y, unet_steps)
     save_unet(unet, out)
-    noisy_record = build_noisy_labels(out / NOISY_LABELS, unet_steps)
+    noisy_record = build_noisy_labels(out / NOISY_LABELS, data, unet_steps)
     record = {
         "data": f"sklearn.datasets.load_digits: {len(train_x)} train / {len(held_x)} held-out 8x8 digits",
+        "data_file": data_record(data),
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "unet_steps": unet_steps,
         "unet_loss_last_100": float(np.mean(losses[-100:])),
@@ -441,6 +486,30 @@ def build(out: Path, unet_steps: int = 3000, scorer_steps: int = 1500) -> dict[s
     return record
 
 
+def data_record(path: Path) -> dict[str, Any]:
+    """The data file's name, SHA-256 and source, as BUILD.json keeps them."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as handle:
+        metadata = handle.metadata()
+    return {
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "source": metadata["source"],
+    }
+
+
+def export_data_only(out: Path) -> dict[str, Any]:
+    """Write only the data file into an existing asset folder and record it in its BUILD.json (the models stay)."""
+    record_path = out / "BUILD.json"
+    record = json.loads(record_path.read_text())
+    record["data_file"] = data_record(export_real_digits(out))
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record["data_file"]
+
+
 def main() -> None:
     import argparse
 
@@ -448,8 +517,12 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--scorer-steps", type=int, default=1500)
+    parser.add_argument("--data-only", action="store_true", help="write only real-digits.safetensors")
     args = parser.parse_args()
-    print(json.dumps(build(args.out, args.unet_steps, args.scorer_steps), indent=2))
+    if args.data_only:
+        print(json.dumps(export_data_only(args.out), indent=2))
+    else:
+        print(json.dumps(build(args.out, args.unet_steps, args.scorer_steps), indent=2))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def measures(
     """
     rewards = heldout_scores(run_dir, reward)
     if classifier is not None:
-        held_x, _ = digits.real_digits("heldout")
+        held_x, _ = digits.real_digits("heldout", Path(classifier).parent / digits.DATA_FILE)  # its asset's
         model = digits.load_classifier(classifier)
         real_features = digits.classifier_features(held_x, model)
     rows, per_prompt = [], []
@@ -441,11 +441,11 @@ def before_after(run_dir: Path, first: int, last: int, count: int = 10, control_
     return fig
 
 
-def real_examples(size: int, count: int = 10):
+def real_examples(size: int, count: int = 10, data: str | Path = digits.DATA):
     """Real held-out digits at `size` pixels (upsampled from 8x8 when size > 8), for reference."""
     import matplotlib.pyplot as plt
 
-    held_x, held_y = digits.real_digits("heldout")
+    held_x, held_y = digits.real_digits("heldout", data)
     picks = [int(np.flatnonzero(held_y == d)[0]) for d in range(min(count, 10))]
     images = digits.upsample(held_x[picks], size) if size != digits.NATIVE else held_x[picks]
     fig, axes = plt.subplots(1, len(picks), figsize=(1.2 * len(picks), 1.5), squeeze=False)

@@ -43,6 +43,45 @@ def test_random_reward_is_a_uniform_hash_of_pixels_and_prompt_not_of_quality():
         images.random_reward(pictures, ["one prompt"])
 
 
+def test_the_committed_real_digits_are_the_ones_the_build_recorded_and_split_disjointly():
+    import hashlib
+
+    from raftsuite import digits
+
+    recorded = json.loads((TINY / "BUILD.json").read_text())["data_file"]
+    data = TINY / recorded["file"]
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == recorded["sha256"]
+    everything, labels = digits.real_digits("all", data)
+    assert everything.shape == (1797, 8, 8) and everything.dtype == np.uint8
+    assert set(np.unique(everything)) <= {round(v / 16 * 255) for v in range(17)}  # 0-16 scaled to 0-255
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # load_digits' classes
+    held_x, _ = digits.real_digits("heldout", data)
+    train_x, _ = digits.real_digits("train", data)
+    assert len(held_x) == digits.HELD_OUT and len(held_x) + len(train_x) == len(everything)
+    as_rows = lambda images: sorted(image.tobytes() for image in images)  # noqa: E731
+    assert as_rows(np.concatenate([held_x, train_x])) == as_rows(everything)  # a split of the same images
+
+
+def test_missing_real_digits_name_the_file_and_the_command_that_writes_them(tmp_path):
+    from raftsuite import digits
+
+    with pytest.raises(FileNotFoundError, match=r"real-digits\.safetensors.*make tiny-digits"):
+        digits.real_digits("heldout", tmp_path / digits.DATA_FILE)
+
+
+def test_the_suite_environment_leaves_scikit_learn_out():
+    # installed, transformers imports it in every process (1.6 s each here); only `make tiny-digits` needs it
+    import re
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "tools/requirements_from_env.py", "environment.yml"], cwd=ROOT, capture_output=True, text=True
+    )
+    names = [re.split(r"[<>=!~ ]", line, maxsplit=1)[0].lower() for line in listed.stdout.split()]
+    assert listed.returncode == 0 and "transformers" in names and "scikit-learn" not in names
+
+
 def test_seed_zero_keeps_the_single_seed_run_directory():
     assert [images.run_name("RAFT", s) for s in (0, 1, 2)] == ["raft", "raft_seed1", "raft_seed2"]
     assert images.run_name("random selection", 0) == "random"
