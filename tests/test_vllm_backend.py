@@ -256,8 +256,9 @@ VLLM_KILL_CHAIN = [
 and where it loads them from), landing one after another on one run with backend: vllm: each process resumes what
 the one before it left and is killed at the next point (the occurrence counts from that process's start). The
 points the decoder takes no part in (a half-written Parquet batch or metrics.jsonl, mid-scoring, an unmarked stage
-output) are tested for every decoder by tests/test_loop.py's kill cases; each point here costs a process that
-imports vLLM and starts its engine (the ten-point chain took 126-250 s here, pytest --durations, 2026-12-02/03)."""
+output) are tests/test_loop.py's kill cases, with the eager decoder (those writes are the run store's); each point
+here costs a process that imports vLLM and starts its engine (the ten-point chain took 126-250 s here, pytest
+--durations, 2026-12-02/03)."""
 
 
 def test_sigkill_at_each_engine_point_in_turn_then_resume_with_vllm_equals_uninterrupted(
