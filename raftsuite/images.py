@@ -188,7 +188,7 @@ def measure_runs(
 
 def plot_measures(rows: pd.DataFrame, metrics: Sequence[str], title: str):
     """One panel per measure against the iteration: each arm's seeds as thin lines, their mean as a thick one
-    and its 95 % interval (bootstrap over seeds) as a band; the legend sits in the first panel."""
+    and its 95 % t-interval over seeds as a band; the legend sits in the first panel."""
     import matplotlib.pyplot as plt
 
     from raftsuite import plots

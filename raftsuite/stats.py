@@ -9,10 +9,9 @@ says why each choice was made; in short:
   is the seeds' [min, max] and covers about 75 %: it is not used for seeds.
 - **Ratios** (RAFT's time over GRPO's): a t-interval of the mean log ratio, exponentiated (a geometric mean).
 - **Bootstrap only from n = 10** (BCa), e.g. over prompts; `bca_mean_ci` refuses fewer.
-- **Seeds and prompts crossed** (`crossed_paired_difference`): every seed evaluates the same prompts, so the
-  per-(seed, prompt) differences form a seeds x prompts table; the two-way ("pigeonhole") bootstrap resamples
-  seeds and prompts independently, so the interval carries the prompt sampling variance the seed-level one
-  leaves out. Shown beside the t-interval, not instead of it: with 5 seeds its seed dimension is thin.
+- **Seeds and prompts crossed** (`crossed_paired_difference`): where every seed evaluates the same prompts, the
+  per-(seed, prompt) differences form a seeds x prompts table; a two-way random-effects variance adds the prompt
+  sampling the seed-level interval leaves out (t, df = seeds - 1). Shown beside the t-interval, never narrower.
 - **Power**: `detectable_effect` is the smallest true mean difference a two-sided 5 % paired t-test over these
   seeds detects with 80 % power; every "not resolved" states it.
 - **Verdicts**: "reproduces" / "opposite" when the interval excludes 0 on the paper's side / the other side;
@@ -56,7 +55,7 @@ class Interval:
     high: float
     n: int
     method: str = "t"
-    """t (Student-t over seeds), log-t (a ratio), bca, crossed bootstrap, or none (one unit)."""
+    """t (Student-t over seeds), log-t (a ratio), bca, crossed t (seeds x prompts), or none (one unit)."""
     sd: float = math.nan
     """The units' standard deviation (for the power of a test of this size)."""
 
@@ -72,7 +71,7 @@ class Interval:
             "t": "t-interval",
             "log-t": "t-interval of the log ratio",
             "bca": "BCa bootstrap",
-            "crossed bootstrap": "seeds x prompts bootstrap",
+            "crossed t": "t-interval over seeds x prompts",
         }
         return f"95 % {kinds.get(self.method, self.method)}, n = {self.n}"
 
@@ -196,11 +195,19 @@ def bca_mean_ci(values, confidence: float = CONFIDENCE, random_state: int = RAND
 
 
 def crossed_paired_difference(
-    frame: pd.DataFrame, ours: str, baseline: str, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE
+    frame: pd.DataFrame, ours: str, baseline: str, confidence: float = CONFIDENCE
 ) -> Interval:
     """Mean of ours - baseline over a seeds x prompts table (`frame`: columns seed, prompt, ours, baseline; every
-    seed scored on the same prompts), with the two-way bootstrap that resamples seeds and prompts independently
-    (Owen 2007, the "pigeonhole" bootstrap of a crossed design), percentile interval. `n` is the seed count."""
+    seed scored on the same prompts) with a t-interval whose variance adds the prompt sampling to the seeds'.
+
+    The two-way random-effects model d[s, p] = mu + a[s] + b[p] + e[s, p] gives
+    Var(mean) = var_a / S + var_b / P + var_e / (S P), each component estimated from the ANOVA mean squares and cut
+    at 0 (var_a = (MS_seeds - MS_residual) / P, var_b = (MS_prompts - MS_residual) / S, var_e = MS_residual). So
+    the variance is at least var(seed means) / S and the interval never narrower than the seed-level t-interval.
+    df = S - 1, the seeds' (fewer than the prompts': wider than Satterthwaite's). Not a bootstrap: with 5 seeds,
+    resampling seeds is the percentile interval of 5 values, which under-covers (tests/test_stats.py). `n` is
+    the seed count.
+    """
     for column in ("seed", "prompt", ours, baseline):
         if column not in frame:
             raise KeyError(f"crossed_paired_difference: no column {column!r} (columns: {', '.join(frame)})")
@@ -212,14 +219,19 @@ def crossed_paired_difference(
     mean = float(values.mean())
     if seeds < 2:
         return Interval(mean, math.nan, math.nan, seeds, "none")
-    rng = np.random.default_rng(random_state)
-    rows = rng.integers(0, seeds, size=(N_RESAMPLES, seeds))
-    columns = rng.integers(0, prompts, size=(N_RESAMPLES, prompts))
-    # mean of the resampled table = mean over drawn rows of (mean over drawn columns): via per-row column sums
-    estimates = np.array([values[r][:, c].mean() for r, c in zip(rows, columns, strict=True)])
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(estimates, [alpha, 1 - alpha])
-    return Interval(mean, float(low), float(high), seeds, "crossed bootstrap", float(table.mean(axis=1).std(ddof=1)))
+    row_means, column_means = values.mean(axis=1), values.mean(axis=0)
+    mean_square_seeds = prompts * float(row_means.var(ddof=1))
+    if prompts >= 2:
+        residual = values - row_means[:, None] - column_means[None, :] + mean
+        mean_square_prompts = seeds * float(column_means.var(ddof=1))
+        mean_square_residual = float((residual**2).sum()) / ((seeds - 1) * (prompts - 1))
+    else:  # one prompt: the seeds' variance is all there is
+        mean_square_prompts = mean_square_residual = 0.0
+    seed_component = max(0.0, (mean_square_seeds - mean_square_residual) / prompts)
+    prompt_component = max(0.0, (mean_square_prompts - mean_square_residual) / seeds)
+    variance = seed_component / seeds + prompt_component / prompts + mean_square_residual / (seeds * prompts)
+    half = float(_st.t.ppf(0.5 + confidence / 2, seeds - 1)) * math.sqrt(variance)
+    return Interval(mean, mean - half, mean + half, seeds, "crossed t", float(row_means.std(ddof=1)))
 
 
 def percentile_bootstrap_ci(values, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE) -> Interval:

@@ -243,10 +243,10 @@ def test_the_crossed_interval_resamples_seeds_and_prompt_texts():
         "ours",
         "baseline",
     )
-    assert expected.mean == pytest.approx(0.3) and expected.n == 2 and expected.method == "crossed bootstrap"
+    assert expected.mean == pytest.approx(0.3) and expected.n == 2 and expected.method == "crossed t"
     assert summary.loc[("eval_reward", images.AGAINST_CONTROL), "crossed_interval"] == str(expected)
-    # both seeds' means agree (0.3, 0.3): the seed-level t-interval has zero width; the crossed one, resampling
-    # the prompt texts too, does not
+    # both seeds' means agree (0.3, 0.3): the seed-level t-interval has zero width; the crossed one, which counts
+    # the (seed, prompt) residual variance too, does not
     assert images.interval_of(summary, "eval_reward", images.AGAINST_CONTROL).as_tuple() == pytest.approx((0.3,) * 3)
     assert expected.high - expected.low > 0.1
     # a text one seed did not score (each seed holds out its own rows) leaves the crossed table: the interval is

@@ -66,7 +66,7 @@ def test_interval_record():
     assert interval.label == "95 % t-interval, n = 3"
     assert str(interval) == "0.700 [0.452, 0.948]"
     assert Interval(1.2, 1.1, 1.3, 5, "log-t").label == "95 % t-interval of the log ratio, n = 5"
-    assert Interval(0.1, 0.0, 0.2, 5, "crossed bootstrap").label == "95 % seeds x prompts bootstrap, n = 5"
+    assert Interval(0.1, 0.0, 0.2, 5, "crossed t").label == "95 % t-interval over seeds x prompts, n = 5"
     assert Interval(0.1, 0.0, 0.2, 12, "bca").label == "95 % BCa bootstrap, n = 12"
     assert Interval(0.3, 0.1, 0.5, 3).excludes_zero() and Interval(-0.3, -0.5, -0.1, 3).excludes_zero()
     assert not Interval(0.3, 0.0, 0.5, 3).excludes_zero()  # touching 0 is not excluding it
@@ -164,14 +164,15 @@ def crossed_frame(differences: np.ndarray) -> pd.DataFrame:
 
 
 def test_crossed_paired_difference_degenerate_cases():
-    # Every (seed, prompt) improves by exactly 0.25: nothing to resample, the interval is the point.
+    # Every (seed, prompt) improves by exactly 0.25: no variance, the interval is the point.
     same = stats.crossed_paired_difference(crossed_frame(np.full((4, 6), 0.25)), "raft", "random")
     assert same.as_tuple() == pytest.approx((0.25, 0.25, 0.25))
-    assert (same.n, same.method, same.label) == (4, "crossed bootstrap", "95 % seeds x prompts bootstrap, n = 4")
-    # Rows equal across prompts, two seeds at 0 and 1: only the seed draw matters; its resampled means are
-    # 0 (1/4), 0.5 (1/2), 1 (1/4), so the 2.5th and 97.5th percentiles are 0 and 1.
+    assert (same.n, same.method, same.label) == (4, "crossed t", "95 % t-interval over seeds x prompts, n = 4")
+    # Rows equal across prompts, two seeds at 0 and 1: no prompt variance, so it is the seed-level t-interval,
+    # 0.5 +- t(0.975, 1) x sd(0, 1) / sqrt(2) = 0.5 +- 12.706 x 0.5.
     two_seeds = stats.crossed_paired_difference(crossed_frame(np.array([[0.0] * 5, [1.0] * 5])), "raft", "random")
-    assert two_seeds.as_tuple() == pytest.approx((0.5, 0.0, 1.0))
+    assert two_seeds.as_tuple() == pytest.approx(stats.mean_ci([0.0, 1.0]).as_tuple())
+    assert two_seeds.high == pytest.approx(0.5 + 12.7062 * 0.5, rel=1e-4)
     assert two_seeds.sd == pytest.approx(math.sqrt(0.5))  # the sd of the per-seed means
     # One seed: no interval.
     one = stats.crossed_paired_difference(crossed_frame(np.array([[0.1, 0.3]])), "raft", "random")
@@ -180,7 +181,7 @@ def test_crossed_paired_difference_degenerate_cases():
 
 def test_crossed_paired_difference_carries_the_prompt_variance():
     # Five seeds that agree closely (per-seed means within 0.01) on 20 prompts whose differences vary a lot:
-    # the t-interval over per-seed means is narrow, the two-way bootstrap also samples the prompts and is wider.
+    # the t-interval over per-seed means is narrow, the crossed one adds the prompts' variance and is wider.
     rng = np.random.default_rng(1)
     differences = rng.normal(0.2, 1.0, size=20)[None, :] + rng.normal(0.0, 0.01, size=(5, 1))
     frame = crossed_frame(differences)
@@ -189,10 +190,39 @@ def test_crossed_paired_difference_carries_the_prompt_variance():
     seed_level = stats.mean_ci(per_seed)
     assert crossed.mean == pytest.approx(seed_level.mean) == pytest.approx(differences.mean())
     assert (crossed.high - crossed.low) > 10 * (seed_level.high - seed_level.low)
-    # ~ 2 x 1.96 x sd(prompts) / sqrt(20): the prompt sampling dominates.
-    expected = 2 * 1.96 * differences.mean(axis=0).std(ddof=1) / math.sqrt(20)
-    assert (crossed.high - crossed.low) == pytest.approx(expected, rel=0.25)
-    assert stats.crossed_paired_difference(frame, "raft", "random") == crossed  # a fixed random state
+    # ~ 2 x t(0.975, 4) x sd(prompts) / sqrt(20): the prompt sampling dominates.
+    expected = 2 * 2.776 * differences.mean(axis=0).std(ddof=1) / math.sqrt(20)
+    assert (crossed.high - crossed.low) == pytest.approx(expected, rel=0.05)
+
+
+def test_crossed_interval_is_never_narrower_than_the_seed_level_one():
+    # Pure noise: the estimated seed and prompt components are often negative, cut at 0; never narrower.
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        differences = rng.normal(0.0, 1.0, size=(5, 12))
+        frame = crossed_frame(differences)
+        crossed = stats.crossed_paired_difference(frame, "raft", "random")
+        seed_level = stats.mean_ci(differences.mean(axis=1))
+        assert crossed.low <= seed_level.low + 1e-12 and crossed.high >= seed_level.high - 1e-12
+
+
+@pytest.mark.parametrize(
+    ("seed_sd", "prompt_sd", "residual_sd"), [(1.0, 0.0, 1.0), (0.1, 1.0, 0.5), (0.5, 0.5, 2.0), (0.0, 1.0, 0.0)]
+)
+def test_crossed_interval_holds_its_coverage_at_five_seeds(seed_sd, prompt_sd, residual_sd):
+    # The suite's design: 5 seeds x the same 20 prompts, seeds and prompts both random. Whatever dominates the
+    # variance, the interval covers the true mean (0) at least 93 % of the time at nominal 95 %.
+    rng = np.random.default_rng(0)
+    trials, hits = 1_000, 0
+    for _ in range(trials):
+        values = (
+            rng.normal(0, seed_sd, size=(5, 1))
+            + rng.normal(0, prompt_sd, size=(1, 20))
+            + rng.normal(0, residual_sd, size=(5, 20))
+        )
+        interval = stats.crossed_paired_difference(crossed_frame(values), "raft", "random")
+        hits += interval.low <= 0 <= interval.high
+    assert hits / trials >= 0.93
 
 
 def test_crossed_paired_difference_names_missing_columns_and_refuses_a_non_crossed_design():
