@@ -90,7 +90,8 @@ def _counts(claims: list[dict[str, Any]]) -> str:
     return (
         f"<p class='counts'><b>All {len(claims)} verdicts:</b> {count(claims)}</p>"
         f"<p class='counts'><b>{len(primaries)} primary verdicts</b> (one per paper table, named in advance in "
-        f"docs/statistics.md), Holm-adjusted across them: {after}</p>"
+        f"docs/statistics.md), Holm-adjusted across them: {after}. The other {len(claims) - len(primaries)} "
+        "verdicts are exploratory: no multiplicity control, read them as leads, not findings.</p>"
     )
 
 

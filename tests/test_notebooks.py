@@ -351,6 +351,7 @@ def test_index_lists_reports(smoke_results):
     assert broken_links(results / "index.html", facts["links"], results) == []
     for verdict in ("reproduces", "opposite", "not resolved", "identical runs"):
         assert verdict in facts["text"]  # the counts on top name every kind, coloured badges
+    assert "verdicts are exploratory: no multiplicity control" in facts["text"]  # the non-primaries say what they are
 
 
 @needs_chromium
