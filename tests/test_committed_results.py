@@ -2,12 +2,14 @@
 
 These read results/tiny as committed (no run): every notebook's per-prompt rows are there, every verdict rests on
 a stated interval over at least 5 seeds, each interval is at least as wide as the Student-t interval of its own
-per-seed rows where those rows are saved beside it, and docs/results.md holds the claim table the results page
+per-seed rows where those rows are saved beside it, no crossed seeds x prompts interval is narrower than the
+seed-level one beside it, and docs/results.md holds the claim table the results page
 shows, row for row (regenerate it with `python -m raftsuite.index results/tiny` after `make reproduce-all`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +55,33 @@ def test_committed_seed_intervals_are_at_least_the_t_interval_of_their_seeds():
             assert table.loc[method, f"{metric}_ci95_high"] >= expected.high - 1e-4
             checked += 1
     assert checked >= 4
+
+
+CROSSED_TABLES = {  # the committed tables that print a crossed interval beside the seed-level one
+    "hh_rlhf/table3_paired_differences.csv": "t_interval",
+    "reasoning/final_comparisons.csv": "t_interval",
+    "reasoning/pattern_RAFT.csv": "t_interval",
+    "reasoning/pattern_RAFTpp.csv": "t_interval",
+    "sd_alignment/before_after.csv": "change",
+    "sd_resolution/before_after.csv": "change",
+}
+
+
+def _bounds(cell: str) -> tuple[float, float] | None:
+    found = re.search(r"\[(-?[\d.]+), (-?[\d.]+)\]", str(cell))
+    return (float(found[1]), float(found[2])) if found else None
+
+
+def test_committed_crossed_intervals_are_never_narrower_than_the_seed_level_ones():
+    checked = 0
+    for table, seed_level in CROSSED_TABLES.items():
+        for row in pd.read_csv(TINY / table).itertuples():
+            crossed, seeds = _bounds(row.crossed_interval), _bounds(getattr(row, seed_level))
+            if crossed and seeds:
+                # printed with 3 decimals: each bound may be off by 0.0005
+                assert crossed[1] - crossed[0] >= seeds[1] - seeds[0] - 0.002, (table, row)
+                checked += 1
+    assert checked >= 20
 
 
 def test_docs_results_holds_the_committed_claim_table():

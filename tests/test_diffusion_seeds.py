@@ -212,7 +212,7 @@ def test_one_seed_gives_no_interval_and_no_verdict():
     assert "(1 seed; not resolved at this sample size)" in images.verdict(summary)
 
 
-def test_the_crossed_interval_resamples_seeds_and_prompt_texts():
+def test_the_crossed_interval_counts_seeds_and_prompt_texts():
     """Two seeds hold out different prompt rows of the same texts: keyed by text, every seed scores every prompt."""
     texts = ["a handwritten digit 1", "a handwritten digit 4"]
     values = {  # (arm, iteration, seed, text): mean reward of that text's images
