@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,12 +157,13 @@ def save_seed_table(
     metrics: Sequence[str],
     by: str | Sequence[str] = "setting",
     seed: str = "seed",
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Write the per-seed rows as NAME_seeds.csv and their summary (`stats.summarize`: mean, ci95_low,
-    ci95_high, iqm per metric, n_seeds) as NAME.csv beside it; return the summary."""
+    ci95_high, iqm per metric, n_seeds; intervals cut to `bounds`) as NAME.csv beside it; return the summary."""
     from raftsuite import stats
 
-    summary = stats.summarize(rows, metrics, by=by, seed=seed)
+    summary = stats.summarize(rows, metrics, by=by, seed=seed, bounds=bounds)
     save_table(rows, output_dir, f"{name}_seeds", index=False)
     save_table(summary, output_dir, name)
     return summary

@@ -374,11 +374,23 @@ def trend(rows: pd.DataFrame, setting: str, metric: str, first, last, seed: str 
 
 
 def summarize(
-    rows: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "setting", seed: str = "seed"
+    rows: pd.DataFrame,
+    metrics: Sequence[str],
+    by: str | Sequence[str] = "setting",
+    seed: str = "seed",
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Per-seed rows -> one row per setting: for each metric M the mean as `M`, its 95 % t-interval as
     `M_ci95_low` / `M_ci95_high` and its interquartile mean `M_iqm`; then `n_seeds`. Settings keep their
-    first-seen order (a sweep's order), not sorted."""
+    first-seen order (a sweep's order), not sorted.
+
+    `bounds` names metrics that cannot leave a range (a share: (0, 1)); their intervals are cut to it. A
+    t-interval is symmetric and can reach past a bound the mean cannot cross (a share's 1.06); cutting it there
+    drops only values the mean cannot take, so the interval covers as often as before."""
+    bounds = dict(bounds or {})
+    unknown = sorted(set(bounds) - set(metrics))
+    if unknown:
+        raise KeyError(f"summarize: bounds for {unknown} name no metric of {list(metrics)}")
     keys = [by] if isinstance(by, str) else list(by)
     for column in [*keys, seed, *metrics]:
         if column not in rows:
@@ -397,10 +409,11 @@ def summarize(
                 record |= dict.fromkeys(names, math.nan)
                 continue
             interval = mean_ci(values)
+            floor, ceiling = bounds.get(metric, (-math.inf, math.inf))
             record |= {
                 metric: interval.mean,
-                f"{metric}_ci95_low": interval.low,
-                f"{metric}_ci95_high": interval.high,
+                f"{metric}_ci95_low": max(interval.low, floor),
+                f"{metric}_ci95_high": min(interval.high, ceiling),
                 f"{metric}_iqm": iqm(values),
             }
         record["n_seeds"] = int(group[seed].nunique())

@@ -94,3 +94,10 @@ def test_every_figure_of_a_committed_report_has_alt_text(name):
 
     images = re.findall(r"<img\b[^>]*>", (TINY / name / "report.html").read_text())
     assert images and all(re.search(r'\balt="Figure [^"]+"', tag) for tag in images), name
+
+
+def test_committed_share_intervals_stay_inside_a_share_s_range():
+    # a kept-set overlap is a share: its t-interval is cut to [0, 1] (stats.summarize's bounds), never 1.06
+    table = pd.read_csv(TINY / "ablations" / "table7_kept_overlap.csv")
+    assert (table["kept_overlap_with_beta0_ci95_low"] >= 0).all()
+    assert (table["kept_overlap_with_beta0_ci95_high"] <= 1).all()

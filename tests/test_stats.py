@@ -455,6 +455,19 @@ def test_summary_table_and_its_csv_files(tmp_path):
         stats.summarize(rows, ["gold_reward"])
 
 
+def test_summary_cuts_a_bounded_metric_s_interval_to_its_range():
+    # seeds of a share near 1: the symmetric t-interval reaches past 1, the share cannot
+    rows = pd.DataFrame({"setting": ["a"] * 5, "seed": range(5), "share": [1.0, 1.0, 0.62, 0.7, 0.86]})
+    plain = stats.mean_ci(rows["share"])
+    assert plain.high > 1
+    summary = stats.summarize(rows, ["share"], bounds={"share": (0.0, 1.0)})
+    assert summary.loc["a", "share_ci95_high"] == 1.0
+    assert summary.loc["a", "share_ci95_low"] == pytest.approx(plain.low)  # inside the range: untouched
+    assert summary.loc["a", "share"] == pytest.approx(plain.mean)
+    with pytest.raises(KeyError, match=r"bounds for \['other'\]"):
+        stats.summarize(rows, ["share"], bounds={"other": (0.0, 1.0)})
+
+
 def test_summary_by_several_keys_with_one_seed_and_missing_values():
     rows = pd.DataFrame(
         {
