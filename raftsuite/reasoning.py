@@ -563,6 +563,43 @@ def raftlib_curve(job: dict[str, Any]) -> dict[str, Any]:
     return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
 
 
+def stop_token_ids(model: str) -> list[int]:
+    """The ids that end a completion of `model` in this notebook: raftlib's `TextFormat` set for chat template
+    "auto" (the tokenizer's and generation config's EOS, and the template's end-of-turn token when it wraps the
+    prompts). Qwen2.5's base models end a ChatML turn with `<|im_end|>` while their EOS is `<|endoftext|>` alone."""
+    from raftlib.config import GenerationSection, ModelSection
+    from raftlib.text.models import load_tokenizer, read_model_config
+    from raftlib.text.prompts import TextFormat
+
+    section = ModelSection(path=model)
+    _, generation_config = read_model_config(section)
+    return sorted(
+        TextFormat.of(load_tokenizer(section), generation_config, GenerationSection(chat_template="auto")).eos_ids
+    )
+
+
+def grpo_policy(settings: ReasoningSettings, stop_ids: Sequence[int], learning_rate: float, *, sharded_by_trl: bool):
+    """The policy GRPO trains, loaded as TRL loads a model path (`create_model_from_path`, its dtype the run's
+    `policy_dtype`: fp32 master weights in the gpu and paper profiles), with `stop_ids` as its generation config's
+    EOS. TRL stops a completion, and masks the loss after it, at the generation config's EOS ids and the
+    tokenizer's: without this a ChatML completion would run on past `<|im_end|>` to the length limit and train
+    on what follows, while RAFT's stop there. A full fine-tune asked in bf16 warns as raftlib's does (pure-bf16
+    AdamW rounds most updates away)."""
+    import torch
+    from trl.trainer.utils import create_model_from_path
+
+    from raftlib.finetune import warn_low_precision_masters
+
+    init: dict[str, Any] = {"dtype": getattr(torch, settings.policy_dtype)}
+    if sharded_by_trl:
+        init["device_map"] = None  # as TRL does for a path under DDP ("auto" would spread one copy over GPUs)
+    policy = create_model_from_path(settings.base_model, **init)
+    policy.generation_config.eos_token_id = list(stop_ids)
+    if not settings.lora_rank:  # peft's adapters are float32 whatever the base's dtype
+        warn_low_precision_masters(policy, learning_rate)
+    return policy
+
+
 def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     """TRL's GRPO (in a child) at RAFT's sample budget; the held-out evaluation after each generated batch's
     `grpo_updates_per_generation` optimizer steps, by raftlib's evaluation (main process only)."""
@@ -644,6 +681,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
 
         peft_config = LoraConfig(r=s.lora_rank, lora_alpha=2 * s.lora_rank, task_type="CAUSAL_LM")
     use_cpu = not torch.cuda.is_available()
+    stop_ids = stop_token_ids(s.base_model)
     args = hh.grpo_config(
         job["output_dir"],
         seed=run.seed,
@@ -662,15 +700,25 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
         max_steps=s.iterations * s.grpo_updates_per_generation,
         gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; the runs' setting rules
         bf16=s.mixed_precision == "bf16" and not use_cpu,  # autocast, as RAFT's `training.mixed_precision`
-        model_init_kwargs={"dtype": getattr(torch, s.policy_dtype)},  # fp32 master weights, as RAFT's
-        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if s.grpo_use_vllm else {}),
+        **(
+            {
+                "use_vllm": True,
+                "vllm_mode": "colocate",
+                "vllm_gpu_memory_utilization": 0.3,
+                "generation_kwargs": {"stop_token_ids": stop_ids},  # vLLM stops at these as RAFT's engine does
+            }
+            if s.grpo_use_vllm
+            else {}
+        ),
     )
     records = read_rows(files.train)
     tokenizer = load_tokenizer(ModelSection(path=s.base_model))
     if getattr(tokenizer, "chat_template", None):  # as raftlib's chat_template "auto": a user turn in the template
         records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
     trainer = GRPOTrainer(
-        model=s.base_model,
+        model=grpo_policy(
+            s, stop_ids, run.learning_rate, sharded_by_trl=args.distributed_state.distributed_type.name == "MULTI_GPU"
+        ),
         reward_funcs=[correct],
         args=args,
         train_dataset=Dataset.from_list(records),

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -79,7 +80,9 @@ def test_the_hh_sft_setup_trains_float32_masters_and_saves_them(tmp_path):
         assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}
 
 
-def test_the_reasoning_grpo_baseline_trains_float32_masters(tmp_path):
+@pytest.mark.parametrize("policy_dtype", ["float32", "bfloat16"])
+def test_the_reasoning_grpo_baseline_trains_the_masters_its_config_asks_for(tmp_path, caplog, policy_dtype):
+    """float32 masters under bf16 autocast by default; a config asking for pure bf16 gets it, with the warning."""
     from raftsuite import reasoning as R
 
     parameters = {
@@ -98,6 +101,7 @@ def test_the_reasoning_grpo_baseline_trains_float32_masters(tmp_path):
         micro_batch_size=4,
         grpo_updates_per_generation=2,
         mixed_precision="bf16",
+        policy_dtype=policy_dtype,
     )
     job = {
         "settings": vars(settings),
@@ -105,9 +109,10 @@ def test_the_reasoning_grpo_baseline_trains_float32_masters(tmp_path):
         "run": {"method": "GRPO", "learning_rate": 1e-4, "seed": 0},
         "output_dir": str(tmp_path / "grpo"),
     }
-    with optimizer_dtypes() as seen:
+    with optimizer_dtypes() as seen, caplog.at_level(logging.WARNING, "raftlib"):
         record = R.grpo_curve(job)
-    assert seen and set(seen) == {"torch.float32"}
+    assert seen and set(seen) == {f"torch.{policy_dtype}"}
+    assert ("pure low-precision AdamW" in caplog.text) == (policy_dtype == "bfloat16")
     assert [row["iteration"] for row in record["iterations"]] == [0, 1]
 
 

@@ -65,3 +65,33 @@ def test_the_hh_runs_read_hh_text_as_the_sft_reads_it(tmp_path):
         text_format = TextFormat.of(tokenizer, generation_config, config.generation)
         assert not text_format.templated
         assert text_format.encode([Prompt(0, HH_PROMPT, {})])[0] == sft_ids
+
+
+def test_the_reasoning_grpo_baseline_stops_where_raft_stops(tmp_path):
+    """TRL stops a GRPO completion, and masks its loss after it, at the policy's generation-config EOS and the
+    tokenizer's: for a ChatML model it must see `<|im_end|>` as raftlib's TextFormat does."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from raftsuite import hh
+    from raftsuite import reasoning as R
+
+    directory = T.build_qwen2(tmp_path / "qwen2")
+    tokenizer = load_tokenizer(ModelSection(path=str(directory)))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop_ids = R.stop_token_ids(str(directory))
+    assert stop_ids == sorted({tokenizer.eos_token_id, im_end})
+    settings = R.ReasoningSettings(base_model=str(directory))
+    policy = R.grpo_policy(settings, stop_ids, 1e-4, sharded_by_trl=False)
+    args = hh.grpo_config(
+        tmp_path / "grpo", seed=0, use_cpu=True, per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=4, max_steps=1,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[lambda prompts, completions, **kwargs: [0.0] * len(completions)],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "1 + 1"}]}] * 4),
+        processing_class=tokenizer,
+    )
+    assert im_end in trainer.eos_token_ids and im_end in trainer.generation_config.eos_token_id
