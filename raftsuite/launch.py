@@ -25,6 +25,8 @@ and an interrupt stops the child and its workers and ends with one line saying h
 from __future__ import annotations
 
 import collections
+import gc
+import logging
 import os
 import re
 import socket
@@ -33,6 +35,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_DIR = "launch"
@@ -103,12 +107,37 @@ def launch_command(
     return [*command, "-m", *module_args], env
 
 
+def release_accelerator_memory() -> int:
+    """Hand this process's unused GPU memory back before workers start; return the bytes tensors still hold.
+
+    The kernel that launches a child has often just evaluated a model or scored with the reward model: once
+    those are dropped, their blocks stay in PyTorch's caching allocator (and unreachable reference cycles keep
+    tensors alive until the next collection), so rank 0 would start with less free memory than the planner
+    assumes (tens of GB after a 7B evaluation). A collection then `empty_cache` returns them; what is still
+    allocated is referenced by a live object, which the warning reports. 0 on a machine without CUDA.
+    """
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch (and initialise CUDA) only to find nothing to free
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    torch.cuda.empty_cache()
+    held = int(torch.cuda.memory_allocated())
+    if held:
+        logger.warning(
+            "the kernel still holds %.1f GiB of GPU memory in live tensors while it launches workers; "
+            "drop the models it no longer needs (del model) before running the next cell",
+            held / 2**30,
+        )
+    return held
+
+
 def stream(command: list[str], env: dict[str, str], log_path: Path, echo: Callable[[str], None] = _echo) -> None:
     """Run `command`, copying each output line to `echo` and `log_path` as it comes; raise with the tail on failure.
 
     An interrupt (Ctrl-C, Jupyter's stop button) stops the command and every process it started, then raises
     `Interrupted` naming the log: nothing is left writing into a run directory, which a rerun resumes.
     """
+    release_accelerator_memory()  # the workers get the GPU memory the kernel no longer uses
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     errors: list[str] = []  # the workers' own error lines: torchrun's summary that ends the log hides them

@@ -7,6 +7,8 @@ starting over, and a different config on the same directory is refused before an
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import RESUME, assert_same_run, base_config, snapshot
@@ -68,3 +70,32 @@ def test_bad_launch_arguments_name_the_parameter(tmp_path):
     command, env = launch_command(["raftlib", "run", "c.yaml"], 2, cuda=False)
     assert env["ACCELERATE_USE_CPU"] == "true" and "--multi_gpu" in command
     assert command[-4:] == ["-m", "raftlib", "run", "c.yaml"]
+
+
+def test_a_launch_first_frees_what_the_kernel_no_longer_references(tmp_path):
+    """Tensors kept alive only by a reference cycle (a dropped model, an evaluation's closures) are collected
+    before the workers start, so their memory is free for them (on a GPU `empty_cache` then returns it)."""
+    import gc
+    import sys
+    import weakref
+
+    import torch
+
+    from raftsuite import launch
+
+    class Holder:
+        def __init__(self) -> None:
+            self.weights = torch.zeros(1024, 1024)
+            self.me = self  # a cycle: reference counting alone never frees it
+
+    dropped = Holder()
+    alive = weakref.ref(dropped)
+    del dropped
+    gc.disable()  # no automatic collection may run in between: only the launch's own
+    try:
+        assert alive() is not None
+        launch.stream([sys.executable, "-c", "pass"], dict(os.environ), tmp_path / "log.txt", echo=lambda line: None)
+        assert alive() is None
+    finally:
+        gc.enable()
+    assert launch.release_accelerator_memory() == 0  # no CUDA here: nothing held
