@@ -150,3 +150,30 @@ def test_two_notebooks_started_at_once_build_the_setup_once(standins, tmp_path):
     setup = _setup(directory, standins)  # and a third call reuses it
     assert Path(setup.sft_model).is_dir() and setup.prompts.is_file()
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".setup.lock", "setup"]  # no temporaries left
+
+
+def test_a_hub_reward_model_is_checked_against_its_sentencepiece_model_too(standins, tmp_path, monkeypatch, caplog):
+    """The paper names the RM by hub id: its tokenizer.model comes from the hub cache (a Hugging Face cache
+    layout, offline), so the repeated-spaces check runs as it does for a local dir; one not cached warns."""
+    import logging
+    import shutil
+
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+
+    from raftlib.text.rewards import check_against_sentencepiece
+
+    repo = "weqweasdas/hh_rlhf_rm_open_llama_3b"
+    commit = "0" * 40
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--weqweasdas--hh_rlhf_rm_open_llama_3b" / "snapshots" / commit
+    shutil.copytree(standins["reward_model"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    tokenizer = AutoTokenizer.from_pretrained(standins["reward_model"])
+    assert check_against_sentencepiece(tokenizer, repo) is not None  # it differs on runs of spaces, as a dir's does
+    with caplog.at_level(logging.WARNING, "raftlib"):
+        assert check_against_sentencepiece(tokenizer, "someone/not-cached-rm") is None
+    assert "tokenizer.model could not be fetched" in caplog.text

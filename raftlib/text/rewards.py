@@ -229,16 +229,43 @@ SENTENCEPIECE_PROBES = (
 """Texts with what HH-RLHF holds and converted fast tokenizers get wrong (runs of spaces: transformers#24233)."""
 
 
+def sentencepiece_model_file(path: str):
+    """The `tokenizer.model` of a reward model: in its dir, or for a hub id the repo's (downloaded to the hub
+    cache, as `from_pretrained` does for the files it needs: a fast tokenizer alone never fetches it); None when
+    there is none. A hub file that cannot be fetched (offline, not cached) is warned about: the check is skipped."""
+    from pathlib import Path
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        model_file = local / "tokenizer.model"
+        return model_file if model_file.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(path, "tokenizer.model"))
+    except LocalEntryNotFoundError as exc:  # offline and not cached (a subclass of the next: caught first)
+        reason = exc
+    except EntryNotFoundError:
+        return None  # the repo ships no sentencepiece model: nothing to compare against
+    except OSError as exc:  # the hub unreachable
+        reason = exc
+    logger.warning(
+        "reward model %r: its tokenizer.model could not be fetched (%s); the fast tokenizer is not checked "
+        "against sentencepiece",
+        path, reason,
+    )  # fmt: skip
+    return None
+
+
 def check_against_sentencepiece(tokenizer, path: str):
-    """When the model dir ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
+    """When the model (dir or hub repo) ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
     must encode as sentencepiece does. A converted fast tokenizer that differs (Open-LLaMA's, on repeated spaces:
     transformers#24233) would score other tokens than the reward model was trained on: then the sentencepiece
     processor is returned and the scorer encodes with it (a warning names the text that differed); None when the
     fast tokenizer agrees or there is no tokenizer.model."""
-    from pathlib import Path
-
-    model_file = Path(path) / "tokenizer.model"
-    if not model_file.is_file():
+    model_file = sentencepiece_model_file(path)
+    if model_file is None:
         return None
     try:
         import sentencepiece
