@@ -485,6 +485,13 @@ def grpo_curve(job: dict[str, Any]) -> list[dict[str, Any]]:
     return callback.points
 
 
+def grpo_weights_dtype(settings: MethodSettings) -> str:
+    """The dtype GRPO loads the policy in (and the planner plans it in): float32 master weights for a full
+    fine-tune (TRL's own default; bf16 only as autocast), as RAFT's; with `lora_rank` the frozen base in
+    `policy_dtype`, as RAFT's LoRA base (peft's adapters are float32 either way)."""
+    return settings.policy_dtype if settings.lora_rank else "float32"
+
+
 def run_grpo(
     settings: MethodSettings,
     prompts: Sequence[Prompt],
@@ -496,8 +503,9 @@ def run_grpo(
 
     One optimizer step takes `samples_per_prompt x grpo_prompts_per_step` completions whatever the launch (each of
     WORLD_SIZE processes takes its share per micro-batch, split further by `grpo_gradient_accumulation_steps`).
-    The weights stay float32 (TRL's own default) with bf16 autocast on a GPU, as RAFT's fine-tune: pure-bf16 AdamW
-    would not move most weights at these learning rates. With `lora_rank` GRPO trains the adapter RAFT trains.
+    A full fine-tune keeps float32 weights (TRL's own default) with bf16 autocast on a GPU, as RAFT's fine-tune:
+    pure-bf16 AdamW would not move most weights at these learning rates. With `lora_rank` GRPO trains the adapter
+    RAFT trains, on the base in RAFT's dtype (`grpo_weights_dtype`).
     """
     import torch
     from datasets import Dataset
@@ -538,7 +546,7 @@ def run_grpo(
         max_steps=steps,
         gradient_checkpointing=settings.gradient_checkpointing,  # TRL turns it on by default; RAFT's setting rules
         bf16=not use_cpu,  # autocast on a GPU; on a CPU TRL's default bf16 would be slow autocast, RAFT's are fp32
-        model_init_kwargs={"dtype": torch.float32},  # fp32 master weights (TRL's own default), as RAFT's
+        model_init_kwargs={"dtype": getattr(torch, grpo_weights_dtype(settings))},
     )
     dataset = Dataset.from_list([{"prompt": p.text} for p in prompts])
     started = time.perf_counter()

@@ -176,12 +176,13 @@ def plan_hh(notebook: str, values: Mapping[str, Any], hardware: Hardware) -> lis
         stage = _stage(_plan(sft, hardware, _sharding(values["sft_accelerate_config"])), "fine-tune")
         rows.append(_row(notebook, "SFT setup: fine-tune (fp32 masters)", stage, hardware, "sft_accelerate_config"))
     if notebook in ("hh_rlhf", "efficiency") and values.get("run_grpo_baseline", True):
+        grpo_raw = raw | {"model": raw["model"] | {"dtype": hh_methods.grpo_weights_dtype(settings)}}
         processes = values["num_processes"]
         per_step = values["samples_per_prompt"] * values["grpo_prompts_per_step"]
         micro = max(1, per_step // (processes * values["grpo_gradient_accumulation_steps"]))
         rows += _grpo(
             notebook,
-            raw,
+            grpo_raw,
             math.ceil(per_step / processes),
             micro,
             values,

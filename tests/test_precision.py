@@ -138,6 +138,36 @@ def test_the_hh_grpo_baseline_trains_float32_masters(tmp_path):
     assert seen and set(seen) == {"torch.float32"} and record["steps"] == 2
 
 
+def test_the_hh_grpo_baseline_with_lora_keeps_raft_s_base_dtype_and_float32_adapters(tmp_path):
+    """With `lora_rank` GRPO trains RAFT's adapter on RAFT's base: the frozen base in policy_dtype (what the
+    planner plans), the adapters float32."""
+    from dataclasses import replace
+
+    from transformers import TrainerCallback
+
+    from raftlib.records import Prompt
+    from raftsuite import hh_methods
+
+    policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
+    settings = hh_methods.MethodSettings(
+        sft_model=str(policy), reward_model=str(reward), samples_per_prompt=2, max_new_tokens=4,
+        prompts_per_iteration=4, iterations=1, grpo_prompts_per_step=2, gold=False, lora_rank=2,
+        policy_dtype="bfloat16",
+    )  # fmt: skip
+    assert hh_methods.grpo_weights_dtype(settings) == "bfloat16"
+    assert hh_methods.grpo_weights_dtype(replace(settings, lora_rank=0)) == "float32"
+    frozen: set[str] = set()
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            frozen.update(str(p.dtype) for p in model.parameters() if not p.requires_grad)
+
+    prompts = [Prompt(i, f"prompt number {i}", {}) for i in range(8)]
+    with optimizer_dtypes() as seen:
+        hh_methods.run_grpo(settings, prompts, hh_methods.MethodRun("grpo", 1e-4, 0), tmp_path / "out", [Watch()])
+    assert set(seen) == {"torch.float32"} and frozen == {"torch.bfloat16"}
+
+
 def test_the_tiny_reward_model_trains_float32(tmp_path):
     """The tiny setup's Bradley-Terry reward model: float32 on the CPU it trains on (it is never bf16)."""
     from types import SimpleNamespace

@@ -139,3 +139,23 @@ def test_reward_model_chat_template_and_errors(tmp_path):
     causal = testing.build_gpt2(tmp_path / "causal")
     with pytest.raises(ModelLoadError, match=r"lacks trained weights for score\.weight"):
         RewardModelScorer(str(causal)).setup()  # a causal LM dir would load with a random score head
+
+
+def test_two_scorers_of_one_reward_model_share_one_copy_and_score_as_one_alone(tmp_path):
+    """A GRPO baseline trains on the RM and evaluates with it in the same process: one copy of its weights,
+    each scorer keeping its own batching (so its scores), freed when the last scorer lets go."""
+    from raftlib import testing as T
+    from raftlib.text import rewards
+
+    path = str(T.build_gpt2_reward_model(tmp_path / "rm"))
+    prompts, completions = ["a b", "c d e", "f"], [" g", " h i", " j k l"]
+    alone = rewards.RewardModelScorer(path, batch_size=2)(prompts, completions)
+    training, evaluation = rewards.RewardModelScorer(path, batch_size=64), rewards.RewardModelScorer(path, batch_size=2)
+    training.setup()
+    evaluation.setup()
+    assert training.model is evaluation.model and len(rewards._LOADED) == 1
+    assert evaluation(prompts, completions) == alone
+    training.teardown()
+    assert evaluation.model is not None and evaluation(prompts, completions) == alone  # still held
+    evaluation.teardown()
+    assert evaluation.model is None and not rewards._LOADED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from raftlib.rewards import RewardError, RewardFn
@@ -85,6 +86,20 @@ def exact_answer_reward(answer_column: str = "answer") -> RewardFn:
     return exact_answer
 
 
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    sentencepiece: Any
+    holders: int = 0
+
+
+_LOADED: dict[tuple, _Loaded] = {}
+"""The reward models loaded in this process, by (path, dtype, device, trust_remote_code), with how many scorers
+hold each: two scorers of one model (a baseline's training reward beside its held-out evaluation's, each with its
+own batch size and text format) share one copy of its weights, which leaves when the last lets go."""
+
+
 class RewardModelScorer:
     """A Hugging Face sequence-classification reward model (one logit = the reward).
 
@@ -115,22 +130,42 @@ class RewardModelScorer:
         """The reward model's sentencepiece processor, when its fast tokenizer encodes differently (setup)."""
         self.holders = 0
         """setup() calls not yet matched by teardown(): the model stays loaded while anyone holds it."""
+        self._key: tuple = ()
 
     def setup(self) -> None:
         """Load the model, once: nested setup/teardown pairs (a stage inside a caller that holds the reward for
         several stages) share one load, freed when the outermost teardown comes."""
         self.holders += 1
-        if self.model is None:
-            self._load()
+        if self.model is not None:
+            return
+        import torch
 
-    def _load(self) -> None:
+        key = (self.path, self.dtype, self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        key += (self.trust_remote_code,)
+        if key not in _LOADED:
+            try:
+                self._load(key[2])
+            except BaseException:
+                self.model = self.tokenizer = self.sentencepiece = None  # a refused model is not half-held
+                self.holders -= 1
+                raise
+            _LOADED[key] = _Loaded(self.model, self.tokenizer, self.sentencepiece)
+        shared = _LOADED[key]
+        shared.holders += 1
+        self.model, self.tokenizer, self.sentencepiece, self._key = (
+            shared.model,
+            shared.tokenizer,
+            shared.sentencepiece,
+            key,
+        )
+
+    def _load(self, device: str) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from raftlib.hub import ModelLoadError, check_local
 
         check_local(self.path, "reward model")
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -167,8 +202,12 @@ class RewardModelScorer:
         import torch
 
         self.holders = max(0, self.holders - 1)
-        if self.holders:
+        if self.holders or self.model is None:
             return
+        shared = _LOADED[self._key]
+        shared.holders -= 1
+        if not shared.holders:
+            del _LOADED[self._key]
         self.model = None
         self.tokenizer = None
         self.sentencepiece = None
