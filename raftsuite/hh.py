@@ -339,8 +339,9 @@ def resolve_dtype(value: str, parameter: str = "policy_dtype") -> str:
 
 
 def model_device() -> str:
-    """Where the baselines and the evaluation run: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the baselines and the evaluation run: this process's GPU when there is one (under `accelerate launch`
+    the one torchrun gave it, LOCAL_RANK: plain "cuda" would put every rank's copy on GPU 0)."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32"):

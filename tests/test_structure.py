@@ -44,11 +44,49 @@ ONE_EVALUATION_EXCEPTIONS = {
 }
 
 
+MODEL_LOADS_OFF_THE_RUN_DEVICE = {
+    ("hh.py", "prepare_setup"): "the tiny setup's SFT policy: trained on this CPU before any run, never on a GPU",
+    ("hh.py", "train_reward_model"): "the tiny setup's reward model, as prepare_setup",
+    ("bench_generation.py", "main"): "the generation benchmark's model, placed by the benchmark itself",
+    ("reasoning.py", "grpo_policy"): "TRL's GRPOTrainer places the policy it is given, as it places a path",
+}
+"""Where a raftsuite module may load a model other than through `hh.load_causal_lm` (which moves it to the run's
+device), and why."""
+
+
+def _model_loads(tree, where: str) -> list[tuple[str, str, int]]:
+    """(where, enclosing function, line) of every `<...>ForCausalLM/ForSequenceClassification.from_pretrained` and
+    `create_model_from_path` call in a parsed module or cell."""
+    import ast
+
+    found = []
+
+    def visit(node, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call):
+                target = child.func
+                loads_model = (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "from_pretrained"
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id.endswith(("ForCausalLM", "ForSequenceClassification"))
+                ) or (isinstance(target, ast.Name) and target.id == "create_model_from_path")
+                if loads_model:
+                    found.append((where, function, child.lineno))
+            visit(child, name)
+
+    visit(tree, "<module>")
+    return found
+
+
 def test_every_evaluation_goes_through_raftlib_evaluation():
     """One evaluation path: no raftsuite module draws completions itself (raftlib.text.generate) except the
-    listed ones, and every causal LM a baseline loads is moved to the run's device (hh.load_causal_lm), so no
-    stage evaluates on another device than the run's."""
+    listed ones, and every model any raftsuite module or notebook cell loads goes through `hh.load_causal_lm`,
+    which moves it to the run's device, except the loads listed with their reason: so no stage evaluates on
+    another device than the run's."""
     import ast
+    import json
 
     offenders = []
     for path in sorted((ROOT / "raftsuite").glob("*.py")):
@@ -59,13 +97,31 @@ def test_every_evaluation_goes_through_raftlib_evaluation():
                     offenders.append(f"{path.name}:{node.lineno} imports raftlib.text.generate")
     assert offenders == []
     loads = [
-        line
-        for line in (ROOT / "raftsuite" / "hh.py").read_text().splitlines()
-        if "AutoModelForCausalLM.from_pretrained(str(path)" in line
+        load
+        for path in sorted((ROOT / "raftsuite").glob("*.py"))
+        for load in _model_loads(ast.parse(path.read_text()), path.name)
     ]
-    assert loads and all(".to(model_device())" in line for line in loads)
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for index, cell in enumerate(json.loads(notebook.read_text())["cells"]):
+            if cell["cell_type"] == "code":
+                loads += _model_loads(ast.parse("".join(cell["source"])), f"{notebook.name} cell {index}")
+    the_loader = [load for load in loads if load[:2] == ("hh.py", "load_causal_lm")]
+    others = [load for load in loads if load[:2] != ("hh.py", "load_causal_lm")]
+    assert (
+        len(the_loader) == 1
+        and ".to(model_device())" in (ROOT / "raftsuite" / "hh.py").read_text().splitlines()[the_loader[0][2] - 1]
+    )
+    assert [load for load in others if load[:2] not in MODEL_LOADS_OFF_THE_RUN_DEVICE] == []
+    assert {load[:2] for load in others} == set(MODEL_LOADS_OFF_THE_RUN_DEVICE)  # no stale exception
     reasoning = (ROOT / "raftsuite" / "reasoning.py").read_text()
     assert "evaluate_policy(" in reasoning and "generate_samples" not in reasoning
+
+
+def test_the_model_load_scan_sees_a_load_in_a_cell_and_in_a_function():
+    import ast
+
+    source = "def f():\n    m = AutoModelForCausalLM.from_pretrained('x')\nq = Qwen2ForSequenceClassification.from_pretrained('y')\n"
+    assert _model_loads(ast.parse(source), "cell") == [("cell", "f", 2), ("cell", "<module>", 3)]
 
 
 def public_functions_over(limit: int) -> list[str]:
