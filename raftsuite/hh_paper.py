@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,9 @@ def hh_prompts(
             continue
         seen.add(prompt)
         if len(tokenizer(prompt)["input_ids"]) <= max_prompt_tokens:
-            out.append({"prompt": prompt, "reference": chosen.strip()})
+            # the continuation as the dialogue writes it after "Assistant:" (its leading space included): SFT
+            # trains on these ids and the perplexity scores the same ids (sft_example)
+            out.append({"prompt": prompt, "reference": chosen.rstrip()})
             if limit and len(out) == limit:
                 break
     return out
@@ -234,6 +236,13 @@ class PaperSetupRequest:
     sft_accelerate_config: str = ""
 
 
+def sft_example(tokenizer, row: Mapping[str, str]) -> list[list[int]]:
+    """[prompt ids, completion ids] of one SFT example: the prompt as RAFT encodes HH text (no template, the
+    tokenizer's BOS), the reference exactly as written and the EOS, the ids `reference_perplexity` scores."""
+    completion = tokenizer(row["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [tokenizer(row["prompt"])["input_ids"], completion]
+
+
 def prepare_paper_setup(directory: str | Path, request: PaperSetupRequest, progress: bool = True) -> PaperSetup:
     """HH-RLHF prompts (train and test kept apart), and the SFT policy: `sft_model` if given, else one epoch of
     SFT of `policy_model` on HH-RLHF chosen responses (the paper's LLaMA-7B-SFT), in its own process(es)
@@ -299,13 +308,10 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
                 handle.write(json.dumps(row) + "\n")
     if not sft_model:
         rows = train[: settings["sft_examples"]] if settings["sft_examples"] else train
-        eos = [tokenizer.eos_token_id]
         examples = directory / "sft_examples.jsonl"
         with open(examples, "w", encoding="utf-8") as handle:  # the raw HH text, as RAFT reads it (no template)
             for r in rows:
-                prompt = tokenizer(r["prompt"])["input_ids"]
-                completion = tokenizer(" " + r["reference"], add_special_tokens=False)["input_ids"] + eos
-                handle.write(json.dumps([prompt, completion]) + "\n")
+                handle.write(json.dumps(sft_example(tokenizer, r)) + "\n")
         training = {
             "learning_rate": settings["sft_learning_rate"],
             "epochs": 1,

@@ -95,3 +95,23 @@ def test_the_reasoning_grpo_baseline_stops_where_raft_stops(tmp_path):
         processing_class=tokenizer,
     )
     assert im_end in trainer.eos_token_ids and im_end in trainer.generation_config.eos_token_id
+
+
+def test_the_hh_sft_trains_on_the_ids_the_perplexity_scores(tmp_path):
+    """The paper SFT's examples and the reference perplexity read one HH row as the same (prompt, completion)
+    ids, EOS included: the leading space after "Assistant:" is part of the reference (a GPT-2 BPE gives
+    " Sure" and "Sure" different ids, so a space added on one side only would score other tokens)."""
+    from raftlib.text.tokens import reference_examples
+    from raftsuite import hh_paper
+
+    dialogue = "\n\nHuman: how do I bake bread?\n\nAssistant: Sure, mix flour and water.  \n"
+    prompt, chosen = hh_paper.split_dialogue(dialogue)
+    for directory in (T.build_gpt2(tmp_path / "gpt2"), T.build_llama(tmp_path / "llama", chat_template=False)):
+        tokenizer = load_tokenizer(ModelSection(path=str(directory)))
+        _, generation_config = read_model_config(ModelSection(path=str(directory)))
+        row = {"prompt": prompt, "reference": chosen.rstrip()}  # as hh_paper.hh_prompts stores it
+        assert row["reference"] == " Sure, mix flour and water."
+        text_format = TextFormat.of(tokenizer, generation_config, GenerationSection(chat_template="never"))
+        scored = reference_examples(text_format, [Prompt(0, prompt, {"reference": row["reference"]})], "reference",
+                                    append_eos=True)  # fmt: skip
+        assert [list(ids) for ids in scored[0]] == hh_paper.sft_example(tokenizer, row)

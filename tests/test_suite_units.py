@@ -145,7 +145,7 @@ def test_paper_setup_runs_on_local_dirs_standing_in_for_hub_ids(tmp_path, gpt2_d
     rows = [json.loads(line) for line in setup.prompts.read_text().splitlines()]
     # 3 of 12 prompts are over 32 tokens and dropped; the test split is then capped at 5
     assert setup.train_prompts == 9 and setup.eval_prompts == 5
-    assert rows[0]["prompt"].endswith("\n\nAssistant:") and rows[0]["reference"] == "a kind answer 1"
+    assert rows[0]["prompt"].endswith("\n\nAssistant:") and rows[0]["reference"] == " a kind answer 1"
     from transformers import AutoModelForCausalLM
 
     sft = AutoModelForCausalLM.from_pretrained(setup.sft_model)  # the SFT step ran and saved a loadable model

@@ -222,14 +222,22 @@ def reference_perplexity(model, text_format, prompts, column: str, *, append_eos
     """
     from raftlib.metrics import perplexity
 
-    usable = [p for p in prompts if isinstance(p.columns.get(column), str) and p.columns[column]]
-    if not usable:
+    examples = reference_examples(text_format, prompts, column, append_eos=append_eos)
+    if not examples:
         return math.nan
-    tokenizer = text_format.tokenizer
-    eos = [text_format.eos_id] if append_eos else []
-    examples = [
-        (ids, tokenizer(p.columns[column], add_special_tokens=False)["input_ids"] + eos)
-        for p, ids in zip(usable, text_format.encode(usable), strict=True)
-    ]
     sums, counts = completion_logprobs(model, examples, text_format.pad_id)
     return perplexity(-sum(sums), sum(counts))
+
+
+def reference_examples(
+    text_format, prompts, column: str, *, append_eos: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) of every prompt with a non-empty `column`: what `reference_perplexity` scores,
+    and what an SFT on those references must train on for the two to measure the same thing. The reference is
+    encoded exactly as written (a leading space is part of the continuation)."""
+    usable = [p for p in prompts if isinstance(p.columns.get(column), str) and p.columns[column]]
+    eos = [text_format.eos_id] if append_eos else []
+    return [
+        (ids, text_format.tokenizer(p.columns[column], add_special_tokens=False)["input_ids"] + eos)
+        for p, ids in zip(usable, text_format.encode(usable), strict=True)
+    ]
