@@ -87,13 +87,14 @@ def _stage(plan_, name: str) -> StageEstimate:
     return next(s for s in plan_.chosen if s.stage.startswith(name))
 
 
-def _with_resident_reward(stage: StageEstimate, reward_model: str, reward_dtype: str) -> StageEstimate:
+def _with_resident_model(stage: StageEstimate, path: str, dtype: str, name: str, head: str) -> StageEstimate:
+    """`stage` with one more whole model resident beside it (`head`: "score" for a reward model, "lm" a policy)."""
     from raftlib.estimates import BYTES_PER_ELEMENT, model_shape, read_model_config
 
-    raw, source = read_model_config(reward_model)
-    shape = model_shape(raw, source, head="score")
-    bytes_ = BYTES_PER_ELEMENT.get(reward_dtype, 4)
-    term = Term("reward model resident (TRL)", shape.params * bytes_, f"{shape.params / 1e9:.2f} B x {bytes_} B")
+    raw, source = read_model_config(path)
+    shape = model_shape(raw, source, head=head)
+    bytes_ = BYTES_PER_ELEMENT.get(dtype, 4)
+    term = Term(name, shape.params * bytes_, f"{shape.params / 1e9:.2f} B x {bytes_} B")
     return replace(stage, memory_terms=(*stage.memory_terms, term))
 
 
@@ -127,7 +128,9 @@ def _grpo(
 ) -> list[PlannedStage]:
     """TRL's GRPO as raftlib's stages of the same shapes: its generation batch per device at once (HF generate, or
     TRL's colocated vLLM at 30 % of the GPU with `grpo_use_vllm`), then its fine-tune (fp32 masters under bf16
-    autocast), with the reward model resident when there is one."""
+    autocast), with the reward model resident when there is one and, under FSDP, the reasoning callback's gathered
+    evaluation copy on rank 0. TRL's colocated engine sleeps through the fine-tune (`vllm_enable_sleep_mode`), so
+    its 30 % is counted in the generate row only."""
     K = raw["generation"]["samples_per_prompt"]
     engine = (
         {"backend": "vllm", "vllm_options": {"gpu_memory_utilization": 0.3}}
@@ -141,7 +144,10 @@ def _grpo(
     plan_ = _plan(raw, hardware, sharding)
     finetune = _stage(plan_, "fine-tune")
     if reward is not None:
-        finetune = _with_resident_reward(finetune, *reward)
+        finetune = _with_resident_model(finetune, *reward, "reward model resident (TRL)", "score")
+    if notebook == "reasoning" and sharding == "fsdp":  # reasoning.evaluation_copy: the gathered policy, rank 0
+        copy = "GRPO evaluation copy on rank 0 (FSDP gather)"
+        finetune = _with_resident_model(finetune, raw["model"]["path"], raw["model"]["dtype"], copy, "lm")
     label = (
         "GRPO: generate (TRL, vLLM colocated)" if values.get("grpo_use_vllm") else "GRPO: generate (TRL, HF generate)"
     )
@@ -234,6 +240,8 @@ def plan_profile(profile: str) -> list[PlannedStage]:
     rows = []
     for name, entry in runner.load_profile(profile).items():
         values = runner.notebook_parameters(name) | dict(entry) | {"show_progress": False}
+        # planned for the profile's CUDA machine, where a dtype "auto" is bf16 (resolve_dtype here would say fp32)
+        values = {k: "bfloat16" if k.endswith("_dtype") and v == "auto" else v for k, v in values.items()}
         kind = "image" if name.startswith("sd_") else "text"
         hardware = Hardware.preset(kinds[kind], max(1, int(values.get("num_processes", 1))))
         if name in ("hh_rlhf", "efficiency", "ablations"):

@@ -600,6 +600,53 @@ def grpo_policy(settings: ReasoningSettings, stop_ids: Sequence[int], learning_r
     return policy
 
 
+def grpo_evaluation_config(settings: ReasoningSettings, files: ProblemFiles, seed: int, held_out: str | None = None):
+    """`evaluation_config` as GRPO's callback evaluates on the main process while the other ranks wait: RAFT's
+    settings and streams, but a vLLM backend becomes `static` when raftlib's engine would join the launcher's
+    process group (several processes: a collective on the main process alone never completes) or sit beside
+    TRL's colocated engine (`grpo_use_vllm`: a second copy of the weights and a KV pool on the same GPU)."""
+    config = evaluation_config(settings, files, seed, held_out)
+    if config.generation.backend == "vllm" and (settings.num_processes > 1 or settings.grpo_use_vllm):
+        config = config.replace(["generation.backend=static"])
+    return config
+
+
+def evaluation_copy(model, settings: ReasoningSettings):
+    """The GRPO policy as the main process evaluates it, None on the other ranks; every rank must call it.
+
+    Under DDP or one process every rank holds the whole model: the model itself. Under FSDP2 each rank holds a
+    shard, and a forward on the main process alone would wait forever for the other ranks' all-gathers: the full
+    state dict is gathered to the main process's CPU (`raftlib.sharding.full_state_dict`, a collective) and
+    loaded into a plain copy on its device (its own buffers, its generation config the policy's), which the
+    caller drops after the evaluation.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from raftlib.sharding import full_state_dict
+    from raftsuite import hh
+
+    if not any(isinstance(module, FSDPModule) for module in model.modules()):
+        return model if children.rank() == 0 else None
+    state = full_state_dict(model)
+    if children.rank() != 0:
+        return None
+    copy, _ = hh.load_causal_lm(settings.base_model, settings.policy_dtype)
+    copy.load_state_dict(state)  # strict: a LoRA policy's keys would not match (refused before training)
+    copy.generation_config = model.generation_config
+    return copy
+
+
+def _refuse_sharded_lora(settings: ReasoningSettings) -> None:
+    sharded = bool(settings.accelerate_config) and "FSDP" in Path(settings.accelerate_config).read_text()
+    if sharded and settings.lora_rank:
+        raise ValueError(
+            f"GRPO with lora_rank {settings.lora_rank} under the FSDP accelerate_config "
+            f"{settings.accelerate_config}: its held-out evaluation gathers full weights (evaluation_copy), which "
+            "a sharded LoRA policy does not have; a LoRA fine-tune fits one GPU per process: use DDP (no "
+            "accelerate_config) for it"
+        )
+
+
 def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     """TRL's GRPO (in a child) at RAFT's sample budget; the held-out evaluation after each generated batch's
     `grpo_updates_per_generation` optimizer steps, by raftlib's evaluation (main process only)."""
@@ -617,7 +664,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     from raftsuite import hh
 
     settings, files, run = ReasoningSettings(**job["settings"]), ProblemFiles(**job["files"]), MethodRun(**job["run"])
-    s, main_process, sets = settings, children.rank() == 0, files.sets()
+    s, sets = settings, files.sets()
     _threads(settings)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     per_update, rest = divmod(s.samples_per_iteration, s.grpo_updates_per_generation * processes * s.micro_batch_size)
@@ -626,7 +673,8 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
             f"GRPO: {s.samples_per_iteration} samples per iteration do not split into grpo_updates_per_generation "
             f"{s.grpo_updates_per_generation} x {processes} processes x micro_batch_size {s.micro_batch_size}"
         )
-    config = evaluation_config(settings, files, run.seed)
+    _refuse_sharded_lora(settings)
+    config = grpo_evaluation_config(settings, files, run.seed)
     verify = VERIFIERS[s.verifier]
     iterations, problems = [], []
 
@@ -642,8 +690,9 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
             t = step // s.grpo_updates_per_generation
             logged = [h for h in state.log_history if "reward" in h][-s.grpo_updates_per_generation :]
             began = time.perf_counter()
-            if main_process:
-                rows = per_problem(evaluate_policy(model, config).rows, sets)
+            policy = evaluation_copy(model, s)  # every rank: under FSDP a gather
+            if policy is not None:
+                rows = per_problem(evaluate_policy(policy, config).rows, sets)
                 problems.extend(r | {"iteration": t} for r in rows)
                 logger.info(
                     "GRPO iter %d/%d | train reward %s | eval pass@1 %.3f | %.1fs",
@@ -698,6 +747,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
         epsilon_high=s.clip_range_high,
         beta=0.0,
         max_steps=s.iterations * s.grpo_updates_per_generation,
+        ddp_timeout=int(config.loop.process_group_timeout_minutes * 60),  # the others wait while rank 0 evaluates
         gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; the runs' setting rules
         bf16=s.mixed_precision == "bf16" and not use_cpu,  # autocast, as RAFT's `training.mixed_precision`
         **(
@@ -705,6 +755,9 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
                 "use_vllm": True,
                 "vllm_mode": "colocate",
                 "vllm_gpu_memory_utilization": 0.3,
+                # the engine's weights and KV pool leave the GPU while the policy trains and rank 0 evaluates
+                # its gathered copy (the planner's GRPO fine-tune row counts neither beside the other)
+                "vllm_enable_sleep_mode": True,
                 "generation_kwargs": {"stop_token_ids": stop_ids},  # vLLM stops at these as RAFT's engine does
             }
             if s.grpo_use_vllm
@@ -728,9 +781,11 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
     trainer.train()
-    if not main_process:
+    policy = evaluation_copy(trainer.model, s)  # every rank: under FSDP a gather
+    if policy is None:
         return {}
-    validation = _validation_score(trainer.model, settings, files, run.seed)
+    config = grpo_evaluation_config(settings, files, run.seed, held_out=files.validation)
+    validation = float(evaluate_policy(policy, config).metrics["eval_pass_at_1"])
     return {"iterations": iterations, "problems": problems, "validation_pass_at_1": validation}
 
 

@@ -254,3 +254,53 @@ def test_lora_under_fsdp_equals_one_process(llama_dir, prompts_file, tmp_path):
     assert sharded.keys() == reference.keys() and all("lora_" in k for k in reference)
     for name, tensor in reference.items():
         torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=WEIGHT_ATOL)
+
+
+def sharded_evaluation_copy(model_dir: str) -> dict:
+    """Run in each of two FSDP2 workers (raftsuite.children): shard the model as a fine-tune does, change every
+    weight in place on its shard (as training would), then take the GRPO callback's evaluation copy."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
+
+    from raftlib.config import TrainingSection
+    from raftlib.sharding import build_accelerator
+    from raftsuite import children
+    from raftsuite import reasoning as R
+
+    accelerator = build_accelerator(TrainingSection())
+    model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(model_dir))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+    copy = R.evaluation_copy(model, R.ReasoningSettings(base_model=model_dir))
+    if children.rank() != 0:
+        assert copy is None
+        return {}
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.mul_(0.5)
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    return {
+        "sharded": isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()),
+        "plain": not any(isinstance(m, FSDPModule) for m in copy.modules()),
+        "same_weights": all(
+            torch.equal(a, b) for a, b in zip(copy.state_dict().values(), reference.state_dict().values(), strict=True)
+        ),
+        "same_generation": copy.generate(prompt, **kwargs).tolist() == reference.generate(prompt, **kwargs).tolist(),
+    }
+
+
+def test_grpo_s_evaluation_copy_of_a_sharded_policy_is_its_whole_trained_model(llama_dir, tmp_path):
+    """Under FSDP2 the GRPO callback must not run a forward on the main process alone (it would wait forever
+    for the other rank's all-gathers): every rank joins the gather, and the main process evaluates a plain copy
+    holding the trained (here: halved) weights, generating as the unsharded model does."""
+    from raftsuite import children
+
+    record = children.run_in_child(
+        "test_fsdp:sharded_evaluation_copy", {"model_dir": str(llama_dir)}, tmp_path / "out.json",
+        tmp_path / "log.txt", num_processes=2, accelerate_config=str(FSDP_CONFIG), echo=lambda line: None,
+    )  # fmt: skip
+    assert record["processes"] == 2
+    assert record["result"] == {"sharded": True, "plain": True, "same_weights": True, "same_generation": True}

@@ -278,3 +278,26 @@ def test_paper_table_names_the_version_and_the_primary_claim():
     final = RR.final_comparisons(frame, NO_PROBLEMS, R.METHODS)
     claims = RR.claims(final, {})
     assert [c.claim for c in claims if c.primary] == ["RAFT++ above RAFT, held-out pass@1 (iteration 1)"]
+
+
+def test_grpo_s_evaluation_never_starts_an_engine_only_the_main_process_joins(tmp_path):
+    """GRPO evaluates on the main process while the others wait: raftlib's vLLM engine (which joins the
+    launcher's process group, and would sit beside TRL's colocated engine) gives way to the static decoder
+    there; one process without TRL's engine keeps RAFT's backend. A sharded LoRA GRPO is refused up front."""
+    parameters = {"train_dataset": "", "eval_problems": 8, "validation_problems": 8, "base_model": "assets/tiny-math",
+                  "max_new_tokens": 6}  # fmt: skip
+    files = R.problem_files(tmp_path / "problems", parameters)
+    alone = R.ReasoningSettings(base_model="assets/tiny-math", generation_backend="vllm")
+    assert R.grpo_evaluation_config(alone, files, 0).generation.backend == "vllm"
+    for settings in (
+        R.ReasoningSettings(base_model="assets/tiny-math", generation_backend="vllm", num_processes=2),
+        R.ReasoningSettings(base_model="assets/tiny-math", generation_backend="vllm", grpo_use_vllm=True),
+    ):
+        config = R.grpo_evaluation_config(settings, files, 0)
+        assert config.generation.backend == "static"
+        assert config.seed == R.evaluation_config(settings, files, 0).seed  # RAFT's streams otherwise
+    sharded = R.ReasoningSettings(
+        base_model="assets/tiny-math", lora_rank=4, num_processes=2, accelerate_config="examples/accelerate/fsdp.yaml"
+    )
+    with pytest.raises(ValueError, match="lora_rank 4 under the FSDP accelerate_config"):
+        R._refuse_sharded_lora(sharded)
