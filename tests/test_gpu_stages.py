@@ -16,7 +16,10 @@ def test_every_gpu_stage_runs_on_tiny_shapes(tmp_path):
     stages = json.loads((tmp_path / "gpu_stages.json").read_text())["stages"]
     failed = {name: r.get("error") for name, r in stages.items() if "ok" not in r}
     assert done.returncode == 0 and not failed, (failed, done.stdout[-3000:], done.stderr[-3000:])
-    assert any(name.startswith("hh_rlhf: GRPO") for name in stages) and any(n.startswith("reasoning") for n in stages)
+    assert {"hh_rlhf: GRPO: fine-tune (TRL)", "reasoning: GRPO: fine-tune (TRL)"} <= set(stages)
+    assert {"hh_rlhf: RAFT: evaluate", "reasoning: RAFT / RAFT++: evaluate"} <= set(stages)
+    # generation in the weights' dtype (no autocast), as raftlib generates
+    assert all(r["dtype"] == "float32" for r in stages.values() if "dtype" in r)
     # every stage has the planner's estimate beside it (what the GPU run compares against)
     assert all(r["estimated_gib"] and r["estimated_gib"] > 0 for r in stages.values())
     # fine-tunes keep fp32 master weights (issue 21: no pure-bf16 AdamW)

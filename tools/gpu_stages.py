@@ -8,14 +8,18 @@ Each stage runs the code a notebook runs (raftlib's decoder, raftlib's fine-tune
 bf16 autocast, the reward model's forward, TRL's GRPO for one optimizer step) on one batch of the profile's shape,
 with CUDA's peak allocation reset before it. Writes DIR/gpu_stages.json after every stage (a stage that fails is
 recorded and the next one runs; a deadline skips what would not finish in time) and prints a table last:
-stage | estimated GiB | measured GiB | seconds. Not covered: the SD notebooks (their UNet shapes are planned in
-docs/diffusion_estimates.md), and GRPO with TRL's colocated vLLM (the paper profile's reasoning only).
+stage | estimated GiB | measured GiB | seconds. Generation runs in the profile's policy_dtype without autocast, as
+raftlib generates, on the profile's backend where it is installed (the row says which). efficiency and ablations
+run hh_rlhf's stages at its shapes (their planned rows are equal). Not covered: the SD notebooks (their UNet shapes
+are planned in docs/diffusion_estimates.md), GRPO with TRL's colocated vLLM and FSDP (the paper profile's reasoning
+only: its gathered evaluation copy is tested on CPU processes, tests/test_fsdp.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import sys
 import tempfile
@@ -104,24 +108,38 @@ def run_stages(out: Path, tiny: bool, deadline: float) -> None:
     prompt_tokens, scale = (16, 8) if tiny else (hh["max_prompt_tokens"], 1)
 
     def generate(model_dir: Path, values: dict, k: int) -> dict:
+        """One batch through raftlib's decoder as the run builds it: weights in the profile's policy_dtype and no
+        autocast (raftlib generates in the weights' dtype), the profile's backend where it is installed."""
         from transformers import AutoModelForCausalLM
 
         new_tokens = max(4, values["max_new_tokens"] // scale)
         prompts_per_batch = max(1, values["prompts_per_batch"] // scale)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        dtype = (
+            values["policy_dtype"]
+            if values["policy_dtype"] != "auto"
+            else "bfloat16"
+            if device == "cuda"
+            else "float32"
+        )
+        backend = "eager" if tiny else values.get("generation_backend", "eager")
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            backend = "eager"  # recorded: the vLLM estimate is then compared against HF's eager decoder
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
         tokenizer = load_tokenizer(ModelSection(path=str(model_dir)))
         section = GenerationSection(samples_per_prompt=k, max_new_tokens=new_tokens, prompts_per_batch=prompts_per_batch,
-                                    backend="eager", chat_template="never")  # fmt: skip
-        config = RAFTConfig(model=ModelSection(path=str(model_dir)), generation=section)
+                                    backend=backend, chat_template="never")  # fmt: skip
+        config = RAFTConfig(model=ModelSection(path=str(model_dir), dtype=dtype), generation=section)
         text_format = TextFormat.of(tokenizer, model, section)
         decoder = build_decoder(DecoderSpec(model, config, text_format, prompts_per_batch * k, prompt_tokens))
         ids = [[5 + (i % 100)] * prompt_tokens for i in range(prompts_per_batch)]
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.no_grad():
             decoded = decoder.decode(ids, samples_per_prompt=k, seed=0)
         decoder.close()
         return {
             "rows": prompts_per_batch * k,
             "new_tokens": new_tokens,
+            "dtype": dtype,
+            "backend": backend,
             "tokens": int(sum(decoded.lengths) if decoded.lengths else decoded.tokens.numel()),
         }
 
@@ -151,13 +169,17 @@ def run_stages(out: Path, tiny: bool, deadline: float) -> None:
         ("hh_rlhf: RAFT: score (reward model)", lambda: score(max(1, hh["reward_batch_size"] // scale), sequence)),
         ("hh_rlhf: RAFT: fine-tune (DDP)", lambda: train(policy_dir, max(1, hh["micro_batch_size"] // scale), sequence)),
         ("hh_rlhf: SFT setup: fine-tune (fp32 masters)", lambda: train(policy_dir, max(1, 8 // scale), sequence)),
+        ("hh_rlhf: RAFT: evaluate", lambda: generate(policy_dir, hh, hh["eval_samples_per_prompt"])),
         ("hh_rlhf: best-of-8 evaluation", lambda: generate(policy_dir, hh, hh["best_of_k_at_inference"])),
         ("hh_rlhf: GRPO: fine-tune (TRL)", lambda: grpo_step(policy_dir, rm_dir, hh, work, scale)),
         ("reasoning: RAFT / RAFT++: generate", lambda: generate(math_dir, reasoning, reasoning["samples_per_prompt"])),
         ("reasoning: RAFT / RAFT++: fine-tune (DDP)",
          lambda: train(math_dir, max(1, reasoning["micro_batch_size"] // scale), prompt_tokens + reasoning["max_new_tokens"] // scale,
                        loss="raftpp", loss_chunk_tokens=reasoning["loss_chunk_tokens"], gradient_checkpointing=True)),
+        ("reasoning: RAFT / RAFT++: evaluate", lambda: generate(math_dir, reasoning, reasoning["eval_samples_per_prompt"])),
+        ("reasoning: GRPO: fine-tune (TRL)", lambda: reasoning_grpo(math_dir, reasoning, work, scale)),
     ]  # fmt: skip
+    # efficiency and ablations run hh_rlhf's stages at hh_rlhf's shapes (the planner's rows for them are equal)
     for name, step in steps:
         measure(name, planned.get(name), deadline, started, out)(step)
 
@@ -177,6 +199,31 @@ def grpo_step(policy_dir: Path, rm_dir: Path, values: dict, work: Path, scale: i
     prompts = [Prompt(i, f"prompt number {i}", {}) for i in range(64)]
     record = hh_methods.run_grpo(settings, prompts, hh_methods.MethodRun("grpo", 1e-6, 0), work / "grpo")
     return {"steps": record["steps"]}
+
+
+def reasoning_grpo(math_dir: Path, values: dict, work: Path, scale: int) -> dict:
+    """One iteration of the reasoning notebook's GRPO child (raftsuite.reasoning.grpo_curve: TRL's trainer on the
+    policy with raftlib's stop set, the callback's held-out evaluation through raftlib on the run's device, the
+    final validation) at the profile's batch shape, on 8 held-out and 8 validation problems."""
+    from dataclasses import asdict, replace
+
+    from raftsuite import reasoning as R
+
+    settings = R.ReasoningSettings.from_parameters(values)
+    settings = replace(
+        settings, base_model=str(math_dir), iterations=1, prompts_per_iteration=max(2, settings.prompts_per_iteration // scale),
+        max_new_tokens=max(4, settings.max_new_tokens // scale), micro_batch_size=max(1, settings.micro_batch_size // scale),
+        eval_samples_per_prompt=2, num_processes=1, accelerate_config="", grpo_use_vllm=False,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        generation_backend=settings.generation_backend if scale == 1 and importlib.util.find_spec("vllm") else "eager",
+    )  # fmt: skip
+    parameters = {"train_dataset": "", "eval_problems": 8, "validation_problems": 8, "base_model": str(math_dir),
+                  "max_new_tokens": settings.max_new_tokens}  # fmt: skip
+    files = R.problem_files(work / "problems", parameters)
+    job = {"settings": asdict(settings), "files": asdict(files), "run": {"method": "GRPO", "learning_rate": 1e-6, "seed": 0},
+           "output_dir": str(work / "reasoning_grpo")}  # fmt: skip
+    record = R.grpo_curve(job)
+    return {"iterations": len(record["iterations"]), "validation_pass_at_1": record["validation_pass_at_1"]}
 
 
 def table() -> str:
