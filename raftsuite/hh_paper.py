@@ -274,8 +274,9 @@ def prepare_paper_setup(directory: str | Path, request: PaperSetupRequest, progr
         setup = PaperSetup(
             **{k: _moved(v, tmp, directory) if isinstance(v, Path) else v for k, v in asdict(setup).items()}
         )
-        if setup.sft_model == str(tmp / "sft"):
-            setup = PaperSetup(**(asdict(setup) | {"sft_model": directory / "sft"}))
+        for field, name in (("sft_model", "sft"), ("reward_model", REWARD_MODEL_DIR)):  # built here: moved too
+            if str(getattr(setup, field)) == str(tmp / name):
+                setup = PaperSetup(**(asdict(setup) | {field: str(directory / name)}))
         body = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(setup).items()}
         atomic_write_text(record, json.dumps({"settings": settings, "setup": body}, indent=2) + "\n")
         return setup
@@ -339,13 +340,48 @@ def _build_paper_setup(directory: Path, settings: dict[str, Any], progress: bool
         sft_model = str(directory / "sft")
     return PaperSetup(
         sft_model=sft_model,
-        reward_model=settings["reward_model"],
+        reward_model=safetensors_reward_model(settings["reward_model"], directory),
         prompts=prompts,
         eval_prompts_file=eval_file,
         train_prompts=len(train),
         eval_prompts=len(test),
         seconds=time.perf_counter() - started,
     )
+
+
+REWARD_MODEL_DIR = "reward_model"
+"""Under a setup: the reward model with safetensors weights, when its source ships only a pytorch_model.bin."""
+
+
+def safetensors_reward_model(source: str, directory: Path) -> str:
+    """The reward model as every stage loads it: `source` when it ships safetensors weights, else a copy under
+    DIRECTORY/reward_model converted once here, its weights as model.safetensors in their own dtype and every other
+    file (tokenizer.model included: the sentencepiece check reads it) as it was.
+
+    The authors' RM (weqweasdas/hh_rlhf_rm_open_llama_3b) ships only a 6.65 GB pytorch_model.bin (its safetensors
+    sit on refs/pr/2, which nothing here pins): each score and evaluation stage, on every rank, would unpickle it
+    into memory again; a safetensors file is mapped instead. A hub id is downloaded once (`snapshot_download`).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(source))
+    if any(root.glob("*.safetensors")) or not any(root.glob("pytorch_model*.bin")):
+        return source  # already mapped, or no weights to convert (the loader then names what is missing)
+    target = directory / REWARD_MODEL_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for path in root.iterdir():
+        if path.is_file() and not path.name.startswith("pytorch_model") and path.name != "config.json":
+            shutil.copy2(path, target / path.name)
+    started = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(root, dtype="auto")
+    model.save_pretrained(target, safe_serialization=True)
+    logger.info("reward model %s: weights converted to safetensors in %s (%.0f s)", source, target,
+                time.perf_counter() - started)  # fmt: skip
+    return str(target)
 
 
 def sft_child(job: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ one mirrors the quirks of the repo it replaces (the things that break a first ru
 - DIR/policy: a Llama causal LM (`huggyllama/llama-7b`'s architecture) whose tokenizer has NO pad token.
 - DIR/reward-model: a Llama sequence classifier with one label (`weqweasdas/hh_rlhf_rm_open_llama_3b`'s
   architecture), shipping only a sentencepiece `tokenizer.model` (no tokenizer.json, no chat template, no pad
-  token): loading it needs `sentencepiece` and `protobuf`, as the real one does.
+  token) and only a `pytorch_model.bin`: loading it needs `sentencepiece` and `protobuf`, as the real one does.
 
 The models are random and tiny (a few hundred thousand parameters): they exercise code, not quality.
 """
@@ -141,14 +141,16 @@ def build_policy(directory: Path, *, seed: int = 0) -> Path:
 
 
 def build_reward_model(directory: Path, *, seed: int = 1) -> Path:
-    """A Llama sequence classifier (1 label) with only a sentencepiece tokenizer.model and no chat template."""
+    """A Llama sequence classifier (1 label) with only a sentencepiece tokenizer.model and no chat template, its
+    weights only as a pickled pytorch_model.bin (as the hub repo ships them: the setup converts them once)."""
     import torch
     from transformers import LlamaForSequenceClassification
 
     _write_llama_tokenizer(directory, seed)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(_llama_config(num_labels=1))
-    model.save_pretrained(directory, safe_serialization=True)
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")  # transformers 5 writes only safetensors
     return directory
 
 

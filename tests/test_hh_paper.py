@@ -177,3 +177,26 @@ def test_a_hub_reward_model_is_checked_against_its_sentencepiece_model_too(stand
     with caplog.at_level(logging.WARNING, "raftlib"):
         assert check_against_sentencepiece(tokenizer, "someone/not-cached-rm") is None
     assert "tokenizer.model could not be fetched" in caplog.text
+
+
+def test_a_pickled_reward_model_is_converted_to_safetensors_once_and_scores_the_same(standins, tmp_path):
+    """The stand-in ships only pytorch_model.bin, as the authors' RM does: the setup writes a safetensors copy
+    (every stage then maps it), with the tokenizer.model the sentencepiece check reads; scores are unchanged."""
+    from transformers import AutoTokenizer
+
+    from raftlib.text.rewards import check_against_sentencepiece
+    from raftsuite.hh_paper import formatted_reward_model, safetensors_reward_model
+
+    source = standins["reward_model"]
+    assert (source / "pytorch_model.bin").is_file() and not list(source.glob("*.safetensors"))
+    converted = Path(safetensors_reward_model(str(source), tmp_path))
+    assert converted == tmp_path / "reward_model"
+    assert (converted / "model.safetensors").is_file() and not list(converted.glob("*.bin"))
+    assert (converted / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    assert check_against_sentencepiece(AutoTokenizer.from_pretrained(converted), str(converted)) is not None
+    prompts, completions = ["\n\nHuman: How do I make soup?\n\nAssistant:"] * 2, [" Boil water.", " Rain."]
+    scores = [
+        formatted_reward_model(str(m), formatter="open_llama_hh")(prompts, completions) for m in (source, converted)
+    ]
+    assert scores[0] == scores[1]
+    assert safetensors_reward_model(str(converted), tmp_path / "again") == str(converted)  # mapped already: kept

@@ -161,7 +161,10 @@ def test_the_hh_rlhf_setup_reuses_the_paper_builders_cache(tmp_path):
     assert setup.train_only_prompts(tmp_path / "unused.jsonl") == built.prompts
     assert not (tmp_path / "unused.jsonl").exists()
     settings = hh_methods.MethodSettings.from_parameters(_parameters(), setup)
-    assert (settings.sft_model, settings.reward_model) == (setup.sft_model, str(standins["reward_model"]))
+    # the stand-in ships a pytorch_model.bin only, as the authors' RM: the runs read the setup's safetensors copy
+    converted = runs / "hh_paper_setup" / hh_paper.REWARD_MODEL_DIR
+    assert (settings.sft_model, settings.reward_model) == (setup.sft_model, str(converted))
+    assert (converted / "model.safetensors").is_file()
     assert (settings.reward_formatter, settings.max_prompt_tokens, settings.gold) == ("open_llama_hh", 128, False)
 
 
