@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +65,24 @@ def profile_claims(profile_dir: Path) -> list[dict[str, Any]]:
 
 
 def _power_note(claim: dict[str, Any]) -> str:
-    """'detectable at 80 % power: 0.318' for a "not resolved", else ''."""
+    """'detectable at 80 % power: 0.318; the observed 0.129 would take about 28 seeds' for a "not resolved",
+    else ''. The seeds: `stats.seeds_to_detect` for the observed difference at the seeds' spread, recovered
+    from the printed t-interval (on the log scale for a ratio)."""
     detectable = claim.get("detectable_at_80pct_power")
-    return f"detectable at 80 % power: {detectable:.3g}" if detectable else ""
+    if not detectable:
+        return ""
+    note = f"detectable at 80 % power: {detectable:.3g}"
+    numbers = re.fullmatch(r"\s*(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]\s*", str(claim["ours"]))
+    if numbers and claim["interval"].startswith("95 % t-interval"):
+        mean, low, high = (float(x) for x in numbers.groups())
+        if "log ratio" in claim["interval"]:
+            mean, low, high = (math.log(x) if x > 0 else math.nan for x in (mean, low, high))
+        seeds = stats.seeds_to_detect(mean, stats.sd_from_t_interval(low, high, int(claim["n"])))
+        if seeds:
+            note += f"; the observed {numbers[1]} would take about {seeds} seeds"
+        elif mean and math.isfinite(mean):
+            note += f"; the observed {numbers[1]} would take over {stats.SEEDS_LIMIT:,} seeds"
+    return note
 
 
 def _primary_note(claim: dict[str, Any]) -> str:

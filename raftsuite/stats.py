@@ -278,6 +278,44 @@ def detectable_effect(interval: Interval, power: float = POWER, confidence: floa
     return math.exp(effect) if interval.method == "log-t" else effect
 
 
+def sd_from_t_interval(low: float, high: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """The seeds' standard deviation behind a t-interval [low, high] over n seeds: its half-width is
+    t_{1-a/2, n-1} x sd / sqrt(n) (a log-t interval: pass the logs of its bounds)."""
+    if n < 2:
+        return math.nan
+    return (high - low) / 2 * math.sqrt(n) / float(_st.t.ppf(0.5 + confidence / 2, n - 1))
+
+
+SEEDS_LIMIT = 10_000
+"""`seeds_to_detect` gives up beyond this many seeds (None)."""
+
+
+def seeds_to_detect(effect: float, sd: float, power: float = POWER, confidence: float = CONFIDENCE) -> int | None:
+    """The fewest seeds (at least 2) whose paired t-test at 1 - confidence detects a true mean difference `effect`
+    with probability `power`, given the seeds' spread `sd`: `detectable_effect` solved for n. It falls as n grows,
+    so a doubling search then bisection finds the first n where it reaches |effect|. None for no effect, no spread
+    known, or more than `SEEDS_LIMIT` seeds. Read it as "an effect this large would take about N seeds", not as a
+    promise: sd is itself estimated from the few seeds run."""
+    effect = abs(effect)
+    if not (math.isfinite(effect) and math.isfinite(sd)) or effect == 0:
+        return None
+
+    def detected(n: int) -> bool:
+        df = n - 1
+        return (_st.t.ppf(0.5 + confidence / 2, df) + _st.t.ppf(power, df)) * sd / math.sqrt(n) <= effect
+
+    high = 2
+    while not detected(high):
+        if high >= SEEDS_LIMIT:
+            return None
+        high = min(2 * high, SEEDS_LIMIT)
+    low = max(2, high // 2)
+    while low < high:  # the first n in [low, high] that detects
+        middle = (low + high) // 2
+        low, high = (low, middle) if detected(middle) else (middle + 1, high)
+    return high
+
+
 def p_value(interval: Interval) -> float:
     """Two-sided p-value of the t-test of mean = 0 behind a t-interval (log-t: of log ratio = 0)."""
     if interval.n < 2 or math.isnan(interval.sd):

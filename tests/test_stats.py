@@ -578,3 +578,36 @@ def test_for_each_seed_stacks_rows_and_resumes(tmp_path):
     assert summary.loc["K16", "reward"] == pytest.approx(0.2) and summary.loc["K16", "n_seeds"] == 3
     with pytest.raises(TypeError, match="return a dict, a list of dicts or a DataFrame"):
         for_each_seed([5], lambda seed: 0.5)
+
+
+def test_seeds_to_detect_is_the_first_seed_count_whose_detectable_effect_reaches_the_effect():
+    rng = np.random.default_rng(3)
+    seeds = rng.normal(0.1, 0.3, size=5)
+    interval = stats.mean_ci(seeds)
+    assert stats.sd_from_t_interval(interval.low, interval.high, 5) == pytest.approx(interval.sd)
+
+    def detectable(n: int) -> float:
+        return stats.detectable_effect(stats.Interval(0.0, math.nan, math.nan, n, "t", interval.sd))
+
+    for effect in (0.05, 0.1, 0.3, 1.0):
+        n = stats.seeds_to_detect(effect, interval.sd)
+        assert detectable(n) <= effect and (n == 2 or detectable(n - 1) > effect)
+    assert stats.seeds_to_detect(-0.1, interval.sd) == stats.seeds_to_detect(0.1, interval.sd)  # either sign
+    assert stats.seeds_to_detect(0.0, interval.sd) is None and stats.seeds_to_detect(1e-6, interval.sd) is None
+    assert stats.seeds_to_detect(0.1, 0.0) == 2  # no spread: the fewest seeds a t-test can use
+
+
+def test_the_index_says_how_many_seeds_the_observed_difference_would_take():
+    from raftsuite import index
+
+    claim = {"ours": "-0.103 [-0.390, 0.184]", "interval": "95 % t-interval, n = 5", "n": 5,
+             "detectable_at_80pct_power": 0.384}  # fmt: skip
+    sd = stats.sd_from_t_interval(-0.390, 0.184, 5)
+    assert index._power_note(claim) == (
+        f"detectable at 80 % power: 0.384; the observed -0.103 would take about {stats.seeds_to_detect(0.103, sd)} seeds"
+    )
+    ratio = {"ours": "0.634 [0.313, 1.285]", "interval": "95 % t-interval of the log ratio, n = 5", "n": 5,
+             "detectable_at_80pct_power": 2.57}  # fmt: skip
+    sd = stats.sd_from_t_interval(math.log(0.313), math.log(1.285), 5)
+    assert f"about {stats.seeds_to_detect(math.log(0.634), sd)} seeds" in index._power_note(ratio)
+    assert index._power_note(claim | {"ours": "-0.000 [-0.018, 0.018]"}) == "detectable at 80 % power: 0.384"
