@@ -483,7 +483,9 @@ def _json_number(value: Any) -> Any:
 
 
 def claims_markdown(claims: pd.DataFrame) -> str:
-    """The claims as one readable list: verdict first, then our number and the paper's."""
+    """The claims as one readable list: verdict first, then our number and the paper's. The verdict named primary
+    in docs/statistics.md says so; every other one is marked exploratory (no multiplicity control), as the
+    results page says of them."""
     lines = []
     for row in claims.itertuples():
         detectable = row.detectable_at_80pct_power
@@ -492,9 +494,14 @@ def claims_markdown(claims: pd.DataFrame) -> str:
             if detectable is not None and detectable == detectable
             else ""
         )
-        star = " (primary)" if row.primary else ""
+        star = " (primary)" if row.primary else " (exploratory)"
         lines.append(
             f"- **{row.verdict}**{star}: {row.claim}: ours {row.ours} ({row.interval}{extra}); paper {row.paper}"
+        )
+    if not claims["primary"].all():
+        lines.append(
+            "\nExploratory verdicts carry no multiplicity control (several are drawn per table): read them as "
+            "leads, not findings. The primary ones are Holm-adjusted across the paper's tables on the results page."
         )
     return "\n".join(lines)
 

@@ -101,3 +101,9 @@ def test_committed_share_intervals_stay_inside_a_share_s_range():
     table = pd.read_csv(TINY / "ablations" / "table7_kept_overlap.csv")
     assert (table["kept_overlap_with_beta0_ci95_low"] >= 0).all()
     assert (table["kept_overlap_with_beta0_ci95_high"] <= 1).all()
+
+
+@pytest.mark.parametrize("name", sorted(PER_PROMPT))
+def test_every_committed_report_marks_its_exploratory_verdicts(name):
+    report = (TINY / name / "report.html").read_text(encoding="utf-8")
+    assert "(exploratory)" in report and "Exploratory verdicts carry no multiplicity control" in report

@@ -541,6 +541,8 @@ def test_claims_carry_verdict_p_value_and_detectable_effect(tmp_path):
     expected = f"- **reproduces** (primary): RAFT above random selection: ours {rise} (95 % t-interval, n = 5)"
     assert lines[0] == expected + "; paper 0.77 -> 2.29"
     assert lines[1].endswith(f"; detectable at 80 % power: {stats.detectable_effect(unclear):.3g}); paper 2.18 -> 2.33")
+    assert lines[1].startswith("- **not resolved at this sample size** (exploratory): ")
+    assert lines[-1].startswith("Exploratory verdicts carry no multiplicity control")
 
 
 # ---- for_each_seed -------------------------------------------------------------------------------------
