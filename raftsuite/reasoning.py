@@ -756,7 +756,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
                 "vllm_mode": "colocate",
                 "vllm_gpu_memory_utilization": 0.3,
                 # the engine's weights and KV pool leave the GPU while the policy trains and rank 0 evaluates
-                # its gathered copy (the planner's GRPO fine-tune row counts neither beside the other)
+                # its gathered copy (so the planner's GRPO fine-tune row leaves the engine's 30 % out)
                 "vllm_enable_sleep_mode": True,
                 "generation_kwargs": {"stop_token_ids": stop_ids},  # vLLM stops at these as RAFT's engine does
             }
