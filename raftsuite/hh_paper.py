@@ -379,8 +379,12 @@ def safetensors_reward_model(source: str, directory: Path) -> str:
     started = time.perf_counter()
     model = AutoModelForSequenceClassification.from_pretrained(root, dtype="auto")
     model.save_pretrained(target, safe_serialization=True)
-    logger.info("reward model %s: weights converted to safetensors in %s (%.0f s)", source, target,
-                time.perf_counter() - started)  # fmt: skip
+    logger.info(
+        "reward model %s: weights converted to safetensors in %s (%.0f s)",
+        source,
+        target,
+        time.perf_counter() - started,
+    )
     return str(target)
 
 

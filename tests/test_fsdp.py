@@ -299,8 +299,13 @@ def test_grpo_s_evaluation_copy_of_a_sharded_policy_is_its_whole_trained_model(l
     from raftsuite import children
 
     record = children.run_in_child(
-        "test_fsdp:sharded_evaluation_copy", {"model_dir": str(llama_dir)}, tmp_path / "out.json",
-        tmp_path / "log.txt", num_processes=2, accelerate_config=str(FSDP_CONFIG), echo=lambda line: None,
-    )  # fmt: skip
+        "test_fsdp:sharded_evaluation_copy",
+        {"model_dir": str(llama_dir)},
+        tmp_path / "out.json",
+        tmp_path / "log.txt",
+        num_processes=2,
+        accelerate_config=str(FSDP_CONFIG),
+        echo=lambda line: None,
+    )
     assert record["processes"] == 2
     assert record["result"] == {"sharded": True, "plain": True, "same_weights": True, "same_generation": True}

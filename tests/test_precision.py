@@ -150,10 +150,17 @@ def test_the_hh_grpo_baseline_with_lora_keeps_raft_s_base_dtype_and_float32_adap
 
     policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
     settings = hh_methods.MethodSettings(
-        sft_model=str(policy), reward_model=str(reward), samples_per_prompt=2, max_new_tokens=4,
-        prompts_per_iteration=4, iterations=1, grpo_prompts_per_step=2, gold=False, lora_rank=2,
+        sft_model=str(policy),
+        reward_model=str(reward),
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        prompts_per_iteration=4,
+        iterations=1,
+        grpo_prompts_per_step=2,
+        gold=False,
+        lora_rank=2,
         policy_dtype="bfloat16",
-    )  # fmt: skip
+    )
     assert hh_methods.grpo_weights_dtype(settings) == "bfloat16"
     assert hh_methods.grpo_weights_dtype(replace(settings, lora_rank=0)) == "float32"
     frozen: set[str] = set()

@@ -84,9 +84,14 @@ def test_the_reasoning_grpo_baseline_stops_where_raft_stops(tmp_path):
     settings = R.ReasoningSettings(base_model=str(directory))
     policy = R.grpo_policy(settings, stop_ids, 1e-4, sharded_by_trl=False)
     args = hh.grpo_config(
-        tmp_path / "grpo", seed=0, use_cpu=True, per_device_train_batch_size=2, num_generations=2,
-        max_completion_length=4, max_steps=1,
-    )  # fmt: skip
+        tmp_path / "grpo",
+        seed=0,
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=1,
+    )
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=[lambda prompts, completions, **kwargs: [0.0] * len(completions)],
@@ -112,6 +117,7 @@ def test_the_hh_sft_trains_on_the_ids_the_perplexity_scores(tmp_path):
         row = {"prompt": prompt, "reference": chosen.rstrip()}  # as hh_paper.hh_prompts stores it
         assert row["reference"] == " Sure, mix flour and water."
         text_format = TextFormat.of(tokenizer, generation_config, GenerationSection(chat_template="never"))
-        scored = reference_examples(text_format, [Prompt(0, prompt, {"reference": row["reference"]})], "reference",
-                                    append_eos=True)  # fmt: skip
+        scored = reference_examples(
+            text_format, [Prompt(0, prompt, {"reference": row["reference"]})], "reference", append_eos=True
+        )
         assert [list(ids) for ids in scored[0]] == hh_paper.sft_example(tokenizer, row)

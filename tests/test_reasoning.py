@@ -284,8 +284,13 @@ def test_grpo_s_evaluation_never_starts_an_engine_only_the_main_process_joins(tm
     """GRPO evaluates on the main process while the others wait: raftlib's vLLM engine (which joins the
     launcher's process group, and would sit beside TRL's colocated engine) gives way to the static decoder
     there; one process without TRL's engine keeps RAFT's backend. A sharded LoRA GRPO is refused up front."""
-    parameters = {"train_dataset": "", "eval_problems": 8, "validation_problems": 8, "base_model": "assets/tiny-math",
-                  "max_new_tokens": 6}  # fmt: skip
+    parameters = {
+        "train_dataset": "",
+        "eval_problems": 8,
+        "validation_problems": 8,
+        "base_model": "assets/tiny-math",
+        "max_new_tokens": 6,
+    }
     files = R.problem_files(tmp_path / "problems", parameters)
     alone = R.ReasoningSettings(base_model="assets/tiny-math", generation_backend="vllm")
     assert R.grpo_evaluation_config(alone, files, 0).generation.backend == "vllm"

@@ -602,14 +602,22 @@ def test_seeds_to_detect_is_the_first_seed_count_whose_detectable_effect_reaches
 def test_the_index_says_how_many_seeds_the_observed_difference_would_take():
     from raftsuite import index
 
-    claim = {"ours": "-0.103 [-0.390, 0.184]", "interval": "95 % t-interval, n = 5", "n": 5,
-             "detectable_at_80pct_power": 0.384}  # fmt: skip
+    claim = {
+        "ours": "-0.103 [-0.390, 0.184]",
+        "interval": "95 % t-interval, n = 5",
+        "n": 5,
+        "detectable_at_80pct_power": 0.384,
+    }
     sd = stats.sd_from_t_interval(-0.390, 0.184, 5)
     assert index._power_note(claim) == (
         f"detectable at 80 % power: 0.384; the observed -0.103 would take about {stats.seeds_to_detect(0.103, sd)} seeds"
     )
-    ratio = {"ours": "0.634 [0.313, 1.285]", "interval": "95 % t-interval of the log ratio, n = 5", "n": 5,
-             "detectable_at_80pct_power": 2.57}  # fmt: skip
+    ratio = {
+        "ours": "0.634 [0.313, 1.285]",
+        "interval": "95 % t-interval of the log ratio, n = 5",
+        "n": 5,
+        "detectable_at_80pct_power": 2.57,
+    }
     sd = stats.sd_from_t_interval(math.log(0.313), math.log(1.285), 5)
     assert f"about {stats.seeds_to_detect(math.log(0.634), sd)} seeds" in index._power_note(ratio)
     assert index._power_note(claim | {"ours": "-0.000 [-0.018, 0.018]"}) == "detectable at 80 % power: 0.384"

@@ -49,6 +49,7 @@ MODEL_LOADS_OFF_THE_RUN_DEVICE = {
     ("hh.py", "train_reward_model"): "the tiny setup's reward model, as prepare_setup",
     ("bench_generation.py", "main"): "the generation benchmark's model, placed by the benchmark itself",
     ("reasoning.py", "grpo_policy"): "TRL's GRPOTrainer places the policy it is given, as it places a path",
+    ("hh_paper.py", "safetensors_reward_model"): "converts the RM's weight file on the CPU; it evaluates nothing",
 }
 """Where a raftsuite module may load a model other than through `hh.load_causal_lm` (which moves it to the run's
 device), and why."""

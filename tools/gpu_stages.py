@@ -126,8 +126,13 @@ def run_stages(out: Path, tiny: bool, deadline: float) -> None:
             backend = "eager"  # recorded: the vLLM estimate is then compared against HF's eager decoder
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
         tokenizer = load_tokenizer(ModelSection(path=str(model_dir)))
-        section = GenerationSection(samples_per_prompt=k, max_new_tokens=new_tokens, prompts_per_batch=prompts_per_batch,
-                                    backend=backend, chat_template="never")  # fmt: skip
+        section = GenerationSection(
+            samples_per_prompt=k,
+            max_new_tokens=new_tokens,
+            prompts_per_batch=prompts_per_batch,
+            backend=backend,
+            chat_template="never",
+        )
         config = RAFTConfig(model=ModelSection(path=str(model_dir), dtype=dtype), generation=section)
         text_format = TextFormat.of(tokenizer, model, section)
         decoder = build_decoder(DecoderSpec(model, config, text_format, prompts_per_batch * k, prompt_tokens))
@@ -211,17 +216,33 @@ def reasoning_grpo(math_dir: Path, values: dict, work: Path, scale: int) -> dict
 
     settings = R.ReasoningSettings.from_parameters(values)
     settings = replace(
-        settings, base_model=str(math_dir), iterations=1, prompts_per_iteration=max(2, settings.prompts_per_iteration // scale),
-        max_new_tokens=max(4, settings.max_new_tokens // scale), micro_batch_size=max(1, settings.micro_batch_size // scale),
-        eval_samples_per_prompt=2, num_processes=1, accelerate_config="", grpo_use_vllm=False,
+        settings,
+        base_model=str(math_dir),
+        iterations=1,
+        prompts_per_iteration=max(2, settings.prompts_per_iteration // scale),
+        max_new_tokens=max(4, settings.max_new_tokens // scale),
+        micro_batch_size=max(1, settings.micro_batch_size // scale),
+        eval_samples_per_prompt=2,
+        num_processes=1,
+        accelerate_config="",
+        grpo_use_vllm=False,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         generation_backend=settings.generation_backend if scale == 1 and importlib.util.find_spec("vllm") else "eager",
-    )  # fmt: skip
-    parameters = {"train_dataset": "", "eval_problems": 8, "validation_problems": 8, "base_model": str(math_dir),
-                  "max_new_tokens": settings.max_new_tokens}  # fmt: skip
+    )
+    parameters = {
+        "train_dataset": "",
+        "eval_problems": 8,
+        "validation_problems": 8,
+        "base_model": str(math_dir),
+        "max_new_tokens": settings.max_new_tokens,
+    }
     files = R.problem_files(work / "problems", parameters)
-    job = {"settings": asdict(settings), "files": asdict(files), "run": {"method": "GRPO", "learning_rate": 1e-6, "seed": 0},
-           "output_dir": str(work / "reasoning_grpo")}  # fmt: skip
+    job = {
+        "settings": asdict(settings),
+        "files": asdict(files),
+        "run": {"method": "GRPO", "learning_rate": 1e-6, "seed": 0},
+        "output_dir": str(work / "reasoning_grpo"),
+    }
     record = R.grpo_curve(job)
     return {"iterations": len(record["iterations"]), "validation_pass_at_1": record["validation_pass_at_1"]}
 

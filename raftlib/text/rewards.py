@@ -292,8 +292,9 @@ def sentencepiece_model_file(path: str):
     logger.warning(
         "reward model %r: its tokenizer.model could not be fetched (%s); the fast tokenizer is not checked "
         "against sentencepiece",
-        path, reason,
-    )  # fmt: skip
+        path,
+        reason,
+    )
     return None
 
 
