@@ -200,3 +200,19 @@ def test_a_pickled_reward_model_is_converted_to_safetensors_once_and_scores_the_
     ]
     assert scores[0] == scores[1]
     assert safetensors_reward_model(str(converted), tmp_path / "again") == str(converted)  # mapped already: kept
+
+
+def test_a_cut_prompt_keeps_the_bos_a_llama_tokenizer_starts_it_with(standins):
+    """Truncation keeps the end of a long prompt (what the completion continues) and, first, the <s> the Llama
+    tokenizer adds: the model never saw text without it."""
+    from raftlib.config import ModelSection
+    from raftlib.records import Prompt
+    from raftlib.text.models import load_tokenizer
+    from raftlib.text.prompts import encode_prompts
+
+    tokenizer = load_tokenizer(ModelSection(path=str(standins["policy_model"])))
+    text = "\n\nHuman: " + "how do I make soup with bread and rain " * 8 + "\n\nAssistant:"
+    whole = tokenizer(text)["input_ids"]
+    assert whole[0] == tokenizer.bos_token_id and len(whole) > 20
+    [cut] = encode_prompts(tokenizer, [Prompt(0, text)], chat_template="never", max_prompt_tokens=20)
+    assert cut == [tokenizer.bos_token_id, *whole[-19:]]

@@ -36,7 +36,8 @@ def encode_prompts(
     tokenizer, prompts: Sequence[Prompt], *, chat_template: str = "auto", max_prompt_tokens: int | None = None
 ) -> list[list[int]]:
     """Token ids per prompt: the chat template when asked, then only the last `max_prompt_tokens` kept (the end is
-    what the completion continues). Whether a prompt fits the model is `TextFormat.fitting`'s question."""
+    what the completion continues; a leading BOS stays first). Whether a prompt fits the model is
+    `TextFormat.fitting`'s question."""
     templated = uses_chat_template(tokenizer, chat_template)
     encoded = []
     for prompt in prompts:
@@ -50,7 +51,9 @@ def encode_prompts(
         if not ids:
             raise GenerationError(f"prompt {prompt.prompt_id} encodes to no tokens: {prompt.text!r}")
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]
+            # keep the start-of-text token a tokenizer adds (Llama's <s>): the model was trained with it first
+            bos = [ids[0]] if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+            ids = bos + ids[len(ids) - max_prompt_tokens + len(bos) :]
         encoded.append(list(ids))
     return encoded
 
