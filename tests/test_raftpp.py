@@ -281,3 +281,31 @@ def test_loop_with_raftpp_threshold_selection_and_pass_at_k(gpt2_dir, prompts_fi
     assert rows[1]["kept_count"] == round(
         rows[1]["reward_mean"] * (rows[1]["reward_count"] - rows[1]["reward_invalid"])
     )
+
+
+def test_pi_old_is_taken_in_the_precision_pi_theta_is_trained_in(tmp_path):
+    """Under bf16 autocast the first micro-batch's ratio pi_theta / pi_old is exactly 1 (its weights have not
+    moved): pi_old comes from the same autocast forward. Taken in float32 it differed by 6.6e-4 in log here."""
+    from transformers import AutoModelForCausalLM
+
+    from raftlib import testing as T
+    from raftlib.config import TrainingSection
+    from raftlib.text import losses
+    from raftlib.text.finetune import finetune
+
+    gaps: list[float] = []
+    real = losses.clipped_ratio_loss
+
+    def watched(logprobs, old_logprobs, mask, **kwargs):
+        gaps.append(float(((logprobs.detach().float() - old_logprobs.float()).abs() * mask).max()))
+        return real(logprobs, old_logprobs, mask, **kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(T.build_gpt2(tmp_path / "m"))
+    examples = [(list(range(1, 9)), list(range(9, 9 + n))) for n in (8, 5, 12, 3, 8, 7, 10, 4)]
+    section = TrainingSection(learning_rate=1e-3, epochs=1, micro_batch_size=4, mixed_precision="bf16", loss="raftpp")
+    losses.clipped_ratio_loss = watched
+    try:
+        finetune(model, examples, section, pad_id=0, seed=0, iteration=1, progress=False)
+    finally:
+        losses.clipped_ratio_loss = real
+    assert gaps[0] == 0.0 and gaps[-1] > 0  # unchanged weights: ratio 1; after a step it moves

@@ -159,10 +159,16 @@ class RaftPPLoss:
 
         # pi_old: the policy that generated the kept samples is the one entering this stage; take its
         # per-token log-probabilities now, once, before any update moves it.
+        # In the precision pi_theta is trained in (training.mixed_precision's autocast, as the stage's loss runs; a
+        # sharded stage's bf16 compute too): pi_old in float32 beside a bf16 pi_theta makes the ratio of weights
+        # that have not moved differ from 1.
         chunk = self.training.loss_chunk_tokens
-        old = completion_token_logprobs(
-            model, list(examples), self.pad_id, batch_size=self.training.micro_batch_size, chunk_tokens=chunk
-        )
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.training.mixed_precision)
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=half or torch.bfloat16, enabled=half is not None):
+            old = completion_token_logprobs(
+                model, list(examples), self.pad_id, batch_size=self.training.micro_batch_size, chunk_tokens=chunk
+            )
         self.head = None
         if chunk:
             from raftlib.text.tokens import output_head
