@@ -304,11 +304,26 @@ def method_run(
     return cached(root / f"{run.name}.json", params, make)
 
 
+def refuse_sharded_grpo(settings: MethodSettings) -> None:
+    """GRPO's held-out curve is measured on the main process while the others wait (`grpo_curve`): under FSDP that
+    forward of a sharded policy would wait forever for the other ranks' all-gathers. The HH profiles run GRPO
+    under DDP (`examples/accelerate/ddp.yaml`); a sharded config is refused before any worker starts."""
+    from raftsuite.launch import fsdp_version
+
+    if fsdp_version(settings.accelerate_config) is not None:
+        raise ValueError(
+            f"accelerate_config {settings.accelerate_config} shards the model (FSDP), but the HH GRPO baseline "
+            "measures its held-out reward on the main process alone: run it under DDP "
+            "(examples/accelerate/ddp.yaml) or one process"
+        )
+
+
 def _make_run(root: Path, settings: MethodSettings, plan: hh.PromptPlan, run: MethodRun) -> dict[str, Any]:
     import shutil
 
     run_dir = root / run.name
     if run.method == "grpo":  # TRL keeps no resumable state here: an unfinished GRPO run starts again
+        refuse_sharded_grpo(settings)
         shutil.rmtree(run_dir, ignore_errors=True)
     prompts_file = hh.seed_prompts_file(plan, run.seed, root)
     launch = {"num_processes": settings.num_processes, "accelerate_config": settings.accelerate_config}
@@ -561,10 +576,12 @@ def run_grpo(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
-    trainer.train()
-    seconds = time.perf_counter() - started
-    trainer.save_model(str(output_dir))
-    scorer.teardown()
+    try:
+        trainer.train()
+        seconds = time.perf_counter() - started
+        trainer.save_model(str(output_dir))
+    finally:
+        scorer.teardown()
     history = [h for h in trainer.state.log_history if "reward" in h]
     return as_json(
         {

@@ -238,9 +238,15 @@ class PaperSetupRequest:
 
 def sft_example(tokenizer, row: Mapping[str, str]) -> list[list[int]]:
     """[prompt ids, completion ids] of one SFT example: the prompt as RAFT encodes HH text (no template, the
-    tokenizer's BOS), the reference exactly as written and the EOS, the ids `reference_perplexity` scores."""
+    tokenizer's BOS), then the reference's ids exactly as `reference_perplexity` scores them, then the EOS (SFT
+    teaches the model to stop; the runs' `eval_reference_ppl` scores the response text alone, without it)."""
     completion = tokenizer(row["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return [tokenizer(row["prompt"])["input_ids"], completion]
+
+
+PAPER_SETUP_FORMAT = 2
+"""Part of a setup's cache key: raised when what a setup holds changes for the same request (2: references keep
+their leading space, the reward model as safetensors), so a setup built by older code is rebuilt, not reused."""
 
 
 def prepare_paper_setup(directory: str | Path, request: PaperSetupRequest, progress: bool = True) -> PaperSetup:
@@ -254,7 +260,7 @@ def prepare_paper_setup(directory: str | Path, request: PaperSetupRequest, progr
     """
     directory = Path(directory)
     resolve_subset(request.subset)  # a wrong subset fails before anything loads
-    settings = asdict(request)
+    settings = asdict(request) | {"setup_format": PAPER_SETUP_FORMAT}
     record = directory / "setup.json"
     with _exclusive(directory.parent / f".{directory.name}.lock"):
         if record.is_file():
@@ -377,7 +383,14 @@ def safetensors_reward_model(source: str, directory: Path) -> str:
         if path.is_file() and not path.name.startswith("pytorch_model") and path.name != "config.json":
             shutil.copy2(path, target / path.name)
     started = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(root, dtype="auto")
+    model, info = AutoModelForSequenceClassification.from_pretrained(root, dtype="auto", output_loading_info=True)
+    if info.get("missing_keys"):  # a causal LM's .bin gets a random score head: saved, it would pass as trained
+        from raftlib.hub import ModelLoadError
+
+        raise ModelLoadError(
+            f"reward model {source!r} lacks trained weights for {', '.join(sorted(info['missing_keys']))}; is it "
+            "a causal LM or base model rather than a sequence-classification reward model?"
+        )
     model.save_pretrained(target, safe_serialization=True)
     logger.info(
         "reward model %s: weights converted to safetensors in %s (%.0f s)",

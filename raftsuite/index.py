@@ -66,23 +66,26 @@ def profile_claims(profile_dir: Path) -> list[dict[str, Any]]:
 
 def _power_note(claim: dict[str, Any]) -> str:
     """'detectable at 80 % power: 0.318; the observed 0.129 would take about 28 seeds' for a "not resolved",
-    else ''. The seeds: `stats.seeds_to_detect` for the observed difference at the seeds' spread, recovered
-    from the printed t-interval (on the log scale for a ratio)."""
+    else ''. The seeds: `stats.seeds_to_detect` for the observed difference at the spread behind the stored
+    detectable effect (`stats.sd_from_detectable`, unrounded; on the log scale for a ratio); given only for the
+    seed-level t-intervals, whose spread shrinks with seeds alone."""
     detectable = claim.get("detectable_at_80pct_power")
     if not detectable:
         return ""
     note = f"detectable at 80 % power: {detectable:.3g}"
-    numbers = re.fullmatch(r"\s*(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]\s*", str(claim["ours"]))
-    if numbers and claim["interval"].startswith("95 % t-interval"):
-        mean, low, high = (float(x) for x in numbers.groups())
-        if "log ratio" in claim["interval"]:
-            mean, low, high = (math.log(x) if x > 0 else math.nan for x in (mean, low, high))
-        seeds = stats.seeds_to_detect(mean, stats.sd_from_t_interval(low, high, int(claim["n"])))
-        if seeds:
-            note += f"; the observed {numbers[1]} would take about {seeds} seeds"
-        elif mean and math.isfinite(mean):
-            note += f"; the observed {numbers[1]} would take over {stats.SEEDS_LIMIT:,} seeds"
-    return note
+    seed_level = re.fullmatch(r"95 % t-interval( of the log ratio)?, n = (\d+)", str(claim["interval"]))
+    mean = re.match(r"\s*(-?[\d.]+) \[", str(claim["ours"]))
+    if not (seed_level and mean):
+        return note
+    log, n, observed = bool(seed_level[1]), int(seed_level[2]), float(mean[1])
+    if log and observed <= 0:
+        return note
+    effect = math.log(observed) if log else observed
+    if effect == 0:
+        return note
+    seeds = stats.seeds_to_detect(effect, stats.sd_from_detectable(detectable, n, log=log))
+    more = f"about {seeds}" if seeds else f"over {stats.SEEDS_LIMIT:,}"
+    return note + f"; the observed {mean[1]} would take {more} seeds"
 
 
 def _primary_note(claim: dict[str, Any]) -> str:

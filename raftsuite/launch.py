@@ -203,6 +203,19 @@ def stop_tree(process: subprocess.Popen, timeout: float = 30.0) -> None:
     process.wait()
 
 
+def fsdp_version(accelerate_config: str) -> int | None:
+    """The FSDP version an accelerate config file asks for (accelerate's default 1 when it names none), or None
+    when it does not shard (no file, DDP)."""
+    import yaml
+
+    if not accelerate_config:
+        return None
+    values = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    if values.get("distributed_type") != "FSDP":
+        return None
+    return int((values.get("fsdp_config") or {}).get("fsdp_version", 1))
+
+
 def refuse_what_cannot_fit(config: Any, num_processes: int, accelerate_config: str = "") -> None:
     """On a GPU machine, raise ConfigError (naming the key) when the planner says a stage clearly cannot fit,
     before any worker starts or loads a model. Nothing to check without CUDA (the CPU rehearsals)."""

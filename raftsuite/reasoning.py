@@ -636,9 +636,21 @@ def evaluation_copy(model, settings: ReasoningSettings):
     return copy
 
 
-def _refuse_sharded_lora(settings: ReasoningSettings) -> None:
-    sharded = bool(settings.accelerate_config) and "FSDP" in Path(settings.accelerate_config).read_text()
-    if sharded and settings.lora_rank:
+def check_grpo_sharding(settings: ReasoningSettings) -> None:
+    """Refuse, before anything loads, a GRPO run whose held-out evaluation could not gather its policy: FSDP
+    version 1 (TRL takes it where raftlib's loop refuses it; its modules are no FSDP2 `FSDPModule`, so rank 0 would
+    evaluate a sharded model alone and wait forever) and a sharded LoRA policy (no full weights to gather)."""
+    from raftsuite.launch import fsdp_version
+
+    version = fsdp_version(settings.accelerate_config)
+    if version is None:
+        return
+    if version != 2:
+        raise ValueError(
+            f"accelerate_config {settings.accelerate_config}: fsdp_version {version}; GRPO's held-out evaluation "
+            "gathers FSDP2 weights only: set fsdp_version: 2 (examples/accelerate/fsdp.yaml)"
+        )
+    if settings.lora_rank:
         raise ValueError(
             f"GRPO with lora_rank {settings.lora_rank} under the FSDP accelerate_config "
             f"{settings.accelerate_config}: its held-out evaluation gathers full weights (evaluation_copy), which "
@@ -673,7 +685,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
             f"GRPO: {s.samples_per_iteration} samples per iteration do not split into grpo_updates_per_generation "
             f"{s.grpo_updates_per_generation} x {processes} processes x micro_batch_size {s.micro_batch_size}"
         )
-    _refuse_sharded_lora(settings)
+    check_grpo_sharding(settings)
     config = grpo_evaluation_config(settings, files, run.seed)
     verify = VERIFIERS[s.verifier]
     iterations, problems = [], []
@@ -807,6 +819,7 @@ def method_run(
     def make() -> dict[str, Any]:
         job = {"settings": asdict(settings), "files": asdict(files), "run": asdict(run), "output_dir": str(run_dir)}
         if run.method == "GRPO":
+            check_grpo_sharding(settings)  # before a worker starts
             shutil.rmtree(run_dir, ignore_errors=True)
             function = "raftsuite.reasoning:grpo_curve"
         else:

@@ -278,12 +278,15 @@ def detectable_effect(interval: Interval, power: float = POWER, confidence: floa
     return math.exp(effect) if interval.method == "log-t" else effect
 
 
-def sd_from_t_interval(low: float, high: float, n: int, confidence: float = CONFIDENCE) -> float:
-    """The seeds' standard deviation behind a t-interval [low, high] over n seeds: its half-width is
-    t_{1-a/2, n-1} x sd / sqrt(n) (a log-t interval: pass the logs of its bounds)."""
+def sd_from_detectable(
+    detectable: float, n: int, *, log: bool = False, power: float = POWER, confidence: float = CONFIDENCE
+) -> float:
+    """The seeds' standard deviation behind `detectable_effect`'s number for n seeds (`log`: a ratio factor,
+    whose spread is on the log scale): the same formula solved for sd."""
     if n < 2:
         return math.nan
-    return (high - low) / 2 * math.sqrt(n) / float(_st.t.ppf(0.5 + confidence / 2, n - 1))
+    effect = math.log(detectable) if log else detectable
+    return effect * math.sqrt(n) / float(_st.t.ppf(0.5 + confidence / 2, n - 1) + _st.t.ppf(power, n - 1))
 
 
 SEEDS_LIMIT = 10_000

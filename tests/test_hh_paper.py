@@ -216,3 +216,22 @@ def test_a_cut_prompt_keeps_the_bos_a_llama_tokenizer_starts_it_with(standins):
     assert whole[0] == tokenizer.bos_token_id and len(whole) > 20
     [cut] = encode_prompts(tokenizer, [Prompt(0, text)], chat_template="never", max_prompt_tokens=20)
     assert cut == [tokenizer.bos_token_id, *whole[-19:]]
+
+
+def test_a_causal_lm_bin_is_refused_not_converted_into_a_reward_model(tmp_path):
+    """A causal LM's weights load as a sequence classifier with a random score head: converted and saved, that head
+    would pass as trained, so the conversion refuses it as the reward model's own loader does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raftlib import testing as T
+    from raftlib.hub import ModelLoadError
+    from raftsuite.hh_paper import safetensors_reward_model
+
+    source = T.build_gpt2(tmp_path / "lm")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    for weights in source.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(model.state_dict(), source / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"lacks trained weights for score\.weight"):
+        safetensors_reward_model(str(source), tmp_path / "setup")

@@ -103,9 +103,10 @@ def test_the_reasoning_grpo_baseline_stops_where_raft_stops(tmp_path):
 
 
 def test_the_hh_sft_trains_on_the_ids_the_perplexity_scores(tmp_path):
-    """The paper SFT's examples and the reference perplexity read one HH row as the same (prompt, completion)
-    ids, EOS included: the leading space after "Assistant:" is part of the reference (a GPT-2 BPE gives
-    " Sure" and "Sure" different ids, so a space added on one side only would score other tokens)."""
+    """The paper SFT's examples and the runs' reference perplexity (`eval_reference_ppl`, no EOS) read one HH row
+    as the same prompt and reference ids, SFT then adding the EOS: the leading space after "Assistant:" is part of
+    the reference (a GPT-2 BPE gives " Sure" and "Sure" different ids, so a space added on one side only would
+    score other tokens than were trained)."""
     from raftlib.text.tokens import reference_examples
     from raftsuite import hh_paper
 
@@ -118,6 +119,7 @@ def test_the_hh_sft_trains_on_the_ids_the_perplexity_scores(tmp_path):
         assert row["reference"] == " Sure, mix flour and water."
         text_format = TextFormat.of(tokenizer, generation_config, GenerationSection(chat_template="never"))
         scored = reference_examples(
-            text_format, [Prompt(0, prompt, {"reference": row["reference"]})], "reference", append_eos=True
+            text_format, [Prompt(0, prompt, {"reference": row["reference"]})], "reference", append_eos=False
         )
-        assert [list(ids) for ids in scored[0]] == hh_paper.sft_example(tokenizer, row)
+        prompt_ids, completion_ids = hh_paper.sft_example(tokenizer, row)
+        assert list(scored[0][0]) == prompt_ids and [*scored[0][1], tokenizer.eos_token_id] == completion_ids

@@ -305,4 +305,22 @@ def test_grpo_s_evaluation_never_starts_an_engine_only_the_main_process_joins(tm
         base_model="assets/tiny-math", lora_rank=4, num_processes=2, accelerate_config="examples/accelerate/fsdp.yaml"
     )
     with pytest.raises(ValueError, match="lora_rank 4 under the FSDP accelerate_config"):
-        R._refuse_sharded_lora(sharded)
+        R.check_grpo_sharding(sharded)
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text(Path("examples/accelerate/fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    with pytest.raises(ValueError, match="fsdp_version 1; GRPO's held-out evaluation gathers FSDP2 weights only"):
+        R.check_grpo_sharding(R.ReasoningSettings(base_model="assets/tiny-math", accelerate_config=str(fsdp1)))
+    R.check_grpo_sharding(
+        R.ReasoningSettings(base_model="assets/tiny-math", accelerate_config="examples/accelerate/ddp.yaml")
+    )
+
+
+def test_the_hh_grpo_baseline_refuses_a_sharded_launch():
+    from raftsuite import hh_methods
+
+    settings = hh_methods.MethodSettings(
+        sft_model="unused", reward_model="unused", accelerate_config="examples/accelerate/fsdp.yaml"
+    )
+    with pytest.raises(ValueError, match="measures its held-out reward on the main process alone"):
+        hh_methods.refuse_sharded_grpo(settings)
+    hh_methods.refuse_sharded_grpo(hh_methods.MethodSettings(sft_model="unused", reward_model="unused"))

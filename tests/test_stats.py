@@ -586,7 +586,7 @@ def test_seeds_to_detect_is_the_first_seed_count_whose_detectable_effect_reaches
     rng = np.random.default_rng(3)
     seeds = rng.normal(0.1, 0.3, size=5)
     interval = stats.mean_ci(seeds)
-    assert stats.sd_from_t_interval(interval.low, interval.high, 5) == pytest.approx(interval.sd)
+    assert stats.sd_from_detectable(stats.detectable_effect(interval), 5) == pytest.approx(interval.sd)
 
     def detectable(n: int) -> float:
         return stats.detectable_effect(stats.Interval(0.0, math.nan, math.nan, n, "t", interval.sd))
@@ -602,22 +602,29 @@ def test_seeds_to_detect_is_the_first_seed_count_whose_detectable_effect_reaches
 def test_the_index_says_how_many_seeds_the_observed_difference_would_take():
     from raftsuite import index
 
+    unclear = stats.mean_ci([-0.3, 0.2, -0.4, 0.1, -0.1])
+    detectable = stats.detectable_effect(unclear)
+    assert stats.sd_from_detectable(detectable, 5) == pytest.approx(unclear.sd)
     claim = {
-        "ours": "-0.103 [-0.390, 0.184]",
+        "ours": f"{unclear.mean:.3f} [{unclear.low:.3f}, {unclear.high:.3f}]",
+        "n": 5,
         "interval": "95 % t-interval, n = 5",
-        "n": 5,
-        "detectable_at_80pct_power": 0.384,
+        "detectable_at_80pct_power": detectable,
     }
-    sd = stats.sd_from_t_interval(-0.390, 0.184, 5)
-    assert index._power_note(claim) == (
-        f"detectable at 80 % power: 0.384; the observed -0.103 would take about {stats.seeds_to_detect(0.103, sd)} seeds"
-    )
-    ratio = {
-        "ours": "0.634 [0.313, 1.285]",
+    expected = stats.seeds_to_detect(round(unclear.mean, 3), unclear.sd)
+    assert index._power_note(claim).endswith(f"; the observed {unclear.mean:.3f} would take about {expected} seeds")
+    ratio = stats.ratio_ci([1.0, 2.0, 0.5, 1.5, 0.8], [1.2, 1.5, 1.0, 2.5, 1.0])
+    factor = stats.detectable_effect(ratio)
+    claim = {
+        "ours": f"{ratio.mean:.3f} [{ratio.low:.3f}, {ratio.high:.3f}]",
+        "n": 5,
         "interval": "95 % t-interval of the log ratio, n = 5",
-        "n": 5,
-        "detectable_at_80pct_power": 2.57,
+        "detectable_at_80pct_power": factor,
     }
-    sd = stats.sd_from_t_interval(math.log(0.313), math.log(1.285), 5)
-    assert f"about {stats.seeds_to_detect(math.log(0.634), sd)} seeds" in index._power_note(ratio)
-    assert index._power_note(claim | {"ours": "-0.000 [-0.018, 0.018]"}) == "detectable at 80 % power: 0.384"
+    assert stats.sd_from_detectable(factor, 5, log=True) == pytest.approx(ratio.sd)
+    seeds = stats.seeds_to_detect(math.log(round(ratio.mean, 3)), ratio.sd)
+    assert index._power_note(claim).endswith(f"would take about {seeds} seeds")
+    # no seed count where the spread does not shrink with seeds alone, or nothing was observed
+    crossed = claim | {"interval": "95 % t-interval over seeds x prompts, n = 5"}
+    assert index._power_note(crossed) == f"detectable at 80 % power: {factor:.3g}"
+    assert index._power_note(claim | {"ours": "0.000 [0.000, 2.0]"}) == f"detectable at 80 % power: {factor:.3g}"

@@ -83,9 +83,10 @@ def _model_loads(tree, where: str) -> list[tuple[str, str, int]]:
 
 def test_every_evaluation_goes_through_raftlib_evaluation():
     """One evaluation path: no raftsuite module draws completions itself (raftlib.text.generate) except the
-    listed ones, and every model any raftsuite module or notebook cell loads goes through `hh.load_causal_lm`,
-    which moves it to the run's device, except the loads listed with their reason: so no stage evaluates on
-    another device than the run's."""
+    listed ones, and every `<Name>ForCausalLM` / `<Name>ForSequenceClassification.from_pretrained` and
+    `create_model_from_path` call in a raftsuite module or notebook cell is `hh.load_causal_lm` (which moves the
+    model to the run's device) or a load listed with its reason. The scan sees those names only: raftlib's own
+    loaders (`load_policy`) place their models themselves, and TRL places a model it is given by path."""
     import ast
     import json
 

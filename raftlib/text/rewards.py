@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,10 +95,12 @@ class _Loaded:
     holders: int = 0
 
 
-_LOADED: dict[tuple, _Loaded] = {}
+_LOADED: weakref.WeakValueDictionary[tuple, _Loaded] = weakref.WeakValueDictionary()
 """The reward models loaded in this process, by (path, dtype, device, trust_remote_code), with how many scorers
 hold each: two scorers of one model (a baseline's training reward beside its held-out evaluation's, each with its
-own batch size and text format) share one copy of its weights, which leaves when the last lets go."""
+own batch size and text format) share one copy of its weights, which leaves when the last lets go. The values are
+weak: only the scorers holding a copy keep it, so a scorer dropped without `teardown` (an exception in between)
+takes its share with it instead of pinning the weights in the process."""
 
 
 class RewardModelScorer:
@@ -131,6 +134,7 @@ class RewardModelScorer:
         self.holders = 0
         """setup() calls not yet matched by teardown(): the model stays loaded while anyone holds it."""
         self._key: tuple = ()
+        self._shared: _Loaded | None = None
 
     def setup(self) -> None:
         """Load the model, once: nested setup/teardown pairs (a stage inside a caller that holds the reward for
@@ -142,16 +146,18 @@ class RewardModelScorer:
 
         key = (self.path, self.dtype, self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         key += (self.trust_remote_code,)
-        if key not in _LOADED:
+        shared = _LOADED.get(key)
+        if shared is None:
             try:
                 self._load(key[2])
             except BaseException:
                 self.model = self.tokenizer = self.sentencepiece = None  # a refused model is not half-held
                 self.holders -= 1
                 raise
-            _LOADED[key] = _Loaded(self.model, self.tokenizer, self.sentencepiece)
-        shared = _LOADED[key]
+            shared = _Loaded(self.model, self.tokenizer, self.sentencepiece)
+            _LOADED[key] = shared
         shared.holders += 1
+        self._shared = shared
         self.model, self.tokenizer, self.sentencepiece, self._key = (
             shared.model,
             shared.tokenizer,
@@ -204,10 +210,10 @@ class RewardModelScorer:
         self.holders = max(0, self.holders - 1)
         if self.holders or self.model is None:
             return
-        shared = _LOADED[self._key]
+        shared, self._shared = self._shared, None
         shared.holders -= 1
         if not shared.holders:
-            del _LOADED[self._key]
+            _LOADED.pop(self._key, None)
         self.model = None
         self.tokenizer = None
         self.sentencepiece = None

@@ -217,8 +217,8 @@ def reference_perplexity(model, text_format, prompts, column: str, *, append_eos
     """Perplexity of reference responses (`prompt.columns[column]`) given their prompts; NaN if none.
 
     Prompts are encoded as the run encodes them (`text_format`: a `raftlib.text.prompts.TextFormat`).
-    `append_eos` also scores the EOS that ends a complete response (the HH-RLHF notebook's choice); the loop's
-    `eval_reference_ppl` scores the response text alone.
+    `append_eos` also scores the EOS that ends a complete response; the loop's `eval_reference_ppl` scores the
+    response text alone (every notebook reads that one).
     """
     from raftlib.metrics import perplexity
 
