@@ -83,16 +83,11 @@ def test_the_hh_sft_setup_trains_float32_masters_and_saves_them(tmp_path):
 @pytest.mark.parametrize("policy_dtype", ["float32", "bfloat16"])
 def test_the_reasoning_grpo_baseline_trains_the_masters_its_config_asks_for(tmp_path, caplog, policy_dtype):
     """float32 masters under bf16 autocast by default; a config asking for pure bf16 gets it, with the warning."""
+    from test_reasoning import TINY_PROBLEMS
+
     from raftsuite import reasoning as R
 
-    parameters = {
-        "train_dataset": "",
-        "eval_problems": 8,
-        "validation_problems": 8,
-        "base_model": "assets/tiny-math",
-        "max_new_tokens": 6,
-    }
-    files = R.problem_files(tmp_path / "problems", parameters)
+    files = R.problem_files(tmp_path / "problems", TINY_PROBLEMS)
     settings = R.ReasoningSettings(
         base_model="assets/tiny-math",
         iterations=1,
@@ -116,22 +111,22 @@ def test_the_reasoning_grpo_baseline_trains_the_masters_its_config_asks_for(tmp_
     assert [row["iteration"] for row in record["iterations"]] == [0, 1]
 
 
+def hh_grpo_settings(tmp_path, **overrides):
+    """A two-step HH GRPO run on a tiny GPT-2 policy and reward model."""
+    from raftsuite import hh_methods
+
+    policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
+    shape = {"samples_per_prompt": 2, "max_new_tokens": 4, "prompts_per_iteration": 4, "iterations": 1}
+    return hh_methods.MethodSettings(
+        sft_model=str(policy), reward_model=str(reward), grpo_prompts_per_step=2, gold=False, **shape, **overrides
+    )
+
+
 def test_the_hh_grpo_baseline_trains_float32_masters(tmp_path):
     from raftlib.records import Prompt
     from raftsuite import hh_methods
 
-    policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
-    settings = hh_methods.MethodSettings(
-        sft_model=str(policy),
-        reward_model=str(reward),
-        samples_per_prompt=2,
-        max_new_tokens=4,
-        prompts_per_iteration=4,
-        iterations=1,
-        grpo_prompts_per_step=2,
-        mixed_precision="bf16",
-        gold=False,
-    )
+    settings = hh_grpo_settings(tmp_path, mixed_precision="bf16")
     prompts = [Prompt(i, f"prompt number {i}", {}) for i in range(8)]
     with optimizer_dtypes() as seen:
         record = hh_methods.run_grpo(settings, prompts, hh_methods.MethodRun("grpo", 1e-4, 0), tmp_path / "out")
@@ -148,19 +143,7 @@ def test_the_hh_grpo_baseline_with_lora_keeps_raft_s_base_dtype_and_float32_adap
     from raftlib.records import Prompt
     from raftsuite import hh_methods
 
-    policy, reward = T.build_gpt2(tmp_path / "policy"), T.build_gpt2_reward_model(tmp_path / "rm")
-    settings = hh_methods.MethodSettings(
-        sft_model=str(policy),
-        reward_model=str(reward),
-        samples_per_prompt=2,
-        max_new_tokens=4,
-        prompts_per_iteration=4,
-        iterations=1,
-        grpo_prompts_per_step=2,
-        gold=False,
-        lora_rank=2,
-        policy_dtype="bfloat16",
-    )
+    settings = hh_grpo_settings(tmp_path, lora_rank=2, policy_dtype="bfloat16")
     assert hh_methods.grpo_weights_dtype(settings) == "bfloat16"
     assert hh_methods.grpo_weights_dtype(replace(settings, lora_rank=0)) == "float32"
     frozen: set[str] = set()

@@ -280,18 +280,21 @@ def test_paper_table_names_the_version_and_the_primary_claim():
     assert [c.claim for c in claims if c.primary] == ["RAFT++ above RAFT, held-out pass@1 (iteration 1)"]
 
 
+TINY_PROBLEMS = {
+    "train_dataset": "",
+    "eval_problems": 8,
+    "validation_problems": 8,
+    "base_model": "assets/tiny-math",
+    "max_new_tokens": 6,
+}
+"""The arithmetic task's problem files at 8 held-out and 8 validation problems (tests/test_precision.py too)."""
+
+
 def test_grpo_s_evaluation_never_starts_an_engine_only_the_main_process_joins(tmp_path):
     """GRPO evaluates on the main process while the others wait: raftlib's vLLM engine (which joins the
     launcher's process group, and would sit beside TRL's colocated engine) gives way to the static decoder
     there; one process without TRL's engine keeps RAFT's backend. A sharded LoRA GRPO is refused up front."""
-    parameters = {
-        "train_dataset": "",
-        "eval_problems": 8,
-        "validation_problems": 8,
-        "base_model": "assets/tiny-math",
-        "max_new_tokens": 6,
-    }
-    files = R.problem_files(tmp_path / "problems", parameters)
+    files = R.problem_files(tmp_path / "problems", TINY_PROBLEMS)
     alone = R.ReasoningSettings(base_model="assets/tiny-math", generation_backend="vllm")
     assert R.grpo_evaluation_config(alone, files, 0).generation.backend == "vllm"
     for settings in (
