@@ -253,6 +253,25 @@ def plan_profile(profile: str) -> list[PlannedStage]:
     return rows
 
 
+def refusals(profile: str) -> list[str]:
+    """What the notebooks of a GPU profile would refuse before a worker starts, besides memory: a GRPO baseline
+    launched so that its held-out evaluation could not run (`hh_methods.refuse_sharded_grpo`,
+    `reasoning.check_grpo_sharding`), each as "notebook: message"."""
+    from raftsuite import hh_methods, reasoning, runner
+
+    found = []
+    for name, entry in runner.load_profile(profile).items():
+        values = runner.notebook_parameters(name) | dict(entry)
+        try:
+            if name in ("hh_rlhf", "efficiency") and values.get("run_grpo_baseline", True):
+                hh_methods.refuse_sharded_grpo(_hh_settings(values))
+            elif name == "reasoning":
+                reasoning.check_grpo_sharding(reasoning.ReasoningSettings.from_parameters(values))
+        except ValueError as refusal:
+            found.append(f"{name}: {refusal}")
+    return found
+
+
 def table(rows: list[PlannedStage]) -> str:
     lines = [
         "| notebook | stage | peak GiB per GPU | of GPU | min per iteration | fits | change |",

@@ -394,7 +394,10 @@ def _check_plan(profile: str) -> int:
             f"change {r.change}",
             file=sys.stderr,
         )
-    return 3 if too_big else 0
+    refused = profile_plan.refusals(profile)
+    for message in refused:
+        print(f"error: {message}", file=sys.stderr)
+    return 3 if too_big or refused else 0
 
 
 def write_index(results: Path | None = None) -> Path:

@@ -346,3 +346,21 @@ def test_a_stage_that_cannot_fit_is_refused_naming_the_notebook_parameter():
         Hardware.preset("H100-80GB", 1),
     )
     assert any(r.clearly_too_big and r.change == "grpo_gradient_accumulation_steps" for r in grpo)
+
+
+def test_runner_check_refuses_a_grpo_baseline_whose_evaluation_could_not_run(monkeypatch):
+    """Beyond memory: an HH GRPO baseline under FSDP (its curve is measured on rank 0 alone), a reasoning GRPO
+    under FSDP version 1 or with a sharded LoRA policy are named by `runner check`, before any run."""
+    from raftsuite import profile_plan, runner
+
+    shipped = runner.load_profile("paper")
+    assert profile_plan.refusals("paper") == [] and profile_plan.refusals("gpu") == []
+    sharded = {
+        "hh_rlhf": shipped["hh_rlhf"] | {"accelerate_config": "examples/accelerate/fsdp.yaml"},
+        "reasoning": shipped["reasoning"] | {"lora_rank": 8},
+    }
+    monkeypatch.setattr(runner, "load_profile", lambda profile: sharded)
+    found = profile_plan.refusals("paper")
+    assert len(found) == 2
+    assert found[0].startswith("hh_rlhf: ") and "measures its held-out reward on the main process alone" in found[0]
+    assert found[1].startswith("reasoning: ") and "lora_rank 8 under the FSDP accelerate_config" in found[1]
