@@ -370,12 +370,19 @@ def safetensors_reward_model(source: str, directory: Path) -> str:
     """
     from transformers import AutoModelForSequenceClassification
 
+    def needs_converting(names) -> bool:  # no safetensors, and a pickled checkpoint to convert
+        names = [Path(n).name for n in names]
+        pickled = any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names)
+        return pickled and not any(n.endswith(".safetensors") for n in names)
+
     root = Path(source).expanduser()
     if not root.is_dir():
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
+        if not needs_converting(list_repo_files(source)):
+            return source  # the runs' own loads fetch what they need; nothing is downloaded twice
         root = Path(snapshot_download(source))
-    if any(root.glob("*.safetensors")) or not any(root.glob("pytorch_model*.bin")):
+    if not needs_converting(p.name for p in root.iterdir()):
         return source  # already mapped, or no weights to convert (the loader then names what is missing)
     target = directory / REWARD_MODEL_DIR
     target.mkdir(parents=True, exist_ok=True)

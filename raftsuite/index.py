@@ -73,11 +73,12 @@ def _power_note(claim: dict[str, Any]) -> str:
     if not detectable:
         return ""
     note = f"detectable at 80 % power: {detectable:.3g}"
-    seed_level = re.fullmatch(r"95 % t-interval( of the log ratio)?, n = (\d+)", str(claim["interval"]))
+    n = int(claim["n"])
+    log = claim["interval"] == f"95 % t-interval of the log ratio, n = {n}"
     mean = re.match(r"\s*(-?[\d.]+) \[", str(claim["ours"]))
-    if not (seed_level and mean):
+    if not (mean and (log or claim["interval"] == f"95 % t-interval, n = {n}")):
         return note
-    log, n, observed = bool(seed_level[1]), int(seed_level[2]), float(mean[1])
+    observed = float(mean[1])
     if log and observed <= 0:
         return note
     effect = math.log(observed) if log else observed

@@ -225,8 +225,8 @@ def refuse_what_cannot_fit(config: Any, num_processes: int, accelerate_config: s
 
     if not torch.cuda.is_available():
         return
-    sharded = bool(accelerate_config) and "FSDP" in Path(accelerate_config).read_text()
-    check_fits(config, Hardware.detect(num_processes), sharding="fsdp" if sharded else "ddp")
+    sharding = "ddp" if fsdp_version(accelerate_config) is None else "fsdp"
+    check_fits(config, Hardware.detect(num_processes), sharding=sharding)
 
 
 def run(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from raftlib.estimates import CLEARLY, GiB, Hardware, StageEstimate, Term
@@ -73,7 +72,9 @@ def _row(
 
 
 def _sharding(accelerate_config: str) -> str:
-    return "fsdp" if accelerate_config and "FSDP" in Path(accelerate_config).read_text() else "ddp"
+    from raftsuite.launch import fsdp_version
+
+    return "ddp" if fsdp_version(accelerate_config) is None else "fsdp"
 
 
 def _plan(config: dict[str, Any], hardware: Hardware, sharding: str):

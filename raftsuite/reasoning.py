@@ -578,7 +578,7 @@ def stop_token_ids(model: str) -> list[int]:
     )
 
 
-def grpo_policy(settings: ReasoningSettings, stop_ids: Sequence[int], learning_rate: float, *, sharded_by_trl: bool):
+def grpo_policy(settings: ReasoningSettings, stop_ids: Sequence[int], learning_rate: float, *, data_parallel: bool):
     """The policy GRPO trains, loaded as TRL loads a model path (`create_model_from_path`, its dtype the run's
     `policy_dtype`: fp32 master weights in the gpu and paper profiles), with `stop_ids` as its generation config's
     EOS. TRL stops a completion, and masks the loss after it, at the generation config's EOS ids and the
@@ -591,7 +591,7 @@ def grpo_policy(settings: ReasoningSettings, stop_ids: Sequence[int], learning_r
     from raftlib.finetune import warn_low_precision_masters
 
     init: dict[str, Any] = {"dtype": getattr(torch, settings.policy_dtype)}
-    if sharded_by_trl:
+    if data_parallel:
         init["device_map"] = None  # as TRL does for a path under DDP ("auto" would spread one copy over GPUs)
     policy = create_model_from_path(settings.base_model, **init)
     policy.generation_config.eos_token_id = list(stop_ids)
@@ -611,14 +611,16 @@ def grpo_evaluation_config(settings: ReasoningSettings, files: ProblemFiles, see
     return config
 
 
-def evaluation_copy(model, settings: ReasoningSettings):
+def evaluation_copy(model, settings: ReasoningSettings, held: dict[str, Any] | None = None):
     """The GRPO policy as the main process evaluates it, None on the other ranks; every rank must call it.
 
     Under DDP or one process every rank holds the whole model: the model itself. Under FSDP2 each rank holds a
     shard, and a forward on the main process alone would wait forever for the other ranks' all-gathers: the full
     state dict is gathered to the main process's CPU (`raftlib.sharding.full_state_dict`, a collective) and
-    loaded into a plain copy on its device (its own buffers, its generation config the policy's), which the
-    caller drops after the evaluation.
+    loaded into a plain copy on its device (its own buffers, its generation config the policy's). With `held`
+    (one dict per run) the copy is built from the base model once and only its weights are replaced at later
+    evaluations, instead of reading the base model from disk each time; it stays resident, as the planner's
+    GRPO fine-tune row counts it.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -630,7 +632,11 @@ def evaluation_copy(model, settings: ReasoningSettings):
     state = full_state_dict(model)
     if children.rank() != 0:
         return None
-    copy, _ = hh.load_causal_lm(settings.base_model, settings.policy_dtype)
+    copy = (held or {}).get("copy")
+    if copy is None:
+        copy, _ = hh.load_causal_lm(settings.base_model, settings.policy_dtype)
+        if held is not None:
+            held["copy"] = copy
     copy.load_state_dict(state)  # strict: a LoRA policy's keys would not match (refused before training)
     copy.generation_config = model.generation_config
     return copy
@@ -694,6 +700,8 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational: messages
         return [0.0 if r is None else r for r in verify(prompts, texts, answer)]  # TRL needs a number
 
+    held: dict[str, Any] = {}  # the FSDP evaluation copy, built once (evaluation_copy)
+
     class Evaluate(TrainerCallback):
         def __init__(self) -> None:
             self.started, self.eval_seconds = 0.0, 0.0
@@ -702,7 +710,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
             t = step // s.grpo_updates_per_generation
             logged = [h for h in state.log_history if "reward" in h][-s.grpo_updates_per_generation :]
             began = time.perf_counter()
-            policy = evaluation_copy(model, s)  # every rank: under FSDP a gather
+            policy = evaluation_copy(model, s, held)  # every rank: under FSDP a gather
             if policy is not None:
                 rows = per_problem(evaluate_policy(policy, config).rows, sets)
                 problems.extend(r | {"iteration": t} for r in rows)
@@ -782,7 +790,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
         records = [r | {"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
     trainer = GRPOTrainer(
         model=grpo_policy(
-            s, stop_ids, run.learning_rate, sharded_by_trl=args.distributed_state.distributed_type.name == "MULTI_GPU"
+            s, stop_ids, run.learning_rate, data_parallel=args.distributed_state.distributed_type.name == "MULTI_GPU"
         ),
         reward_funcs=[correct],
         args=args,
@@ -793,7 +801,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the history keeps them
     trainer.train()
-    policy = evaluation_copy(trainer.model, s)  # every rank: under FSDP a gather
+    policy = evaluation_copy(trainer.model, s, held)  # every rank: under FSDP a gather
     if policy is None:
         return {}
     config = grpo_evaluation_config(settings, files, run.seed, held_out=files.validation)

@@ -258,7 +258,8 @@ def test_lora_under_fsdp_equals_one_process(llama_dir, prompts_file, tmp_path):
 
 def sharded_evaluation_copy(model_dir: str) -> dict:
     """Run in each of two FSDP2 workers (raftsuite.children): shard the model as a fine-tune does, change every
-    weight in place on its shard (as training would), then take the GRPO callback's evaluation copy."""
+    weight in place on its shard (as training would), take the GRPO callback's evaluation copy, change them again
+    and take it again: the second call must reuse the copy and hold the new weights."""
     from torch.distributed.fsdp import FSDPModule
     from transformers import AutoModelForCausalLM
 
@@ -272,14 +273,17 @@ def sharded_evaluation_copy(model_dir: str) -> dict:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(0.5)
-    copy = R.evaluation_copy(model, R.ReasoningSettings(base_model=model_dir))
-    if children.rank() != 0:
-        assert copy is None
-        return {}
-    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    settings, held = R.ReasoningSettings(base_model=model_dir), {}
+    first = R.evaluation_copy(model, settings, held)
     with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.mul_(0.5)
+        for parameter in model.parameters():
+            parameter.mul_(2.0)  # another step moves every weight again
+    copy = R.evaluation_copy(model, settings, held)  # the same copy, its weights replaced
+    if children.rank() != 0:
+        assert first is None and copy is None and not held
+        return {}
+    assert copy is first
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)  # halved, then doubled: exact in binary
     prompt = torch.tensor([[1, 5, 9, 3]])
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     return {
@@ -295,7 +299,8 @@ def sharded_evaluation_copy(model_dir: str) -> dict:
 def test_grpo_s_evaluation_copy_of_a_sharded_policy_is_its_whole_trained_model(llama_dir, tmp_path):
     """Under FSDP2 the GRPO callback must not run a forward on the main process alone (it would wait forever
     for the other rank's all-gathers): every rank joins the gather, and the main process evaluates a plain copy
-    holding the trained (here: halved) weights, generating as the unsharded model does."""
+    holding the trained weights (here halved, then doubled, reusing the copy), generating as the unsharded model
+    does."""
     from raftsuite import children
 
     record = children.run_in_child(

@@ -82,7 +82,7 @@ def test_the_reasoning_grpo_baseline_stops_where_raft_stops(tmp_path):
     stop_ids = R.stop_token_ids(str(directory))
     assert stop_ids == sorted({tokenizer.eos_token_id, im_end})
     settings = R.ReasoningSettings(base_model=str(directory))
-    policy = R.grpo_policy(settings, stop_ids, 1e-4, sharded_by_trl=False)
+    policy = R.grpo_policy(settings, stop_ids, 1e-4, data_parallel=False)
     args = hh.grpo_config(
         tmp_path / "grpo",
         seed=0,
