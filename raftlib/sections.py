@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -376,6 +377,31 @@ class ConfigFile:
         return _build_config(type(self), self.to_dict(), list(overrides), source="<config>", lines={})
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `2e-4` and `1E5` are numbers.
+
+    PyYAML follows YAML 1.1, whose float needs a dot and a signed exponent (`2.0e-4`), so `2e-4` arrived as the
+    string "2e-4" and a learning rate typed that way was refused. YAML 1.2, Python and every config a researcher
+    copies from write it without the dot.
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# Appended after the 1.1 resolvers, so an integer (`8`) and a dotted float still resolve as before.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with `ConfigLoader`: what every config file, override and notebook parameter is read with."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -384,8 +410,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=ConfigLoader)
+        raw = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -427,7 +453,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r}: empty key")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value

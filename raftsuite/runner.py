@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,10 +107,12 @@ def use_root(root: Path) -> None:
 
 
 def load_profile(profile: str) -> dict[str, dict[str, Any]]:
+    from raftlib.sections import load_yaml  # `2e-4` is a number, as in a raftlib config
+
     # Top-level keys starting with "_" hold YAML anchors that profiles merge (`<<: *name`), not profiles.
     profiles = {
         name: entry
-        for name, entry in (yaml.safe_load(PROFILES.read_text(encoding="utf-8")) or {}).items()
+        for name, entry in (load_yaml(PROFILES.read_text(encoding="utf-8")) or {}).items()
         if not name.startswith("_")
     }
     if profile not in profiles or profile.startswith("_"):
@@ -149,12 +149,14 @@ def check_parameters(name: str, values: dict[str, Any], source: str) -> dict[str
 
 
 def parse_cli_parameters(pairs: list[str]) -> dict[str, Any]:
+    from raftlib.sections import load_yaml
+
     values = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep:
             raise ParameterError(f"-p {pair!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(text)
+        values[key.strip()] = load_yaml(text)
     return values
 
 

@@ -52,6 +52,30 @@ def test_yaml_and_overrides(tmp_path):
     assert config.generation.samples_per_prompt == 8
 
 
+def test_exponent_without_a_dot_is_a_number_on_the_command_line_and_in_yaml(tmp_path):
+    # YAML 1.1 (PyYAML) reads `2e-4` as a string; users type learning rates that way.
+    for text in ("2e-4", "2E-4", "2.0e-4", "2.e-4"):
+        assert RAFTConfig.from_dict(MINIMAL, [f"training.learning_rate={text}"]).training.learning_rate == 2e-4
+    path = write(
+        tmp_path, "model: {path: m}\ndata: {prompts: p}\nreward: {fn: length}\ntraining:\n  learning_rate: 5e-6\n"
+    )
+    assert RAFTConfig.from_yaml(path).training.learning_rate == 5e-6
+    # Integers stay integers, and what is not a number stays text.
+    assert RAFTConfig.from_dict(MINIMAL, ["loop.iterations=3"]).loop.iterations == 3
+    with pytest.raises(ConfigError, match=r"training\.learning_rate = '2e': expected a number"):
+        RAFTConfig.from_dict(MINIMAL, ["training.learning_rate=2e"])
+
+
+def test_notebook_parameters_and_profiles_read_2e_4_as_a_number():
+    from raftsuite.runner import parse_cli_parameters
+
+    assert parse_cli_parameters(["learning_rate=2e-4", "seeds=[0, 1]", "name=e5"]) == {
+        "learning_rate": 2e-4,
+        "seeds": [0, 1],
+        "name": "e5",
+    }
+
+
 def test_int_widens_to_float_but_not_the_reverse():
     assert RAFTConfig.from_dict(MINIMAL, ["generation.temperature=1"]).generation.temperature == 1.0
     with pytest.raises(ConfigError, match=r"generation\.samples_per_prompt = 2\.5: expected an integer"):
