@@ -364,3 +364,21 @@ def test_runner_check_refuses_a_grpo_baseline_whose_evaluation_could_not_run(mon
     assert len(found) == 2
     assert found[0].startswith("hh_rlhf: ") and "measures its held-out reward on the main process alone" in found[0]
     assert found[1].startswith("reasoning: ") and "lora_rank 8 under the FSDP accelerate_config" in found[1]
+
+
+def test_a_vllm_engine_is_planned_resident_in_every_stage_with_the_pool_raftlib_gives_it():
+    # The engine is built once per run and keeps its own weights and KV pool through scoring and the fine-tune.
+    from raftlib.estimates import vllm_kv_cache_bytes
+
+    config = llama7b(generation={"backend": "vllm"}, model={"dtype": "bfloat16"})
+    estimate = plan(config, Hardware.preset("H100-80GB", 1), sharding="ddp")
+    rows, tokens = 2 * 32, 256 + 128
+    per_token = 2 * 32 * 4096 * 2  # K and V x layers x kv dim x bf16
+    for row in estimate.stages:
+        assert term(row, "vLLM weights") == N_7B * 2, row.stage
+        assert term(row, "vLLM KV pool") == vllm_kv_cache_bytes(rows, tokens, per_token), row.stage
+    eager = plan(llama7b(model={"dtype": "bfloat16"}), Hardware.preset("H100-80GB", 1), sharding="ddp")
+    assert not any(t.name.startswith("vLLM") for row in eager.stages for t in row.memory_terms)
+    share = llama7b(generation={"backend": "vllm", "vllm_options": {"gpu_memory_utilization": 0.5}})
+    pool = term(stage(plan(share, Hardware.preset("H100-80GB", 1), sharding="ddp"), "generate"), "vLLM KV pool")
+    assert pool == pytest.approx(Hardware.preset("H100-80GB").gpu_memory_gib * GiB * 0.5 - N_7B * 4)

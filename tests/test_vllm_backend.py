@@ -220,15 +220,23 @@ VLLM_RUN = {
 
 @pytest.fixture(scope="module")
 def vllm_reference(gpt2_vllm_dir, prompts_file, tmp_path_factory):
+    from raftlib.text.vllm_backend import VLLMDecoder
+
     root = tmp_path_factory.mktemp("vllm-reference")
-    result = run(RAFTConfig.from_dict(base_config(gpt2_vllm_dir, prompts_file, root / "run", **VLLM_RUN)))
-    return result, snapshot(root / "run")
+    built, for_spec = [], VLLMDecoder.for_spec
+    VLLMDecoder.for_spec = classmethod(lambda cls, spec: built.append(spec) or for_spec.__func__(cls, spec))
+    try:
+        result = run(RAFTConfig.from_dict(base_config(gpt2_vllm_dir, prompts_file, root / "run", **VLLM_RUN)))
+    finally:
+        VLLMDecoder.for_spec = for_spec
+    return result, snapshot(root / "run"), len(built)
 
 
 def test_a_run_on_vllm_learns_and_checks_the_engine_every_iteration(vllm_reference):
-    result, _ = vllm_reference
+    result, _, engines_built = vllm_reference
     rows = result.metrics
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert engines_built == 1  # one engine for the whole run, its weights reloaded in place after each fine-tune
     assert rows[2]["kept_reward_mean"] > rows[1]["reward_mean"]
     for row in rows[1:]:
         # the engine's weights followed each fine-tune: its log-probabilities are the policy's

@@ -27,6 +27,8 @@ from raftlib.estimates import (
     STEP_OVERHEAD_S_PER_LAYER,
     TRAIN_MFU,
     USABLE_FRACTION,
+    VLLM_KV_FLOOR_BYTES,
+    VLLM_KV_MARGIN,
     GiB,
     Hardware,
     ModelShape,
@@ -35,6 +37,7 @@ from raftlib.estimates import (
     Term,
     model_shape,
     read_model_config,
+    vllm_kv_cache_bytes,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +111,9 @@ class TextSizes:
     reference_weights: Term
     lp_memory: Term
     """The log-prob logits of the KL reference (selection and evaluation)."""
+    engine: tuple[Term, ...]
+    """A vLLM engine's own weights and KV pool, resident in every stage (built once per run, no sleep mode);
+    empty for the eager and static decoders, which decode with the policy's weights."""
 
 
 def text_sizes(
@@ -157,6 +163,28 @@ def text_sizes(
             lp_batch * S * policy.vocab * 4 * 2,
             f"16 x S x V x 4 B x 2 = 16 x {S} x {policy.vocab} x 8",
         ),
+        engine=_vllm_engine(config, hw, N * wb, S, 2 * L * policy.kv_dim * wb),
+    )
+
+
+def _vllm_engine(config: RAFTConfig, hw: Hardware, weight_bytes: int, S: int, kv_per_token: int) -> tuple[Term, ...]:
+    """What a vLLM engine holds beside the policy: its copy of the weights, and the KV pool raftlib gives it
+    (`vllm_kv_cache_bytes` for the rows the run's decoder is built with, as `engine_options` does), or vLLM's own
+    share of the device when `generation.vllm_options` sets `gpu_memory_utilization`."""
+    g = config.generation
+    if g.backend != "vllm":
+        return ()
+    weights = Term("vLLM weights", weight_bytes, "the engine's own copy: N x wb")
+    if "gpu_memory_utilization" in g.vllm_options:
+        share = float(g.vllm_options["gpu_memory_utilization"])
+        pool = hw.gpu_memory_gib * GiB * share - weight_bytes
+        return weights, Term("vLLM KV pool", pool, f"gpu_memory_utilization {share} x GPU - weights (user's share)")
+    rows = max(g.prompts_per_batch * g.samples_per_prompt, config.loop.eval_samples_per_prompt)
+    pool = vllm_kv_cache_bytes(rows, S, kv_per_token)
+    return weights, Term(
+        "vLLM KV pool",
+        pool,
+        f"max({VLLM_KV_FLOOR_BYTES / 2**20:g} MiB, rows x S x kv/token x {VLLM_KV_MARGIN}) = {rows} x {S} x {kv_per_token} x {VLLM_KV_MARGIN}",
     )
 
 
@@ -229,10 +257,8 @@ def _generate(z: TextSizes) -> StageEstimate:
     K, ppb = g.samples_per_prompt, g.prompts_per_batch
     R = ppb * K
     if g.backend == "vllm":
-        share = float(g.vllm_options.get("gpu_memory_utilization", 0.9))
-        kv = Term(
-            "vLLM pool", z.hw.gpu_memory_gib * GiB * share - N * wb, f"gpu_memory_utilization {share} x GPU - weights"
-        )
+        # The engine decodes from its own weights and pool (z.engine, below); the policy stays resident beside it.
+        kv = Term("KV cache", 0, "inside vLLM's pool")
         logits = Term("prefill logits", 0, "inside vLLM's pool")
     else:
         kv = Term(
@@ -245,7 +271,7 @@ def _generate(z: TextSizes) -> StageEstimate:
             ppb * Lp * policy.vocab * wb + 2 * R * policy.vocab * 4,
             f"prompts x Lp x V x {wb} B + 2 x R x V x 4 B (sampling) = {ppb} x {Lp} x {policy.vocab} x {wb} + 2 x {R} x {policy.vocab} x 4",
         )
-    memory = (z.weights, kv, logits, z.overhead)
+    memory = (z.weights, kv, logits, *z.engine, z.overhead)
     return StageEstimate(
         "generate",
         memory,
@@ -276,6 +302,7 @@ def _score(z: TextSizes, reward: ModelShape) -> StageEstimate:
             batch * S * (reward.hidden + reward.intermediate) * rb * 2,
             f"batch x S x (d + f) x {rb} B x 2 = {batch} x {S} x ({reward.hidden} + {reward.intermediate}) x {rb} x 2",
         ),
+        *z.engine,
         z.overhead,
     )
     samples = z.config.loop.prompts_per_iteration * z.config.generation.samples_per_prompt
@@ -301,7 +328,7 @@ def _score(z: TextSizes, reward: ModelShape) -> StageEstimate:
 def _kl_reference(z: TextSizes) -> tuple[StageEstimate, list[str]]:
     """The reference log-probs stage, and a warning when it outlasts the process group's timeout."""
     lp, N, S = z.config.loop, z.N, z.S
-    memory = (z.weights, z.reference_weights, z.lp_memory, z.overhead)
+    memory = (z.weights, z.reference_weights, z.lp_memory, *z.engine, z.overhead)
     samples = lp.prompts_per_iteration * z.config.generation.samples_per_prompt
     seconds = 2 * N * S * samples / (z.gen_peak * FORWARD_MFU)  # no autocast: the weights dtype
     warnings = _timeout_warning(z, "computes reference log-probs", seconds)
@@ -393,16 +420,16 @@ def _fine_tunes(z: TextSizes, sharding: str) -> list[StageEstimate]:
     """The fine-tune under DDP, then under FSDP; the strategy not chosen is marked as the alternative."""
     act, loss, time_terms = _activations(z), _loss_logits(z), _train_time(z)
     return [
-        _fine_tune(z, strategy, (act, loss, z.overhead), time_terms, alternative=strategy != sharding)
+        _fine_tune(z, strategy, (act, loss, *z.engine, z.overhead), time_terms, alternative=strategy != sharding)
         for strategy in ("ddp", "fsdp")
     ]
 
 
 def _fine_tune(
-    z: TextSizes, strategy: str, tail: tuple[Term, Term, Term], time_terms: tuple[Term, ...], *, alternative: bool
+    z: TextSizes, strategy: str, tail: tuple[Term, ...], time_terms: tuple[Term, ...], *, alternative: bool
 ) -> StageEstimate:
     """One strategy's fine-tune: weights, gradients and AdamW state (sharded under FSDP), then `tail`
-    (activations, loss logits, runtime)."""
+    (activations, loss logits, a vLLM engine's terms, runtime)."""
     t, wb, N, P = z.config.training, z.wb, z.N, z.P
     trainable = _trainable(z)
     if strategy == "ddp":
@@ -462,7 +489,8 @@ def _evaluate(z: TextSizes) -> tuple[StageEstimate, list[str]]:
         _, rm_peak = _reward_peak(z)
         main_only += 2 * z.reward.params * S * eval_samples / (rm_peak * FORWARD_MFU)
     load = (N * wb + (0 if z.config.model.lora else N * wb)) / DISK_BYTES_PER_S
-    memory = (z.weights, z.reference_weights, z.lp_memory, z.overhead) if lp.eval_kl else (z.weights, z.overhead)
+    kl = (z.reference_weights, z.lp_memory) if lp.eval_kl else ()
+    memory = (z.weights, *kl, *z.engine, z.overhead)
     warnings = _timeout_warning(z, "scores the evaluation", main_only)
     return StageEstimate(
         "evaluate",

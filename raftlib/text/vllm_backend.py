@@ -89,7 +89,12 @@ def lora_capacity(rank: int) -> int:
             f"(max_lora_rank one of {allowed}); lower the rank or use backend 'eager' or 'static'"
         )
     if fitting[0] != rank:
-        logger.info("vLLM: a LoRA adapter of rank %d is served with max_lora_rank %d", rank, fitting[0])
+        logger.warning(
+            "vLLM serves LoRA ranks %s only: the rank-%d adapter is served with max_lora_rank %d (same outputs, more memory)",
+            allowed,
+            rank,
+            fitting[0],
+        )
     return fitting[0]
 
 
