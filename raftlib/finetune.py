@@ -40,6 +40,9 @@ class Loss(Protocol):
 
     packing: bool
     """Whether the loss trains on padding-free packed micro-batches (`training.packing`)."""
+    chunks_logits: bool
+    """Whether the loss computes its logits in chunks of `training.loss_chunk_tokens` rows. Either flag left out
+    of a loss counts as False, and `build_loss` refuses a config that asks for it."""
 
     def prepare(self, model: torch.nn.Module, items: Sequence[Any]) -> Sequence[Any]:
         """The items the stage trains on, computed once before the first update (RAFT++: pi_old per token)."""

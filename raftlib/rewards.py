@@ -78,24 +78,27 @@ def reward_names() -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def import_object(path: str) -> Any:
-    """`package.module:attribute` -> the object. Only explicit paths the user wrote are imported."""
+def import_object(path: str, what: str = "reward") -> Any:
+    """`package.module:attribute` -> the object. Only explicit paths the user wrote are imported; errors name the
+    setting as `what` (a reward, `training.loss`, a classifier)."""
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
-        raise RewardError(
-            f"reward {path!r} is neither a built-in ({', '.join(reward_names())}) nor a module:function path"
-        )
+        if what == "reward":
+            raise RewardError(
+                f"reward {path!r} is neither a built-in ({', '.join(reward_names())}) nor a module:function path"
+            )
+        raise RewardError(f"{what} {path!r}: expected a module:name path")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RewardError(f"reward {path!r}: cannot import module {module_name!r}: {exc}") from exc
+        raise RewardError(f"{what} {path!r}: cannot import module {module_name!r}: {exc}") from exc
     obj = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise RewardError(f"reward {path!r}: module {module_name!r} has no attribute {attribute!r}")
+            raise RewardError(f"{what} {path!r}: module {module_name!r} has no attribute {attribute!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise RewardError(f"reward {path!r} is not callable")
+        raise RewardError(f"{what} {path!r} is not callable")
     return obj
 
 

@@ -379,6 +379,8 @@ def test_diffusion_config_rules():
         DiffusionConfig.from_dict(base, ["selection.kl_coef=0.1"])
     with pytest.raises(ConfigError, match=r"training\.packing = True: is a language-model option"):
         DiffusionConfig.from_dict(base, ["training.packing=true"])
+    with pytest.raises(ConfigError, match=r"training\.loss = 'raftpp': image runs train with the denoising loss"):
+        DiffusionConfig.from_dict(base, ["training.loss=raftpp"])
     with pytest.raises(ConfigError, match=r"generation\.height = 20: must be a multiple of 8"):
         DiffusionConfig.from_dict(base, ["generation.height=20"])
     with pytest.raises(ConfigError, match=r"model\.kind = 'dalle'"):

@@ -172,3 +172,35 @@ def test_a_steps_gradient_is_normalised_by_its_tokens_whatever_the_layout(gpt2_d
     averaged = [p.grad for p in model.parameters() if p.requires_grad]
     largest = max((averaged[int(k)] - v).abs().max().item() for k, v in reference.items())
     assert largest > 100 * GRADIENT_ATOL, largest
+
+
+def test_a_loss_written_as_the_docstring_shows_plugs_in_by_module_name(gpt2_dir, tmp_path, monkeypatch):
+    """The ten-line loss of raftlib.text.losses' docstring, saved as a module, trains through `training.loss`;
+    what it declares it cannot do (packing) is refused, and a wrong path names the setting."""
+    import textwrap
+
+    import pytest
+
+    from raftlib.config import ConfigError
+    from raftlib.text import losses
+
+    example = losses.__doc__.split("`training.loss: my_losses:TokenWeightedSFT`):", 1)[1]
+    (tmp_path / "my_losses.py").write_text(textwrap.dedent(example))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    examples = kept_examples(tokenizer)
+    before, _ = completion_logprobs(model, examples, pad_id=tokenizer.eos_token_id)
+    section = TrainingSection(learning_rate=1e-2, epochs=2, micro_batch_size=2, loss="my_losses:TokenWeightedSFT")
+    model, stats = finetune(
+        model, examples, section, pad_id=tokenizer.eos_token_id, seed=0, iteration=1, progress=False
+    )
+    after, _ = completion_logprobs(model, examples, pad_id=tokenizer.eos_token_id)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert stats.trained_tokens == 2 * sum(len(c) for _, c in examples)
+    with pytest.raises(ConfigError, match=r"training\.packing = true: loss 'my_losses:TokenWeightedSFT' cannot"):
+        losses.build_loss(TrainingSection(loss="my_losses:TokenWeightedSFT", packing=True), 0)
+    with pytest.raises(ConfigError, match=r"training\.loss 'my_losses:Nope': module 'my_losses' has no attribute"):
+        losses.build_loss(TrainingSection(loss="my_losses:Nope"), 0)
+    with pytest.raises(ConfigError, match=r"training\.loss 'no_such_module:X': cannot import module"):
+        losses.build_loss(TrainingSection(loss="no_such_module:X"), 0)

@@ -120,7 +120,15 @@ class DiffusionConfig(ConfigFile):
             self.selection.external_samples,
             "is a language-model feature",
         )
+        # What raftlib.diffusion.train.DenoisingLoss declares it cannot do (packing = chunks_logits = False), refused
+        # here so a config fails when it is read, before a pipeline loads.
         for name in ("packing", "loss_chunk_tokens"):  # token-sequence options; images have neither
             value = getattr(self.training, name)
             require(not value, f"training.{name}", value, "is a language-model option (leave it off for images)")
+        require(
+            self.training.loss == "sft",
+            "training.loss",
+            self.training.loss,
+            "image runs train with the denoising loss (raftlib.diffusion.train.DenoisingLoss); leave it at 'sft'",
+        )
         return self

@@ -251,7 +251,8 @@ def denoising_loss(loaded: LoadedPipeline, scheduler, unet, batch: dict[str, Any
 class DenoisingLoss:
     """`raftlib.finetune.Loss` for a diffusion model: the denoising loss, one unit per image."""
 
-    packing = False
+    packing = False  # images are not token sequences: nothing to pack, no vocabulary logits to chunk
+    chunks_logits = False
 
     def __init__(self, loaded: LoadedPipeline) -> None:
         self.loaded, self.scheduler = loaded, _training_scheduler(loaded)

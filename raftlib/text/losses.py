@@ -208,9 +208,12 @@ def build_loss(training: TrainingSection, pad_id: int):
     if name in LOSSES:
         factory = LOSSES[name]
     elif ":" in name:
-        from raftlib.rewards import import_object
+        from raftlib.rewards import RewardError, import_object
 
-        factory = import_object(name)
+        try:
+            factory = import_object(name, what="training.loss")
+        except RewardError as error:
+            raise ConfigError(str(error)) from None
     else:
         raise ConfigError(
             f"training.loss = {name!r}: not a built-in loss ({', '.join(sorted(LOSSES))}) nor a module:name path"
