@@ -5,6 +5,7 @@
 POINT is where the kill lands, N which occurrence of it:
   generate-batch   right after the Nth generation batch file is written (mid-generation)
   score-batch      right after the Nth scoring batch file is written (mid-scoring)
+  eval-batch       right after the Nth held-out evaluation batch file is written (drawn, not yet scored)
   optimizer-step   right after the Nth optimizer step (mid-fine-tune)
   checkpoint       inside the Nth checkpoint save, after the weights are half written
   marker           right after the Nth stage marker is written
@@ -35,7 +36,7 @@ def main() -> int:
 
     from raftlib import store
 
-    if point in ("generate-batch", "score-batch"):
+    if point in ("generate-batch", "score-batch", "eval-batch"):
         stage = point.split("-")[0]
         original = store.RunStore.save_batch
 

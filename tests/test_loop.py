@@ -160,10 +160,12 @@ KILL_POINTS = [
     ("optimizer-step", 3),  # iteration 1, mid-fine-tune (3 of 6 optimizer steps)
     ("optimizer-step", 8),  # iteration 2, mid-fine-tune
     ("checkpoint", 1),  # iteration 1, torn checkpoint write
-    ("marker", 2),  # right after iteration 1's "generate" marker (markers: eval 0, generate 1, select 1, ...)
-    ("marker", 4),  # right after iteration 1's "finetune" marker, before its eval
-    ("before-marker", 3),  # samples.parquet and kept.parquet written, "select" marker not yet
-    ("before-marker", 5),  # iteration 1's metrics row written, its "eval" marker not yet
+    ("eval-batch", 2),  # iteration 1's held-out batch drawn (eval 0's was the first), not yet scored or marked
+    # markers: eval 0 (1), then per iteration generate, score, select, finetune, eval (2-6 for iteration 1)
+    ("marker", 2),  # right after iteration 1's "generate" marker
+    ("marker", 5),  # right after iteration 1's "finetune" marker, before its eval
+    ("before-marker", 4),  # samples.parquet and kept.parquet written, "select" marker not yet
+    ("before-marker", 6),  # iteration 1's metrics row written, its "eval" marker not yet
     # Parquet writes: eval 0's batch and eval_samples (1, 2), generation batches (3-6), scoring batches (7-10),
     # samples.parquet (11), kept.parquet (12), ...
     ("parquet-write", 3),  # a torn generation batch
