@@ -45,6 +45,11 @@ VLLM_KV_MARGIN = 1.25
 """The KV pool raftlib gives a vLLM engine: every row of one batch at its longest, times this (block rounding)."""
 VLLM_KV_FLOOR_BYTES = 64 * 1024**2
 """...and never less than 64 MiB (vLLM's scheduler needs room for at least one row at max_model_len)."""
+VLLM_KV_MAX_SHARE = 0.25
+"""...and on a GPU never more than this share of its memory. raftlib's engine stays resident through scoring and
+the fine-tune (no sleep mode), so its pool must leave the policy, its optimizer state and the engine's own weights
+room; rows that do not fit at once are scheduled in turn by vLLM (slower, not an error). Without the cap, a
+reasoning batch of 512 rows x 4,096 tokens on a 7B model asked for a 141 GiB pool."""
 
 ASSUMPTIONS = (
     f"runtime overhead {RUNTIME_OVERHEAD_BYTES / GiB:.1f} GiB per process; fits = estimate <= "
@@ -273,10 +278,14 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * _first(config, "num_hidden_layers", "n_layer") * kv_heads * head_dim * dtype_bytes
 
 
-def vllm_kv_cache_bytes(rows: int, tokens_per_row: int, per_token: int) -> int:
+def vllm_kv_cache_bytes(rows: int, tokens_per_row: int, per_token: int, device_bytes: float | None = None) -> int:
     """The KV pool (`kv_cache_memory_bytes`) raftlib gives a vLLM engine, instead of vLLM's default share of the
-    whole device: one batch's rows at their longest (`VLLM_KV_MARGIN`, `VLLM_KV_FLOOR_BYTES`)."""
-    return max(VLLM_KV_FLOOR_BYTES, int(rows * tokens_per_row * per_token * VLLM_KV_MARGIN))
+    whole device: one batch's rows at their longest (`VLLM_KV_MARGIN`, `VLLM_KV_FLOOR_BYTES`), at most
+    `VLLM_KV_MAX_SHARE` of a GPU's `device_bytes` (None: a CPU engine, no cap)."""
+    need = max(VLLM_KV_FLOOR_BYTES, int(rows * tokens_per_row * per_token * VLLM_KV_MARGIN))
+    if device_bytes:
+        need = min(need, max(VLLM_KV_FLOOR_BYTES, int(device_bytes * VLLM_KV_MAX_SHARE)))
+    return need
 
 
 def _first(config, *names: str) -> int:

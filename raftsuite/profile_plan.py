@@ -143,7 +143,9 @@ def _grpo(
         "training": raw["training"] | {"micro_batch_size": micro_batch, "loss": "sft"},
     }
     plan_ = _plan(raw, hardware, sharding)
-    finetune = _stage(plan_, "fine-tune")
+    # TRL's colocated engine sleeps through the fine-tune: planned as raftlib's stages without a resident engine
+    asleep = raw | {"generation": raw["generation"] | {"backend": "eager", "vllm_options": {}}}
+    finetune = _stage(_plan(asleep, hardware, sharding), "fine-tune")
     if reward is not None:
         finetune = _with_resident_model(finetune, *reward, "reward model resident (TRL)", "score")
     if notebook == "reasoning" and sharding == "fsdp":  # reasoning.evaluation_copy: the gathered policy, rank 0

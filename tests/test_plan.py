@@ -382,3 +382,21 @@ def test_a_vllm_engine_is_planned_resident_in_every_stage_with_the_pool_raftlib_
     share = llama7b(generation={"backend": "vllm", "vllm_options": {"gpu_memory_utilization": 0.5}})
     pool = term(stage(plan(share, Hardware.preset("H100-80GB", 1), sharding="ddp"), "generate"), "vLLM KV pool")
     assert pool == pytest.approx(Hardware.preset("H100-80GB").gpu_memory_gib * GiB * 0.5 - N_7B * 4)
+
+
+def test_the_vllm_pool_is_capped_at_a_share_of_the_gpu_and_the_plan_says_how_many_rows_fit():
+    from raftlib.estimates import VLLM_KV_MAX_SHARE, vllm_kv_cache_bytes
+
+    config = llama7b(generation={"backend": "vllm", "prompts_per_batch": 16}, model={"dtype": "bfloat16"})
+    estimate = plan(config, Hardware.preset("H100-80GB", 1), sharding="ddp")
+    device = Hardware.preset("H100-80GB").gpu_memory_gib * GiB
+    rows, tokens, per_token = 16 * 32, 256 + 128, 2 * 32 * 4096 * 2
+    assert vllm_kv_cache_bytes(rows, tokens, per_token) > device * VLLM_KV_MAX_SHARE  # one batch would want more
+    assert term(stage(estimate, "generate"), "vLLM KV pool") == int(device * VLLM_KV_MAX_SHARE)
+    (warning,) = [w for w in estimate.warnings if "vLLM's KV pool" in w]
+    at_once = int(device * VLLM_KV_MAX_SHARE) // (tokens * per_token * 1.25)
+    assert f"holds about {at_once:.0f} of a batch's {rows} rows" in warning
+    sized = llama7b(generation={"backend": "vllm", "vllm_options": {"kv_cache_memory_bytes": 5 * GiB}})
+    assert (
+        term(stage(plan(sized, Hardware.preset("H100-80GB", 1), sharding="ddp"), "generate"), "vLLM KV pool") == 5 * GiB
+    )

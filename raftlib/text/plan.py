@@ -27,8 +27,8 @@ from raftlib.estimates import (
     STEP_OVERHEAD_S_PER_LAYER,
     TRAIN_MFU,
     USABLE_FRACTION,
-    VLLM_KV_FLOOR_BYTES,
     VLLM_KV_MARGIN,
+    VLLM_KV_MAX_SHARE,
     GiB,
     Hardware,
     ModelShape,
@@ -179,13 +179,32 @@ def _vllm_engine(config: RAFTConfig, hw: Hardware, weight_bytes: int, S: int, kv
         share = float(g.vllm_options["gpu_memory_utilization"])
         pool = hw.gpu_memory_gib * GiB * share - weight_bytes
         return weights, Term("vLLM KV pool", pool, f"gpu_memory_utilization {share} x GPU - weights (user's share)")
+    if "kv_cache_memory_bytes" in g.vllm_options:  # the user sized the pool
+        pool = int(g.vllm_options["kv_cache_memory_bytes"])
+        return weights, Term("vLLM KV pool", pool, "vllm_options.kv_cache_memory_bytes (user's)")
     rows = max(g.prompts_per_batch * g.samples_per_prompt, config.loop.eval_samples_per_prompt)
-    pool = vllm_kv_cache_bytes(rows, S, kv_per_token)
-    return weights, Term(
-        "vLLM KV pool",
-        pool,
-        f"max({VLLM_KV_FLOOR_BYTES / 2**20:g} MiB, rows x S x kv/token x {VLLM_KV_MARGIN}) = {rows} x {S} x {kv_per_token} x {VLLM_KV_MARGIN}",
-    )
+    need = vllm_kv_cache_bytes(rows, S, kv_per_token)
+    pool = vllm_kv_cache_bytes(rows, S, kv_per_token, hw.gpu_memory_gib * GiB)
+    how = f"rows x S x kv/token x {VLLM_KV_MARGIN} = {rows} x {S} x {kv_per_token} x {VLLM_KV_MARGIN}"
+    if pool < need:
+        how = f"{VLLM_KV_MAX_SHARE:g} x GPU, below {how} = {need / GiB:.1f} GiB (vLLM schedules the rest in turn)"
+    return weights, Term("vLLM KV pool", pool, how)
+
+
+def _vllm_warnings(z: TextSizes) -> list[str]:
+    """A warning when the engine's capped pool holds fewer rows at full length than one batch draws."""
+    if not z.engine or "gpu_memory_utilization" in z.config.generation.vllm_options:
+        return []
+    g = z.config.generation
+    rows = max(g.prompts_per_batch * g.samples_per_prompt, z.config.loop.eval_samples_per_prompt)
+    at_once = int(z.engine[1].value // (z.S * z.kv_per_token * VLLM_KV_MARGIN))
+    if at_once >= rows:
+        return []
+    return [
+        f"vLLM's KV pool ({VLLM_KV_MAX_SHARE:g} of the GPU, {z.engine[1].value / GiB:.1f} GiB) holds about {at_once} of a "
+        f"batch's {rows} rows at their full {z.S} tokens at once; vLLM schedules the rest in turn (shorter rows: more "
+        "at once). Lower generation.prompts_per_batch, or set vllm_options.kv_cache_memory_bytes"
+    ]
 
 
 def plan_text(
@@ -210,9 +229,9 @@ def plan_text(
     z = text_sizes(config, hw, policy, reward, rm_dtype, prompt_tokens)
 
     stages = [_generate(z)]
+    warnings: list[str] = _vllm_warnings(z)
     if reward is not None:
         stages.append(_score(z, reward))
-    warnings: list[str] = []
     if config.selection.kl_coef > 0:
         stage, warned = _kl_reference(z)
         stages.append(stage)

@@ -147,7 +147,9 @@ def engine_options(spec: DecoderSpec) -> dict[str, Any]:
     max_len = spec.prompt_width + config.generation.max_new_tokens
     max_len = min(max_len, window) if window else max_len
     per_token = kv_bytes_per_token(policy.config, BYTES_PER_ELEMENT[config.model.dtype])
-    on_gpu = next(policy.parameters()).is_cuda
+    device = next(policy.parameters()).device
+    on_gpu = device.type == "cuda"
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if on_gpu else None
     options: dict[str, Any] = {
         "model": config.model.path,
         "dtype": config.model.dtype,
@@ -155,7 +157,7 @@ def engine_options(spec: DecoderSpec) -> dict[str, Any]:
         "logprobs_mode": "raw_logprobs",  # the model's own distribution (temperature 1), not the sampler's
         "max_model_len": max_len,
         "max_num_seqs": spec.rows,  # every row of a batch decodes at once
-        "kv_cache_memory_bytes": vllm_kv_cache_bytes(spec.rows, max_len, per_token),
+        "kv_cache_memory_bytes": vllm_kv_cache_bytes(spec.rows, max_len, per_token, device_bytes),
         "enforce_eager": not on_gpu,  # CUDA graphs on a GPU; the CPU engine has none
         "enable_prefix_caching": True,  # the K requests of a prompt share its prefill
         "trust_remote_code": config.model.trust_remote_code,
