@@ -52,6 +52,37 @@ class Table3:
         }
 
 
+def labels(samples_per_prompt: int, best_of_k: int) -> dict[str, str]:
+    """Table 3's row label of each method (`hh_methods` names: sft, best_of_k, random, raft, grpo)."""
+    return {
+        "sft": "SFT model",
+        "best_of_k": f"best-of-{best_of_k} at inference (SFT)",
+        "random": "SFT on random samples",
+        "raft": f"RAFT-K{samples_per_prompt}",
+        "grpo": "GRPO (TRL)",
+    }
+
+
+def of_runs(
+    settings: hh_methods.MethodSettings,
+    held_out: Sequence[Prompt],
+    sft_model: str,
+    records: Mapping[tuple[str, int], Mapping[str, Any]],
+    chosen: Mapping[str, float],
+    names: Mapping[str, str],
+    best_of_k: int,
+) -> Table3:
+    """Table 3 of the SFT model, best-of-K at inference and every trained method's final model per seed
+    (`records`: (method, seed) -> its run record; `chosen`: the sweep's rate per method, GRPO's own or RAFT's)."""
+    shared = {names["sft"]: {"path": sft_model}, names["best_of_k"]: {"path": sft_model, "best_of": best_of_k}}
+    trained: dict[str, dict[int, dict[str, Any]]] = {}
+    for (method, seed), record in records.items():
+        rate = chosen["grpo" if method == "grpo" else "raft"]
+        extra = {"learning_rate": f"{rate:g}", "train_seconds": record["curve"][-1]["train_seconds"]}
+        trained.setdefault(names[method], {})[seed] = {"path": record["model_dir"], "extra": extra}
+    return Table3(settings, held_out, shared, trained)
+
+
 def best_of(rows: Sequence[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:
     """Per prompt, the row the proxy ranks first among each consecutive group of `k` samples (best-of-K at
     inference); `k` = 1 keeps every row."""

@@ -64,6 +64,35 @@ def expected_minutes(profile: str, name: str) -> float | None:
     return json.loads(status.read_text()).get("seconds", 0.0) / 60
 
 
+def expected_time(profile: str, name: str) -> str:
+    """What `start` prints about run time: the committed run's wall time, and for a notebook that reuses an
+    earlier one's work (`runner.SHARED_WORK`: the HH setup and method runs), that it took so little only because
+    the earlier ones had run; with an empty cache it first makes their part."""
+    from raftsuite import runner
+
+    minutes = expected_minutes(profile, name)
+    if minutes is None:
+        return f"no committed {profile} run to time it by"
+    took = f"the committed run took {minutes:.1f} min" if minutes < 10 else f"the committed run took {minutes:.0f} min"
+    group = next((g for g in runner.SHARED_WORK if name in g), ())
+    before = list(group[: group.index(name)]) if group else []
+    if before:
+        earlier = ", ".join(f"{o} {m:.0f} min" for o in before if (m := expected_minutes(profile, o)) is not None)
+        took += f" after {', '.join(before)} had run (with an empty runs/ cache add their part: {earlier})"
+    return took + " on the suite's 2-core machine"
+
+
+def profile_overrides(
+    cell: Mapping[str, Any], defaults: Mapping[str, Any], profile_values: Mapping[str, Any]
+) -> list[str]:
+    """The values a by-hand run edited in the parameters cell that the profile then replaces (`key: edit -> value`)."""
+    return [
+        f"{key}: {cell[key]!r} -> {value!r}"
+        for key, value in profile_values.items()
+        if key in cell and cell[key] != defaults.get(key) and cell[key] != value
+    ]
+
+
 def start(name: str, namespace: MutableMapping[str, Any]) -> Parameters:
     """See the module docstring. `namespace` is the notebook's `globals()`."""
     from raftsuite import runner
@@ -74,15 +103,20 @@ def start(name: str, namespace: MutableMapping[str, Any]) -> Parameters:
     cell = {key: namespace[key] for key in defaults if key in namespace}
     profile = cell.get("profile", "tiny")
     if cell.get("run_by", "hand") != "runner":
-        cell |= runner.check_parameters(name, dict(runner.load_profile(profile).get(name, {})), f"profile {profile!r}")
+        values = runner.check_parameters(name, dict(runner.load_profile(profile).get(name, {})), f"profile {profile!r}")
+        replaced = profile_overrides(cell, defaults, values)
+        if replaced:  # an edit the profile overrides would otherwise vanish without a word
+            print(
+                f"profile {profile} replaces what this cell set: {'; '.join(replaced)} (to keep an edit, set it in notebooks/profiles.yaml or pass it to the runner with -p)"
+            )
+        cell |= values
         cell["output_dir"] = cell.get("output_dir") or f"runs/{profile}/{name}/report"
         cell["work_dir"] = cell.get("work_dir") or f"runs/{profile}/{name}"
     runner.check_parameters(name, cell, f"notebooks/{name}.ipynb")
     namespace.update(cell)
     _quiet_logs(cell.get("show_progress", True))
-    minutes = expected_minutes(profile, name)
-    took = f"; the committed run took {minutes:.0f} min on the suite's 2-core machine" if minutes else ""
-    print(f"{name}, profile {profile} ({cell.get('run_by', 'hand')}){took}; results in {cell['output_dir']}")
+    print(f"{name}, profile {profile} ({cell.get('run_by', 'hand')}); {expected_time(profile, name)}")
+    print(f"results in {cell['output_dir']}")
     print(f"repository: {root}")
     return Parameters(cell)
 

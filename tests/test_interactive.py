@@ -207,6 +207,23 @@ def test_start_by_hand_applies_the_profile_and_writes_under_runs(monkeypatch, ca
     assert capsys.readouterr().out.startswith("hh_rlhf, profile smoke (hand)")
 
 
+def test_start_names_an_edit_the_profile_replaces_and_says_what_the_run_time_rests_on(monkeypatch, capsys):
+    from raftsuite import notebook, runner
+
+    monkeypatch.chdir(ROOT)
+    defaults = runner.notebook_parameters("efficiency")
+    smoke = runner.load_profile("smoke")["efficiency"]
+    edited = smoke["iterations"] + 1
+    notebook.start("efficiency", defaults | {"profile": "smoke", "iterations": edited})
+    printed = capsys.readouterr().out
+    assert f"profile smoke replaces what this cell set: iterations: {edited} -> {smoke['iterations']}" in printed
+    # efficiency reuses hh_rlhf's runs: its committed time alone would promise a run of seconds
+    assert "after hh_rlhf had run (with an empty runs/ cache add their part: hh_rlhf" in notebook.expected_time(
+        "tiny", "efficiency"
+    )
+    assert notebook.expected_time("no-such-profile", "hh_rlhf") == "no committed no-such-profile run to time it by"
+
+
 def test_start_under_the_runner_applies_nothing_and_a_bad_value_is_named(monkeypatch):
     from raftsuite import notebook, runner
 

@@ -176,3 +176,46 @@ def test_the_algorithm_is_at_least_a_fifth_of_loop_py():
                        r"|modality\.finetune\(|evaluation\.(draw|measure)\(|reference_logprobs\(")  # fmt: skip
     algorithm = [n for n in code if execute.lineno <= n <= execute.end_lineno or calls.search(lines[n - 1])]
     assert len(algorithm) / len(code) >= 0.2, f"{len(algorithm)} of {len(code)} code lines"
+
+
+MAX_CELL_LINES = 30
+"""Issue 23: a notebook shows its science in short cells that call raftsuite; logic lives in modules."""
+
+
+def cell_problems(notebook: Path) -> list[str]:
+    """Code cells over MAX_CELL_LINES lines, or defining a function, class or lambda (`notebook: cell i: why`)."""
+    import ast
+
+    import nbformat
+
+    problems = []
+    for index, cell in enumerate(nbformat.read(notebook, as_version=4).cells):
+        if cell.cell_type != "code":
+            continue
+        lines = len(cell.source.splitlines())
+        if lines > MAX_CELL_LINES:
+            problems.append(f"{notebook.name}: cell {index}: {lines} lines (at most {MAX_CELL_LINES})")
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                problems.append(
+                    f"{notebook.name}: cell {index}: defines a {type(node).__name__} (move it to raftsuite)"
+                )
+    return problems
+
+
+def test_the_cell_check_finds_a_long_cell_and_a_definition(tmp_path):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("x = 1\n" * 31), nbformat.v4.new_code_cell("f = lambda: 1")]
+    )
+    nbformat.write(notebook, tmp_path / "n.ipynb")
+    assert cell_problems(tmp_path / "n.ipynb") == [
+        "n.ipynb: cell 0: 31 lines (at most 30)",
+        "n.ipynb: cell 1: defines a Lambda (move it to raftsuite)",
+    ]
+
+
+def test_no_notebook_cell_is_over_30_lines_or_defines_a_function():
+    problems = [p for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")) for p in cell_problems(notebook)]
+    assert problems == []
