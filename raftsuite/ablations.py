@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pandas as pd
 
 import raftlib
 from raftlib.data import Prompt
-from raftsuite import hh, hh_methods, hh_table3, launch, report, stats
+from raftsuite import hh, hh_methods, hh_table3, launch, report, stats, sweeps
 from raftsuite.cache import cached
 from raftsuite.report import Claim
 
@@ -143,18 +143,63 @@ def run_settings(configs: Mapping[str, raftlib.RAFTConfig], runs: AblationRuns) 
         prompts += result[1]
     for name, config in configs.items():
         for seed in runs.seeds:
-            params = {
-                "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
-                "seed": seed,
-                "held_out": [p.prompt_id for p in runs.held_out],
-                "settings": runs.settings.__dict__,
-            }
-            result = cached(
-                runs.work / name / f"seed_{seed}.json", params, lambda n=name, c=config, s=seed: _one_run(n, c, s, runs)
-            )
+            result = _cached_run(name, config, seed, runs)
             rows.append(result["row"])
             prompts += result["prompts"]
     return pd.DataFrame(rows), pd.DataFrame(prompts)
+
+
+def _cached_run(name: str, config: raftlib.RAFTConfig, seed: int, runs: AblationRuns) -> dict[str, Any]:
+    """One setting's run with one seed and its evaluation, read back when made with these parameters."""
+    params = {
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
+        "seed": seed,
+        "held_out": [p.prompt_id for p in runs.held_out],
+        "settings": runs.settings.__dict__,
+    }
+    return cached(runs.work / name / f"seed_{seed}.json", params, lambda: _one_run(name, config, seed, runs))
+
+
+def learning_rate_sweep(
+    base: raftlib.RAFTConfig,
+    setting: tuple[int, float],
+    rates: Sequence[float],
+    runs: AblationRuns,
+    validation: Sequence[Prompt],
+) -> pd.DataFrame:
+    """The ablations' own learning rate, chosen as hh_rlhf chooses its: RAFT at `setting` (K, lambda; the run the
+    K and temperature sweeps share: the paper fixes one rate for all settings) with each rate (the first seed),
+    its final model scored on `validation` prompts that no run trains on and no table reports;
+    the best validation proxy reward among rates whose validation perplexity is at most
+    `hh_methods.MAX_VALIDATION_PERPLEXITY_RATIO` x the SFT model's, the grid extended until that rate is interior
+    (`raftsuite.sweeps`). Runs and scores are cached under WORK/lr_sweep. One row per rate: seed,
+    validation_reward, validation_perplexity, perplexity_over_sft, admissible, minutes, chosen, interior."""
+    seed = runs.seeds[0]
+    on_validation = replace(runs, held_out=list(validation), work=runs.work / "lr_sweep")
+    sft = base.model.path
+    params = {"model": sft, "seed": seed, "validation": [p.prompt_id for p in validation]}
+    sft_columns = cached(on_validation.work / "SFT.json", params, lambda: on_validation.evaluate(sft, seed, "SFT"))[0]
+    at_setting = base.replace(setting_overrides(*setting))
+
+    def score(method: str, rate: float) -> dict[str, Any]:
+        config = at_setting.replace([f"training.learning_rate={rate!r}"])
+        row = _cached_run(f"lr_{rate:g}", config, seed, on_validation)["row"]
+        ratio = row["perplexity"] / sft_columns["perplexity"]
+        return {
+            "seed": seed,
+            "validation_reward": row["proxy_reward"],
+            "validation_perplexity": row["perplexity"],
+            "perplexity_over_sft": ratio,
+            "admissible": bool(np.isnan(ratio) or ratio <= hh_methods.MAX_VALIDATION_PERPLEXITY_RATIO),
+            "minutes": row["minutes"],
+        }
+
+    return sweeps.sweep_until_interior({"raft": list(rates)}, score, max_extensions=6)
+
+
+def chosen_rate(sweep: pd.DataFrame) -> float:
+    """The rate `learning_rate_sweep` chose."""
+    return sweeps.chosen_rates(sweep)["raft"]
 
 
 def _one_run(name: str, config: raftlib.RAFTConfig, seed: int, runs: AblationRuns) -> dict[str, Any]:
@@ -426,7 +471,7 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
     for sweep, setting in controls.items():
         served.setdefault(setting, []).append(sweep)
     rows = []
-    for setting, sweeps in served.items():
+    for setting, served_sweeps in served.items():
         raft, random = run_name(*setting), run_name(*setting, selection="random")
         for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
             interval = control_difference(results, raft, random, metric)
@@ -434,7 +479,7 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
                 {
                     "setting": setting_label(*setting),
                     "run": raft,
-                    "serves sweeps": ", ".join(sweeps),
+                    "serves sweeps": ", ".join(served_sweeps),
                     "metric": metric,
                     "ours": str(interval),
                     "n_seeds": interval.n,

@@ -420,18 +420,6 @@ def sweep_until_interior(
     return sweeps.sweep_until_interior(grids, score, max_extensions)
 
 
-def hh_rlhf_raft_rate(work_parent: str | Path, profile: str, setup) -> float:
-    """RAFT's learning rate as hh_rlhf.ipynb chooses it on its validation prompts for `profile` (its parameters and
-    the profile's values; its sweep, made once and cached, so a notebook run after hh_rlhf reads it back)."""
-    from raftsuite import runner
-
-    p = runner.notebook_parameters("hh_rlhf") | runner.load_profile(profile).get("hh_rlhf", {})
-    settings, plan = MethodSettings.from_parameters(p, setup), setup.plan(p["validation_prompts"])
-    root = runs_root(work_parent, settings, plan)
-    sweep = sweep_until_interior(root, settings, plan, {"raft": p["learning_rates"]}, p["seeds"][0])
-    return sweeps.chosen_rates(sweep)["raft"]
-
-
 # ----------------------------------------------------------------------------------------------
 # The RL baseline: TRL's GRPO at the same number of completions, evaluated as RAFT is
 # ----------------------------------------------------------------------------------------------

@@ -341,6 +341,28 @@ def test_identical_runs_are_detected_from_the_kept_samples_and_called_so(sweep):
         ablations.sweep_rows(sweep.results, "kl_coef", {0.0: "K2_T1_beta0", 0.5: "K2_T1_beta0.5"})
 
 
+def test_the_learning_rate_is_chosen_on_validation_prompts_within_the_perplexity_limit(sweep):
+    # validation prompts: not the held-out ones (in the notebook they are also out of every run's training)
+    rows = [json.loads(line) for line in (sweep.work.parent / "prompts.jsonl").read_text().splitlines()]
+    validation = [
+        Prompt(prompt_id=i, text=rows[i]["prompt"], columns={"reference": rows[i]["reference"]}) for i in (4, 5, 6)
+    ]
+    base = sweep.configs["K2_T1_beta0"]
+    table = ablations.learning_rate_sweep(base, (2, 1.0), [3e-3], sweep.runs, validation)
+    [row] = table.to_dict("records")
+    assert (row["method"], row["learning_rate"], row["seed"], row["chosen"]) == ("raft", 3e-3, SEEDS[0], True)
+    sft = json.loads((sweep.work / "lr_sweep" / "SFT.json").read_text())
+    run = json.loads((sweep.work / "lr_sweep" / "lr_0.003" / f"seed_{SEEDS[0]}.json").read_text())
+    assert {p["prompt"] for p in run["result"]["prompts"]} == {4, 5, 6}  # scored on validation, never held-out
+    assert row["validation_reward"] == run["result"]["row"]["proxy_reward"]
+    ratio = run["result"]["row"]["perplexity"] / sft["result"][0]["perplexity"]
+    assert row["perplexity_over_sft"] == pytest.approx(ratio)
+    assert row["admissible"] == (ratio <= hh_methods.MAX_VALIDATION_PERPLEXITY_RATIO)
+    assert ablations.chosen_rate(table) == 3e-3
+    again = ablations.learning_rate_sweep(base, (2, 1.0), [3e-3], sweep.runs, validation)  # read back, not rerun
+    pd.testing.assert_frame_equal(again, table)
+
+
 def test_control_table_pairs_raft_with_its_control_by_seed(sweep):
     results = sweep.results
     table = ablations.control_table(results, sweep.controls | {"K": (2, 1.0, 0.0)}, hh_data=False)
