@@ -71,7 +71,9 @@ def table3_claims(paired: pd.DataFrame, directions: pd.DataFrame, hh_data: bool)
     claims = []
     for row in paired.itertuples():
         paper = f"RAFT {PAPER_TABLE3['raft']['proxy_reward']} vs PPO {PAPER_TABLE3['ppo']['proxy_reward']}"
-        paper = paper if "GRPO" in row.comparison and row.metric == "proxy_reward" else "—"
+        if row.metric == "gold_reward":  # the paper has no hidden gold: its only reward is its reward model's
+            paper += " (its reward model's; no gold)"
+        paper = paper if "GRPO" in row.comparison else "—"
         primary = "GRPO" in row.comparison and row.metric == primary_metric
         claims.append(
             Claim("Table 3", f"{row.comparison}, {row.metric.replace('_', ' ')}", paper, row.t, "up", primary=primary)

@@ -526,10 +526,65 @@ def interval_table(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 
     return frame
 
 
+COLUMN_LABELS = {
+    "n_seeds": "seeds",
+    "detectable_at_80pct_power": "detectable at 80 % power",
+    "t_interval": "95 % t-interval",
+    "crossed_interval": "95 % crossed interval",
+    "msttr_100": "MSTTR-100",
+    "distinct_1": "distinct-1",
+    "distinct_2": "distinct-2",
+    "start_sample_distinct_2": "distinct-2 of the first samples",
+    "pass_at_1": "pass@1",
+    "pass_at_n": "pass@n",
+    "eval_kl": "KL to SFT",
+    "kl_coef": "β (KL)",
+    "temperature": "λ (temperature)",
+    "tokens_per_s": "tokens/s",
+    "start_best_of_k": "best-of-K at the start",
+    "ratio_to_hf": "ratio to HF generate",
+    "paper_change": "paper's change",
+    "paper_direction": "paper's direction",
+    "perplexity_over_sft": "perplexity / SFT's",
+    "kept_overlap_with_beta0": "kept overlap with β = 0",
+    "frechet_distance": "Fréchet distance",
+    "p_prompted_digit": "p(prompted digit)",
+}
+"""How `show_table` heads a column (the CSV files keep the names); others by `column_label`'s rule."""
+
+
+def column_label(name: object) -> object:
+    """A column's heading for a reader: `COLUMN_LABELS`, else units from the suffix (`_s` seconds, `_mib` MiB,
+    `_ci95_low/high` the interval's ends) and spaces for underscores. Non-text names pass through."""
+    if not isinstance(name, str):
+        return name
+    if name in COLUMN_LABELS:
+        return COLUMN_LABELS[name]
+    for suffix, words in (("_ci95_low", ", 95 % low"), ("_ci95_high", ", 95 % high"), ("_iqm", ", IQM")):
+        if name.endswith(suffix):
+            return f"{column_label(name.removesuffix(suffix))}{words}"
+    for suffix, unit in (("_s", "s"), ("_mib", "MiB"), ("_minutes", "min")):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return f"{column_label(name.removesuffix(suffix))} ({unit})"
+    if name.startswith("time_"):
+        return f"time: {name.removeprefix('time_')}"
+    return " ".join(_ACRONYMS.get(word, word) for word in name.split("_"))
+
+
+_ACRONYMS = {"rss": "RSS", "kl": "KL", "hf": "HF", "grpo": "GRPO", "raft": "RAFT", "sft": "SFT", "iqm": "IQM"}
+
+
 def show_table(frame: pd.DataFrame, title: str, note: str = "") -> None:
-    """Display a table under a bold title (with its unit) and an optional note, NaN shown as a dash."""
+    """Display a table under a bold title (with its unit) and an optional note: columns headed for a reader
+    (`column_label`), integer counts, and a dash for anything missing."""
     from IPython.display import HTML, display
 
-    body = _counts_as_integers(frame).to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
+    shown = _counts_as_integers(frame)
+    for column in shown.columns:  # pandas prints a missing Int64 or object value as "<NA>", not na_rep
+        if isinstance(shown[column].dtype, pd.api.extensions.ExtensionDtype) or shown[column].dtype == object:
+            shown[column] = shown[column].astype(object).where(shown[column].notna(), math.nan)
+    shown = shown.rename(columns=column_label)
+    shown.index = shown.index.set_names([column_label(n) for n in shown.index.names])
+    body = shown.to_html(na_rep="—", float_format=lambda v: f"{v:.3f}", escape=True)
     caption = f"<p><b>{html.escape(title)}</b>" + (f"<br><small>{html.escape(note)}</small>" if note else "") + "</p>"
     display(HTML(caption + body))

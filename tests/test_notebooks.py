@@ -343,6 +343,23 @@ def test_report_links_resolve_and_figures_keep_their_size(smoke_results, name):
     assert body.index('id="raft-headline"') < body.index('class="jp-Cell')  # the headline opens the report
 
 
+COMMITTED = ROOT / "results"
+NOTEBOOK_NAMES = ("hh_rlhf", "ablations", "sd_resolution", "sd_alignment", "efficiency", "reasoning")
+
+
+@needs_chromium
+@pytest.mark.parametrize("page", ["index.html", *(f"tiny/{name}/report.html" for name in NOTEBOOK_NAMES)])
+def test_the_committed_pages_open_offline_with_every_link_and_figure_whole(page):
+    """What a reader of the published results sees: the pages as committed, in Chromium with the network cut."""
+    path = COMMITTED / page
+    facts, errors, requests = open_page(path)
+    assert errors == [] and [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    assert broken_links(path, facts["links"], COMMITTED) == []
+    assert all(complete and width > 0 for complete, width in facts["images"]), "a figure did not render"
+    shrunk = [(natural, shown) for natural, shown in facts["widths"] if shown < natural - 1]
+    assert shrunk == [], f"figures drawn narrower than their pixels (text unreadable): {shrunk}"
+
+
 @needs_chromium
 def test_index_lists_reports(smoke_results):
     results, _ = smoke_results

@@ -279,3 +279,30 @@ def test_describe_figure_names_plots_by_their_axes_and_counts_image_panels():
     fig, _ = plt.subplots()
     assert report.describe_figure(fig) == ""  # no words of its own: save_figure falls back on the name
     plt.close(fig)
+
+
+def test_tables_are_headed_for_a_reader_with_integer_counts_and_dashes(monkeypatch):
+    import IPython.display
+    import pandas as pd
+
+    from raftsuite import report
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    frame = pd.DataFrame(
+        {
+            "n_seeds": [5.0, None],  # float: one count missing
+            "raft_peak_rss_mib": [775.2, float("nan")],
+            "time_generate_s": [1.5, 2.0],
+            "paper": pd.array([pd.NA, "2.29"], dtype=object),
+            "detectable_at_80pct_power": [0.4, 0.5],
+        },
+        index=pd.Index([0.0, 0.1], name="kl_coef"),
+    )
+    report.show_table(frame, "Table 7 (proxy reward)")
+    html_ = shown[0].data
+    headings = ["seeds", "RAFT peak RSS (MiB)", "time: generate (s)", "paper", "detectable at 80 % power", "β (KL)"]
+    for heading in headings:
+        assert f"<th>{heading}</th>" in html_, heading
+    assert "<NA>" not in html_ and "&lt;NA&gt;" not in html_ and "None" not in html_ and "nan" not in html_
+    assert "<td>5</td>" in html_ and html_.count("<td>—</td>") == 3  # the count, the memory and the paper cell
