@@ -176,10 +176,35 @@ td.ok { color: #1a7f37; } td.failed { color: #b42318; } small { color: #555; } .
 """
 
 
+def _local_note(local: list[Path]) -> str:
+    if not local:
+        return ""
+    names = ", ".join(f"<code>{html.escape(p.name)}</code>" for p in local)
+    return (
+        f"<p><small>Also run on this machine, not committed (git ignores them): {names}; their reports are "
+        "<code>results/PROFILE/NOTEBOOK/report.html</code>.</small></p>"
+    )
+
+
+def ignored_by_git(path: Path) -> bool:
+    """Whether git ignores `path` (results/smoke and results/dryrun: run here, never committed). Outside a git
+    work tree (a test's temporary results/), nothing is."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=path.parent, capture_output=True)
+    except OSError:  # no git on this machine
+        return False
+    return found.returncode == 0
+
+
 def write_index(results: Path) -> Path:
-    """Write results/index.html (see the module docstring) and return its path."""
+    """Write results/index.html (see the module docstring) and return its path. A profile whose results git
+    ignores (smoke, dryrun) is named but not tabled: a run of it must not change the committed page."""
     sections = []
-    for profile_dir in sorted(p for p in results.iterdir() if p.is_dir() and any(p.glob("*/status.json"))):
+    profiles = sorted(p for p in results.iterdir() if p.is_dir() and any(p.glob("*/status.json")))
+    local = [p for p in profiles if ignored_by_git(p)]
+    for profile_dir in (p for p in profiles if p not in local):
         claims = profile_claims(profile_dir)
         table = (
             "<table><thead><tr><th>paper</th><th>claim</th><th>the paper's number</th><th>ours [95 % interval]"
@@ -205,7 +230,7 @@ it says otherwise; a verdict reads it: <b>reproduces</b> (excludes no change, on
 (the other side), <b>not resolved</b> (holds no change; the effect the seeds could detect is given), <b>identical
 runs</b> (the two sides kept the same samples). See <a href="../docs/statistics.md">docs/statistics.md</a>.
 Regenerate with <code>make reproduce-all</code>.</p>
-{"".join(sections)}
+{"".join(sections)}{_local_note(local)}
 </body></html>
 """
     index = results / "index.html"

@@ -924,3 +924,21 @@ def test_sft_to_raft_compares_perplexity_as_a_ratio_and_the_rest_as_differences(
     assert ppl["verdict"] == "reproduces"  # every seed's ratio is above 1, the paper's direction (3.781 -> 4.031)
     claims = hh_report.table3_claims(table.iloc[:0].assign(comparison=[]), table, hh_data=False)
     assert [c.claim for c in claims] == ["SFT -> RAFT, perplexity (ratio RAFT / SFT)", "SFT -> RAFT, proxy reward"]
+
+
+def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path):
+    """A smoke or dryrun run on this machine must not change results/index.html, which is committed."""
+    import subprocess
+
+    from raftsuite import index
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("results/smoke/\n")
+    for profile in ("tiny", "smoke"):
+        (tmp_path / "results" / profile / "hh_rlhf").mkdir(parents=True)
+        (tmp_path / "results" / profile / "hh_rlhf" / "status.json").write_text(
+            '{"ok": true, "error": null, "seconds": 1.0, "profile": "tiny", "finished": "2026-12-04T20:00:00"}'
+        )
+    page = index.write_index(tmp_path / "results").read_text()
+    assert "Profile <code>tiny</code>" in page and "Profile <code>smoke</code>" not in page
+    assert "not committed (git ignores them): <code>smoke</code>" in page
