@@ -51,8 +51,8 @@ def hf_generate(model, tokenizer, ids: list[list[int]], seed: int) -> int:
     return int(torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, completions.shape[1]).sum())
 
 
-def decoders(model, rows: int, width: int):
-    """raftlib's three decoders on the same model, built as a run builds them."""
+def decoders(model, rows: int, width: int, backends: tuple[str, ...] = ("eager", "static", "vllm")):
+    """raftlib's decoders (all three by default) on the same model, built as a run builds them."""
     from raftlib.text.config import RAFTConfig
     from raftlib.text.decoders import build_decoder
     from raftlib.text.decoding import DecoderSpec
@@ -60,7 +60,7 @@ def decoders(model, rows: int, width: int):
     from raftlib.text.prompts import TextFormat
 
     built = {}
-    for backend in ("eager", "static", "vllm"):
+    for backend in backends:
         config = RAFTConfig.from_dict(
             {
                 "model": {"path": MODEL},
