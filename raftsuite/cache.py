@@ -68,3 +68,15 @@ def cached(path: str | Path, params: Mapping[str, Any], compute: Callable[[], Re
         logger.info("reusing %s", path)
         return saved
     return write(path, params, compute())
+
+
+def keyed_directory(parent: str | Path, kind: str, key: Mapping[str, Any]) -> Path:
+    """PARENT/KIND/<12 hex digits of the sha256 of `key` as sorted JSON>, created, with the key in settings.json:
+    runs made with other settings (or prompts) live elsewhere and are never read back as these."""
+    import hashlib
+
+    text = json.dumps(as_json(dict(key)), sort_keys=True)
+    root = Path(parent) / kind / hashlib.sha256(text.encode()).hexdigest()[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(json.loads(text), indent=1) + "\n")
+    return root

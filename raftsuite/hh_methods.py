@@ -28,8 +28,9 @@ from typing import Any
 import pandas as pd
 
 from raftlib.records import Prompt
+from raftlib.sections import require_package
 from raftsuite import children, hh, sweeps
-from raftsuite.cache import as_json, cached
+from raftsuite.cache import as_json, cached, keyed_directory
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,7 @@ class MethodRun:
 
 def runs_root(parent: str | Path, settings: MethodSettings, plan: hh.PromptPlan) -> Path:
     """runs/PROFILE/method_runs/<hash of settings and prompt plan>: the cache every HH notebook shares."""
-    import hashlib
-    import json
-
-    key = json.dumps({"settings": asdict(settings), "plan": asdict(plan)}, sort_keys=True)
-    root = Path(parent) / "method_runs" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(json.loads(key), indent=1) + "\n")
-    return root
+    return keyed_directory(parent, "method_runs", {"settings": asdict(settings), "plan": asdict(plan)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +283,8 @@ def method_run(
     run_dir = root / run.name
 
     def make() -> dict[str, Any]:
+        # The child would import peft minutes in (TRL's GRPO, or raftlib's config): say so before it starts.
+        require_package(settings.lora_rank > 0, "peft", "lora_rank", settings.lora_rank, "lora")
         # A stable name in the notebook's work dir for the run most recently started; a run read from its
         # record is not started, so the link keeps pointing at the one in progress (or the last one made).
         if link is not None:

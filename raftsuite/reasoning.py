@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from raftlib.sections import require_package
 from raftsuite import children, sweeps
-from raftsuite.cache import as_json, cached
+from raftsuite.cache import as_json, cached, keyed_directory
 
 logger = logging.getLogger(__name__)
 
@@ -825,6 +826,7 @@ def method_run(
     }
 
     def make() -> dict[str, Any]:
+        require_package(settings.lora_rank > 0, "peft", "lora_rank", settings.lora_rank, "lora")  # before a child
         job = {"settings": asdict(settings), "files": asdict(files), "run": asdict(run), "output_dir": str(run_dir)}
         if run.method == "GRPO":
             check_grpo_sharding(settings)  # before a worker starts
@@ -852,13 +854,7 @@ def method_run(
 
 def runs_root(parent: str | Path, settings: ReasoningSettings, files: ProblemFiles) -> Path:
     """WORK_DIR/runs/<hash of settings and problem files>: a changed setting never reads another's runs."""
-    import hashlib
-
-    key = json.dumps({"settings": asdict(settings), "files": asdict(files)}, sort_keys=True)
-    root = Path(parent) / "runs" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(json.loads(key), indent=1) + "\n")
-    return root
+    return keyed_directory(parent, "runs", {"settings": asdict(settings), "files": asdict(files)})
 
 
 def sweep(

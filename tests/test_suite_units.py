@@ -942,3 +942,35 @@ def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path):
     page = index.write_index(tmp_path / "results").read_text()
     assert "Profile <code>tiny</code>" in page and "Profile <code>smoke</code>" not in page
     assert "not committed (git ignores them): <code>smoke</code>" in page
+
+
+def test_a_mistyped_profile_or_notebook_fails_before_setup_with_the_choices():
+    """`make hh_rlhf PROFILE=typo` runs tools/check_profile.py (standard library only) before `make setup`."""
+    import subprocess
+
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "check_profile.py"
+    bare = {"PATH": "/usr/bin:/bin"}  # the system Python, as make runs it before .venv exists
+    typo = subprocess.run(["python3", str(tool), "tiyn", "hh_rlhf"], capture_output=True, text=True, env=bare)
+    assert typo.returncode == 1
+    assert "PROFILE=tiyn: no such profile in notebooks/profiles.yaml (profiles: tiny, smoke," in typo.stderr
+    notebook = subprocess.run(["python3", str(tool), "tiny", "hh_rlfh"], capture_output=True, text=True, env=bare)
+    assert notebook.returncode == 1 and "no notebook notebooks/hh_rlfh.ipynb (notebooks: ablations," in notebook.stderr
+    fine = subprocess.run(["python3", str(tool), "tiny", "hh_rlhf", "ablations"], capture_output=True, env=bare)
+    assert fine.returncode == 0
+
+
+def test_a_lora_method_run_without_peft_names_the_install_command_before_its_child_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from raftlib.config import ConfigError
+    from raftsuite import hh, hh_methods
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    settings = hh_methods.MethodSettings(sft_model="sft", reward_model="rm", lora_rank=16)
+    plan = hh.PromptPlan(source="prompts.jsonl", curve=(0,), validation=(1,), fit=(2,))
+    with pytest.raises(ConfigError, match=r"lora_rank = 16 needs the peft package.*pip install 'raftlib\[lora\]'"):
+        hh_methods.method_run(tmp_path, settings, plan, hh_methods.MethodRun("grpo", 1e-5, 0))
+    assert not list(tmp_path.glob("*.log"))  # no child was started
