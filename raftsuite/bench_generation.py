@@ -107,12 +107,18 @@ def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int 
     return {"backend": backend, "wall_s": wall} | {k: v for k, v in row.items() if k.startswith("time_")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options every generation timing shares: where to write, the row counts, rounds and threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("output", type=Path)
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--no-iteration", dest="iteration", action="store_false", help="skip the RAFT iterations")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -107,3 +107,81 @@ def test_committed_share_intervals_stay_inside_a_share_s_range():
 def test_every_committed_report_marks_its_exploratory_verdicts(name):
     report = (TINY / name / "report.html").read_text(encoding="utf-8")
     assert "(exploratory)" in report and "Exploratory verdicts carry no multiplicity control" in report
+
+
+AFTER_COLUMN = {
+    "hh RAFT − random control, gold": ("hh_rlhf", "RAFT − random control, gold reward"),
+    "hh RAFT − GRPO, gold (primary)": ("hh_rlhf", "RAFT − GRPO, gold reward"),
+    "hh RAFT − GRPO, proxy": ("hh_rlhf", "RAFT − GRPO, proxy reward"),
+    "hh SFT → RAFT perplexity (ratio)": ("hh_rlhf", "SFT -> RAFT, perplexity (ratio RAFT / SFT)"),
+    "hh SFT → RAFT distinct-2": ("hh_rlhf", "SFT -> RAFT, distinct 2"),
+    "efficiency time to target, RAFT / GRPO (primary)": (
+        "efficiency",
+        "training time to the common target, RAFT / GRPO",
+    ),
+    "efficiency completions to target": ("efficiency", "completions to the common target, RAFT / GRPO"),
+    "efficiency peak memory": ("efficiency", "peak resident memory, RAFT / GRPO"),
+    "efficiency reward per training time": (
+        "efficiency",
+        "mean held-out reward over the common training time, RAFT − GRPO",
+    ),
+    "ablations K 8 → 32 (primary)": ("ablations", "K 8 → 32, proxy reward"),
+    "ablations λ 0.7 → 1 (primary)": ("ablations", "temperature 0.7 → 1, proxy reward"),
+    "ablations β 0 → 0.1 (primary)": ("ablations", "kl_coef 0 → 0.1, proxy reward"),
+    "ablations RAFT − random, K 8 λ 0.85": (
+        "ablations",
+        "RAFT above random selection at K = 8, λ = 0.85, β = 0, proxy reward",
+    ),
+    "ablations RAFT − random, K 8 λ 1": (
+        "ablations",
+        "RAFT above random selection at K = 8, λ = 1, β = 0, proxy reward",
+    ),
+    "sd_resolution after − before": (
+        "sd_resolution",
+        "RAFT after iteration T above the base model: held-out reward (quality)",
+    ),
+    "sd_resolution RAFT − random (primary)": (
+        "sd_resolution",
+        "RAFT above its random-selection control: held-out reward (quality)",
+    ),
+    "sd_alignment after − before": (
+        "sd_alignment",
+        "RAFT after iteration T above the base model: held-out p(prompted digit)",
+    ),
+    "sd_alignment RAFT − random (primary)": (
+        "sd_alignment",
+        "RAFT above its random-selection control: held-out p(prompted digit)",
+    ),
+    "reasoning RAFT++ vs RAFT (primary)": ("reasoning", "RAFT++ above RAFT, held-out pass@1 (iteration 20)"),
+    "reasoning GRPO vs RAFT": ("reasoning", "GRPO above RAFT, held-out pass@1 (iteration 20)"),
+}
+"""Rows of docs/results.md's before -> after table whose "after" column quotes a committed claim."""
+
+NUMBER = r"[−-]?\d+\.\d+"
+
+
+def test_the_before_after_table_quotes_the_committed_claims():
+    """The hand-written "after" column of docs/results.md agrees with claims.json to the digits it prints."""
+    import json
+
+    claims = {
+        (path.parent.name, c["claim"]): c for path in TINY.glob("*/claims.json") for c in json.loads(path.read_text())
+    }
+    rows = {}
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in AFTER_COLUMN:
+            rows[cells[0]] = cells[3]
+    assert sorted(rows) == sorted(AFTER_COLUMN), "a row of the table was renamed or dropped"
+    for label, quoted in rows.items():
+        claim = claims[AFTER_COLUMN[label]]
+        printed = re.findall(NUMBER, quoted)[:3]
+        ours = [float(v) for v in re.findall(NUMBER, claim["ours"])[:3]]
+        assert len(printed) == 3, (label, quoted)
+        for text, value in zip(printed, ours, strict=True):
+            digits = len(text.split(".")[1])
+            assert abs(float(text.replace("−", "-")) - value) <= 0.5 * 10**-digits + 1e-9, (
+                label,
+                quoted,
+                claim["ours"],
+            )

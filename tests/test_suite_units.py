@@ -947,7 +947,6 @@ def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path):
 def test_a_mistyped_profile_or_notebook_fails_before_setup_with_the_choices():
     """`make hh_rlhf PROFILE=typo` runs tools/check_profile.py (standard library only) before `make setup`."""
     import subprocess
-
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "check_profile.py"

@@ -11,7 +11,6 @@ medians over rounds. Writes profile.csv (every round) and profile.md (the table)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -50,12 +49,7 @@ class ForwardTimer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--rows", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
+    args = bench.arguments(__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
