@@ -81,10 +81,11 @@ def decoders(model, rows: int, width: int, backends: tuple[str, ...] = ("eager",
     return built
 
 
-def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int = 32) -> dict:
-    """One RAFT iteration end to end with `backend` (assets/tiny-lm, K = 8, the word-count reward): wall seconds
-    from the call to the returned run (vLLM's engine start included, as a run pays it) and each stage's seconds
-    from the run's metrics row. Evaluation is off (eval_prompts 0) so only the iteration is timed."""
+def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int = 32, iterations: int = 1) -> dict:
+    """A RAFT run of `iterations` iterations end to end with `backend` (assets/tiny-lm, K = 8, the word-count
+    reward): wall seconds from the call to the returned run (vLLM's engine start included, once per run, as a
+    run pays it) and each stage's seconds summed over the iterations. Evaluation is off (eval_prompts 0) so only
+    the iterations are timed."""
     from raftlib.config import RAFTConfig
     from raftlib.loop import run
 
@@ -93,7 +94,7 @@ def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int 
             "model": {"path": MODEL},
             "data": {"prompts": PROMPTS, "eval_prompts": 0},
             "reward": {"fn": "length"},
-            "loop": {"iterations": 1, "prompts_per_iteration": prompts},
+            "loop": {"iterations": iterations, "prompts_per_iteration": prompts},
             "output_dir": str(work / backend),
             "generation": {"samples_per_prompt": K, "max_new_tokens": new_tokens, "prompts_per_batch": 16,
                            "chat_template": "never", "backend": backend},
@@ -103,8 +104,9 @@ def raft_iteration(backend: str, work: Path, prompts: int = 64, new_tokens: int 
     began = time.perf_counter()
     result = run(config)
     wall = time.perf_counter() - began
-    row = next(r for r in result.metrics if r["iteration"] == 1)
-    return {"backend": backend, "wall_s": wall} | {k: v for k, v in row.items() if k.startswith("time_")}
+    rows = [r for r in result.metrics if r["iteration"] >= 1]
+    stages = {k: sum(r[k] for r in rows) for k in rows[0] if k.startswith("time_")}
+    return {"backend": backend, "iterations": iterations, "wall_s": wall} | stages
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -120,6 +122,7 @@ def arguments(description: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--no-iteration", dest="iteration", action="store_false", help="skip the RAFT iterations")
+
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
