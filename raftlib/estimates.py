@@ -281,10 +281,12 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 def vllm_kv_cache_bytes(rows: int, tokens_per_row: int, per_token: int, device_bytes: float | None = None) -> int:
     """The KV pool (`kv_cache_memory_bytes`) raftlib gives a vLLM engine, instead of vLLM's default share of the
     whole device: one batch's rows at their longest (`VLLM_KV_MARGIN`, `VLLM_KV_FLOOR_BYTES`), at most
-    `VLLM_KV_MAX_SHARE` of a GPU's `device_bytes` (None: a CPU engine, no cap)."""
+    `VLLM_KV_MAX_SHARE` of a GPU's `device_bytes` (None: a CPU engine, no cap) but never less than one row at its
+    longest, which vLLM needs to start at all."""
+    one_row = int(tokens_per_row * per_token * VLLM_KV_MARGIN)
     need = max(VLLM_KV_FLOOR_BYTES, int(rows * tokens_per_row * per_token * VLLM_KV_MARGIN))
     if device_bytes:
-        need = min(need, max(VLLM_KV_FLOOR_BYTES, int(device_bytes * VLLM_KV_MAX_SHARE)))
+        need = min(need, max(VLLM_KV_FLOOR_BYTES, one_row, int(device_bytes * VLLM_KV_MAX_SHARE)))
     return need
 
 

@@ -370,7 +370,7 @@ class ConfigFile:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=ConfigDumper, sort_keys=False)
 
     def replace(self, overrides: list[str] | tuple[str, ...]):
         """A copy with dotted overrides applied (validated)."""
@@ -386,15 +386,23 @@ class ConfigLoader(yaml.SafeLoader):
     """
 
 
-ConfigLoader.yaml_implicit_resolvers = {
-    first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-# Appended after the 1.1 resolvers, so an integer (`8`) and a dotted float still resolve as before.
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+# A float without a dot (`2e-4`, `1E5`); `.5e3` needs a digit after the dot, so `._e5` stays a string.
+_DOTLESS_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, except that it quotes the strings `ConfigLoader` would read as numbers.
+
+    Without it a string such as "1234e56" would be written bare and read back as a float.
+    """
+
+
+for _yaml_class in (ConfigLoader, ConfigDumper):
+    _yaml_class.yaml_implicit_resolvers = {
+        first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    # Appended after the 1.1 resolvers, so an integer (`8`) and a dotted float still resolve as before.
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", _DOTLESS_FLOAT, list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:

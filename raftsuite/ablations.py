@@ -155,7 +155,7 @@ def _cached_run(name: str, config: raftlib.RAFTConfig, seed: int, runs: Ablation
         "config": {k: v for k, v in config.to_dict().items() if k not in ("seed", "output_dir")},
         "seed": seed,
         "held_out": [p.prompt_id for p in runs.held_out],
-        "settings": runs.settings.__dict__,
+        "settings": asdict(runs.settings),
     }
     return cached(runs.work / name / f"seed_{seed}.json", params, lambda: _one_run(name, config, seed, runs))
 
@@ -177,7 +177,12 @@ def learning_rate_sweep(
     seed = runs.seeds[0]
     on_validation = replace(runs, held_out=list(validation), work=runs.work / "lr_sweep")
     sft = base.model.path
-    params = {"model": sft, "seed": seed, "validation": [p.prompt_id for p in validation]}
+    params = {
+        "model": sft,
+        "seed": seed,
+        "validation": [p.prompt_id for p in validation],
+        "settings": asdict(runs.settings),  # how it is evaluated, as every run's key says
+    }
     sft_columns = cached(on_validation.work / "SFT.json", params, lambda: on_validation.evaluate(sft, seed, "SFT"))[0]
     at_setting = base.replace(setting_overrides(*setting))
 

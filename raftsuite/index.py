@@ -192,7 +192,9 @@ def ignored_by_git(path: Path) -> bool:
     import subprocess
 
     try:
-        found = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=path.parent, capture_output=True)
+        # Absolute, so a relative `path` is not read again relative to its own parent.
+        path = path.resolve()
+        found = subprocess.run(["git", "check-ignore", "-q", path.name], cwd=path.parent, capture_output=True)
     except OSError:  # no git on this machine
         return False
     return found.returncode == 0

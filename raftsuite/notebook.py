@@ -78,7 +78,9 @@ def expected_time(profile: str, name: str) -> str:
     before = list(group[: group.index(name)]) if group else []
     if before:
         earlier = ", ".join(f"{o} {m:.0f} min" for o in before if (m := expected_minutes(profile, o)) is not None)
-        took += f" after {', '.join(before)} had run (with an empty runs/ cache add their part: {earlier})"
+        took += f" after {', '.join(before)} had run"
+        if earlier:  # an earlier notebook with no committed run has no part to add
+            took += f" (with an empty runs/ cache add their part: {earlier})"
     return took + " on the suite's 2-core machine"
 
 

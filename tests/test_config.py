@@ -64,6 +64,9 @@ def test_exponent_without_a_dot_is_a_number_on_the_command_line_and_in_yaml(tmp_
     assert RAFTConfig.from_dict(MINIMAL, ["loop.iterations=3"]).loop.iterations == 3
     with pytest.raises(ConfigError, match=r"training\.learning_rate = '2e': expected a number"):
         RAFTConfig.from_dict(MINIMAL, ["training.learning_rate=2e"])
+    # A dot with no digit after it is text, refused by name (it once reached float() and raised a bare ValueError).
+    with pytest.raises(ConfigError, match=r"training\.learning_rate = '\._e5': expected a number"):
+        RAFTConfig.from_dict(MINIMAL, ["training.learning_rate=._e5"])
 
 
 def test_notebook_parameters_and_profiles_read_2e_4_as_a_number():
@@ -192,6 +195,11 @@ def test_derived_quantities():
 def test_yaml_round_trip(tmp_path):
     config = RAFTConfig.from_dict(MINIMAL, ["model.lora={r: 4}", "generation.stop_strings=['\\n\\n']"])
     path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+    assert RAFTConfig.from_yaml(path) == config
+    # A string the loader would read as a number (`2e-4` is one) is written quoted, so it comes back a string.
+    config = RAFTConfig.from_dict(MINIMAL, ["model.path='1234e56'", "output_dir='2E-4'"])
+    assert config.model.path == "1234e56"
     path.write_text(config.to_yaml())
     assert RAFTConfig.from_yaml(path) == config
 

@@ -183,6 +183,39 @@ def test_compiled_static_step_equals_the_uncompiled_one_and_compiles_once(gpt2_d
     assert compiled.compilations == 1
 
 
+def test_a_static_run_compiles_its_decode_step_once_over_iterations_and_evaluation(
+    gpt2_dir, prompts_file, tmp_path, monkeypatch
+):
+    """A whole run (2 iterations, each generating K = 4 and evaluating at 2 samples per held-out prompt, its
+    policy refreshed after every fine-tune) builds one decoder and the compiler one graph: dynamo calls the
+    backend once per graph it builds, a recompilation or a graph break included, so a second shape shows."""
+    from conftest import base_config
+    from raftlib import run
+    from raftlib.config import RAFTConfig
+    from raftlib.text import fastgen
+
+    built, for_spec = [], StaticDecoder.__dict__["for_spec"]
+    monkeypatch.setattr(fastgen, "COMPILE_BACKEND", lambda graph, example_inputs: graph.forward)  # no codegen
+    monkeypatch.setattr(
+        StaticDecoder,
+        "for_spec",
+        classmethod(lambda cls, spec: built.append(for_spec.__func__(cls, spec)) or built[-1]),
+    )
+    torch._dynamo.reset()  # graphs another test compiled are not this run's
+    config = base_config(
+        gpt2_dir,
+        prompts_file,
+        tmp_path / "run",
+        generation={"samples_per_prompt": 4, "max_new_tokens": 8, "prompts_per_batch": 2, "backend": "static"},
+        loop={"iterations": 2, "prompts_per_iteration": 4, "eval_samples_per_prompt": 2},
+    )
+    config["generation"]["compile"] = "always"
+    result = run(RAFTConfig.from_dict(config))
+    assert [row["iteration"] for row in result.metrics] == [0, 1, 2]  # 0: the evaluation before any fine-tune
+    assert len(built) == 1 and built[0].compile
+    assert built[0].compilations == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning: packing and the chunked loss
 # ----------------------------------------------------------------------------------------------

@@ -222,6 +222,11 @@ def test_start_names_an_edit_the_profile_replaces_and_says_what_the_run_time_res
         "tiny", "efficiency"
     )
     assert notebook.expected_time("no-such-profile", "hh_rlhf") == "no committed no-such-profile run to time it by"
+    # An earlier notebook with no committed run of its own adds no "add their part" clause with nothing in it.
+    monkeypatch.setattr(notebook, "expected_minutes", lambda profile, name: 2.0 if name == "efficiency" else None)
+    assert notebook.expected_time("tiny", "efficiency") == (
+        "the committed run took 2.0 min after hh_rlhf had run on the suite's 2-core machine"
+    )
 
 
 def test_start_under_the_runner_applies_nothing_and_a_bad_value_is_named(monkeypatch):

@@ -392,11 +392,22 @@ def test_the_vllm_pool_is_capped_at_a_share_of_the_gpu_and_the_plan_says_how_man
     device = Hardware.preset("H100-80GB").gpu_memory_gib * GiB
     rows, tokens, per_token = 16 * 32, 256 + 128, 2 * 32 * 4096 * 2
     assert vllm_kv_cache_bytes(rows, tokens, per_token) > device * VLLM_KV_MAX_SHARE  # one batch would want more
+    # The cap never goes below one row at its longest, which vLLM needs to start (a 1 GiB device, a 400k-token row).
+    assert vllm_kv_cache_bytes(rows, 400_000, per_token, GiB) == int(400_000 * per_token * 1.25)
     assert term(stage(estimate, "generate"), "vLLM KV pool") == int(device * VLLM_KV_MAX_SHARE)
     (warning,) = [w for w in estimate.warnings if "vLLM's KV pool" in w]
     at_once = int(device * VLLM_KV_MAX_SHARE) // (tokens * per_token * 1.25)
     assert f"holds about {at_once:.0f} of a batch's {rows} rows" in warning
-    sized = llama7b(generation={"backend": "vllm", "vllm_options": {"kv_cache_memory_bytes": 5 * GiB}})
-    assert (
-        term(stage(plan(sized, Hardware.preset("H100-80GB", 1), sharding="ddp"), "generate"), "vLLM KV pool") == 5 * GiB
-    )
+    # A pool the user sized is theirs: planned as given (vLLM prefers kv_cache_memory_bytes over a share), no advice.
+    h100 = Hardware.preset("H100-80GB", 1)
+    for options in (
+        {"kv_cache_memory_bytes": 5 * GiB},
+        {"kv_cache_memory_bytes": 5 * GiB, "gpu_memory_utilization": 0.9},
+    ):
+        sized = llama7b(generation={"backend": "vllm", "prompts_per_batch": 16, "vllm_options": options})
+        estimate = plan(sized, h100, sharding="ddp")
+        assert term(stage(estimate, "generate"), "vLLM KV pool") == 5 * GiB, options
+        assert not [w for w in estimate.warnings if "vLLM's KV pool" in w], options
+    # A share smaller than the engine's weights leaves no pool, not a negative one.
+    small = llama7b(generation={"backend": "vllm", "vllm_options": {"gpu_memory_utilization": 0.01}})
+    assert term(stage(plan(small, h100, sharding="ddp"), "generate"), "vLLM KV pool") == 0

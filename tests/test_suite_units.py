@@ -926,9 +926,10 @@ def test_sft_to_raft_compares_perplexity_as_a_ratio_and_the_rest_as_differences(
     assert [c.claim for c in claims] == ["SFT -> RAFT, perplexity (ratio RAFT / SFT)", "SFT -> RAFT, proxy reward"]
 
 
-def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path):
+def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path, monkeypatch):
     """A smoke or dryrun run on this machine must not change results/index.html, which is committed."""
     import subprocess
+    from pathlib import Path
 
     from raftsuite import index
 
@@ -942,6 +943,9 @@ def test_the_committed_index_leaves_out_profiles_git_ignores(tmp_path):
     page = index.write_index(tmp_path / "results").read_text()
     assert "Profile <code>tiny</code>" in page and "Profile <code>smoke</code>" not in page
     assert "not committed (git ignores them): <code>smoke</code>" in page
+    # A relative path is read from where the caller stands, not again from inside its own parent.
+    monkeypatch.chdir(tmp_path)
+    assert index.ignored_by_git(Path("results/smoke")) and not index.ignored_by_git(Path("results/tiny"))
 
 
 def test_a_mistyped_profile_or_notebook_fails_before_setup_with_the_choices():

@@ -223,7 +223,8 @@ def vllm_reference(gpt2_vllm_dir, prompts_file, tmp_path_factory):
     from raftlib.text.vllm_backend import VLLMDecoder
 
     root = tmp_path_factory.mktemp("vllm-reference")
-    built, for_spec = [], VLLMDecoder.for_spec
+    # The class's own attribute (a classmethod object), so restoring it restores a classmethod, not a bound method.
+    built, for_spec = [], VLLMDecoder.__dict__["for_spec"]
     VLLMDecoder.for_spec = classmethod(lambda cls, spec: built.append(spec) or for_spec.__func__(cls, spec))
     try:
         result = run(RAFTConfig.from_dict(base_config(gpt2_vllm_dir, prompts_file, root / "run", **VLLM_RUN)))

@@ -175,13 +175,14 @@ def _vllm_engine(config: RAFTConfig, hw: Hardware, weight_bytes: int, S: int, kv
     if g.backend != "vllm":
         return ()
     weights = Term("vLLM weights", weight_bytes, "the engine's own copy: N x wb")
-    if "gpu_memory_utilization" in g.vllm_options:
-        share = float(g.vllm_options["gpu_memory_utilization"])
-        pool = hw.gpu_memory_gib * GiB * share - weight_bytes
-        return weights, Term("vLLM KV pool", pool, f"gpu_memory_utilization {share} x GPU - weights (user's share)")
+    # vLLM sizes the pool by kv_cache_memory_bytes when it is given, whatever gpu_memory_utilization says.
     if "kv_cache_memory_bytes" in g.vllm_options:  # the user sized the pool
         pool = int(g.vllm_options["kv_cache_memory_bytes"])
         return weights, Term("vLLM KV pool", pool, "vllm_options.kv_cache_memory_bytes (user's)")
+    if "gpu_memory_utilization" in g.vllm_options:
+        share = float(g.vllm_options["gpu_memory_utilization"])
+        pool = max(0.0, hw.gpu_memory_gib * GiB * share - weight_bytes)
+        return weights, Term("vLLM KV pool", pool, f"gpu_memory_utilization {share} x GPU - weights (user's share)")
     rows = max(g.prompts_per_batch * g.samples_per_prompt, config.loop.eval_samples_per_prompt)
     need = vllm_kv_cache_bytes(rows, S, kv_per_token)
     pool = vllm_kv_cache_bytes(rows, S, kv_per_token, hw.gpu_memory_gib * GiB)
@@ -192,8 +193,10 @@ def _vllm_engine(config: RAFTConfig, hw: Hardware, weight_bytes: int, S: int, kv
 
 
 def _vllm_warnings(z: TextSizes) -> list[str]:
-    """A warning when the engine's capped pool holds fewer rows at full length than one batch draws."""
-    if not z.engine or "gpu_memory_utilization" in z.config.generation.vllm_options:
+    """A warning when raftlib's capped pool holds fewer rows at full length than one batch draws (a pool the
+    user sized through `vllm_options` is theirs, and the warning's advice would not apply)."""
+    user = z.config.generation.vllm_options
+    if not z.engine or "gpu_memory_utilization" in user or "kv_cache_memory_bytes" in user:
         return []
     g = z.config.generation
     rows = max(g.prompts_per_batch * g.samples_per_prompt, z.config.loop.eval_samples_per_prompt)
