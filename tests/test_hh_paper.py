@@ -85,6 +85,37 @@ def test_the_reward_scores_formatted_text_with_the_sentencepiece_rm(standins):
         formatted_reward_model(str(standins["reward_model"]), formatter="chatml")
 
 
+def test_a_difference_the_probes_miss_is_caught_on_the_texts_scored(standins, monkeypatch, caplog):
+    """The probes are a sample; the scorer checks every batch it encodes against the tokenizer.model, so a text
+    the fast tokenizer gets wrong is scored with sentencepiece's tokens, as a scorer warned at setup scores it."""
+    import logging
+
+    from raftlib.text import rewards
+
+    path = str(standins["reward_model"])
+    texts = ["###Human: soup? ###Assistant: rain", "###Human: How do I   bake bread? ###Assistant:  Mix  flour."]
+    warned_at_setup = rewards.RewardModelScorer(path, use_chat_template=False, batch_size=1)
+    expected = warned_at_setup(texts, ["", ""])
+    monkeypatch.setattr(rewards, "SENTENCEPIECE_PROBES", (texts[0],))  # a probe both tokenizers encode alike
+    scorer = rewards.RewardModelScorer(path, use_chat_template=False, batch_size=1)
+    scorer.setup()
+    try:
+        assert scorer.sentencepiece is None and scorer.reference is not None  # the probe passed
+        with caplog.at_level(logging.WARNING, "raftlib"):
+            assert scorer(texts, ["", ""]) == pytest.approx(expected, abs=1e-6)
+        assert scorer.sentencepiece is scorer.reference  # switched at the second text, for the rest of the run
+        assert "How do I   bake bread" in caplog.text and "transformers#24233" in caplog.text
+    finally:
+        scorer.teardown()
+    fast_only = rewards.RewardModelScorer(path, use_chat_template=False, batch_size=1)
+    fast_only.setup()
+    fast_only.reference = None  # what the scorer did before: the probes alone
+    try:
+        assert fast_only(texts, ["", ""])[1] != pytest.approx(expected[1], abs=1e-6)  # the tokens matter
+    finally:
+        fast_only.teardown()
+
+
 def _setup(directory: str, standins: dict, **extra):
     from raftsuite.hh_paper import PaperSetupRequest, prepare_paper_setup
 

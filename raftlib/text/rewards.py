@@ -92,6 +92,7 @@ class _Loaded:
     model: Any
     tokenizer: Any
     sentencepiece: Any
+    reference: Any
     holders: int = 0
 
 
@@ -130,7 +131,11 @@ class RewardModelScorer:
         self.model = None
         self.tokenizer = None
         self.sentencepiece = None
-        """The reward model's sentencepiece processor, when its fast tokenizer encodes differently (setup)."""
+        """The reward model's sentencepiece processor, once its fast tokenizer has encoded a text differently
+        (on the probes at setup, or on a text it scores): from then on every text is encoded with it."""
+        self.reference = None
+        """The sentencepiece processor of the model's `tokenizer.model`, when it ships one: each batch the fast
+        tokenizer encodes is checked against it first, so a difference the probes missed is caught on the data."""
         self.holders = 0
         """setup() calls not yet matched by teardown(): the model stays loaded while anyone holds it."""
         self._key: tuple = ()
@@ -151,19 +156,15 @@ class RewardModelScorer:
             try:
                 self._load(key[2])
             except BaseException:
-                self.model = self.tokenizer = self.sentencepiece = None  # a refused model is not half-held
+                self.model = self.tokenizer = self.sentencepiece = self.reference = None  # not half-held
                 self.holders -= 1
                 raise
-            shared = _Loaded(self.model, self.tokenizer, self.sentencepiece)
+            shared = _Loaded(self.model, self.tokenizer, self.sentencepiece, self.reference)
             _LOADED[key] = shared
         shared.holders += 1
         self._shared = shared
-        self.model, self.tokenizer, self.sentencepiece, self._key = (
-            shared.model,
-            shared.tokenizer,
-            shared.sentencepiece,
-            key,
-        )
+        self.model, self.tokenizer, self._key = shared.model, shared.tokenizer, key
+        self.sentencepiece, self.reference = shared.sentencepiece, shared.reference
 
     def _load(self, device: str) -> None:
         import torch
@@ -200,7 +201,8 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
-        self.sentencepiece = check_against_sentencepiece(self.tokenizer, self.path)
+        self.reference = sentencepiece_processor(self.path)
+        self.sentencepiece = check_against_sentencepiece(self.tokenizer, self.path, self.reference)
 
     def teardown(self) -> None:
         import gc
@@ -216,7 +218,7 @@ class RewardModelScorer:
             _LOADED.pop(self._key, None)
         self.model = None
         self.tokenizer = None
-        self.sentencepiece = None
+        self.sentencepiece = self.reference = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -246,6 +248,8 @@ class RewardModelScorer:
             device = next(self.model.parameters()).device
             for start in range(0, len(texts), self.batch_size):
                 chunk = texts[start : start + self.batch_size]
+                if self.sentencepiece is None and self.reference is not None:
+                    self._check_on(chunk)
                 if self.sentencepiece is not None:
                     batch = sentencepiece_batch(self.sentencepiece, self.tokenizer, chunk, self.max_length)
                     batch = {k: v.to(device) for k, v in batch.items()}
@@ -264,6 +268,17 @@ class RewardModelScorer:
         finally:
             if loaded_here:
                 self.teardown()
+
+    def _check_on(self, texts: list[str]) -> None:
+        """Switch to sentencepiece (for this model in this process) if the fast tokenizer encodes any of `texts`
+        otherwise: texts it encodes alike get the same tokens either way, so every text scored gets the
+        reward model's own tokens."""
+        differing = first_difference(self.tokenizer, self.reference, texts)
+        if differing is not None:
+            _warn_differs(self.path, *differing)
+            self.sentencepiece = self.reference
+            if self._shared is not None:
+                self._shared.sentencepiece = self.reference
 
 
 SENTENCEPIECE_PROBES = (
@@ -304,31 +319,53 @@ def sentencepiece_model_file(path: str):
     return None
 
 
-def check_against_sentencepiece(tokenizer, path: str):
-    """When the model (dir or hub repo) ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
-    must encode as sentencepiece does. A converted fast tokenizer that differs (Open-LLaMA's, on repeated spaces:
-    transformers#24233) would score other tokens than the reward model was trained on: then the sentencepiece
-    processor is returned and the scorer encodes with it (a warning names the text that differed); None when the
-    fast tokenizer agrees or there is no tokenizer.model."""
+def sentencepiece_processor(path: str):
+    """The sentencepiece processor of the model's (dir or hub repo) `tokenizer.model`; None when it ships none
+    (or sentencepiece is not installed: it is in the suite's environment)."""
     model_file = sentencepiece_model_file(path)
     if model_file is None:
         return None
     try:
         import sentencepiece
     except ImportError:
-        return None  # nothing to compare against (sentencepiece is in the suite's environment)
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    for text in SENTENCEPIECE_PROBES:
+        return None
+    return sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+
+
+def first_difference(tokenizer, processor, texts) -> tuple[str, list[int], list[int]] | None:
+    """The first of `texts` that `tokenizer` (no special tokens) and `processor` encode differently, with both
+    encodings; None when they agree on all."""
+    for text in texts:
         fast = tokenizer(text, add_special_tokens=False)["input_ids"]
         slow = processor.encode(text)
         if fast != slow:
-            logger.warning(
-                "reward model %r: its fast tokenizer encodes %r as %s... but its tokenizer.model (sentencepiece) as "
-                "%s...: scoring encodes with sentencepiece, as the reward model was trained (transformers#24233)",
-                path, text, fast[:12], slow[:12],
-            )  # fmt: skip
-            return processor
+            return text, fast, slow
     return None
+
+
+def _warn_differs(path: str, text: str, fast: list[int], slow: list[int]) -> None:
+    logger.warning(
+        "reward model %r: its fast tokenizer encodes %r as %s... but its tokenizer.model (sentencepiece) as "
+        "%s...: scoring encodes with sentencepiece, as the reward model was trained (transformers#24233)",
+        path, text[:200], fast[:12], slow[:12],
+    )  # fmt: skip
+
+
+def check_against_sentencepiece(tokenizer, path: str, processor=None):
+    """When the model (dir or hub repo) ships a sentencepiece `tokenizer.model`, the (always fast, in transformers 5) tokenizer
+    must encode as sentencepiece does. A converted fast tokenizer that differs (Open-LLaMA's, on repeated spaces:
+    transformers#24233) would score other tokens than the reward model was trained on: then the sentencepiece
+    processor is returned and the scorer encodes with it (a warning names the text that differed); None when the
+    fast tokenizer agrees on `SENTENCEPIECE_PROBES` or there is no tokenizer.model. (The scorer goes on checking
+    every batch it scores: see `RewardModelScorer.reference`.)"""
+    processor = processor or sentencepiece_processor(path)
+    if processor is None:
+        return None
+    differing = first_difference(tokenizer, processor, SENTENCEPIECE_PROBES)
+    if differing is None:
+        return None
+    _warn_differs(path, *differing)
+    return processor
 
 
 def sentencepiece_batch(processor, tokenizer, texts: list[str], max_length: int | None) -> dict:
