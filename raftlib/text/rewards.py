@@ -358,7 +358,7 @@ def check_against_sentencepiece(tokenizer, path: str, processor=None):
     processor is returned and the scorer encodes with it (a warning names the text that differed); None when the
     fast tokenizer agrees on `SENTENCEPIECE_PROBES` or there is no tokenizer.model. (The scorer goes on checking
     every batch it scores: see `RewardModelScorer.reference`.)"""
-    processor = processor or sentencepiece_processor(path)
+    processor = processor if processor is not None else sentencepiece_processor(path)
     if processor is None:
         return None
     differing = first_difference(tokenizer, processor, SENTENCEPIECE_PROBES)
