@@ -168,6 +168,7 @@ def test_compiled_static_step_equals_the_uncompiled_one_and_compiles_once(gpt2_d
     """torch.compile (Inductor's C++ backend here; CUDA graphs on a GPU) changes nothing in what is drawn,
     up to rounding: Inductor fuses and reorders the step's float arithmetic (see assert_same_draws). One
     compilation serves every call of the run's shape, a refreshed policy object included."""
+    torch._dynamo.reset()  # a graph another test built for these settings would be reused: none compiled here
     model, tokenizer = load(gpt2_dir)
     settings = GenerationSection(samples_per_prompt=2, temperature=1.0, max_new_tokens=6)
     plain, _, text_format = static_and_eager(model, tokenizer, settings)
@@ -214,6 +215,38 @@ def test_a_static_run_compiles_its_decode_step_once_over_iterations_and_evaluati
     assert [row["iteration"] for row in result.metrics] == [0, 1, 2]  # 0: the evaluation before any fine-tune
     assert len(built) == 1 and built[0].compile
     assert built[0].compilations == 1
+
+
+@pytest.mark.parametrize("settings", ["the same", "each its own"])
+def test_static_decoders_past_dynamos_recompile_limit_still_run_a_compiled_step(gpt2_dir, monkeypatch, settings):
+    """dynamo keeps at most `recompile_limit` (8) graphs per code object and then runs it eagerly, with one log
+    line. An evaluation per GRPO callback, or a table's models evaluated in one kernel, builds a static decoder
+    per call: every one of them must still run a compiled step. The same settings compile once and every later
+    decoder reuses the graph; other settings compile their own, each once. The backend counts graphs built and
+    calls of them (an eager fallback calls none)."""
+    from raftlib.text import fastgen
+
+    graph_calls = []
+
+    def counting(graph, example_inputs):
+        return lambda *inputs: graph_calls.append(1) or graph.forward(*inputs)
+
+    monkeypatch.setattr(fastgen, "COMPILE_BACKEND", counting)
+    torch._dynamo.reset()
+    model, tokenizer = load(gpt2_dir)
+    compilations, calls = [], []
+    for index in range(torch._dynamo.config.recompile_limit + 2):
+        temperature = 1.0 if settings == "the same" else 0.5 + index / 20
+        decoding = GenerationSection(samples_per_prompt=2, temperature=temperature, max_new_tokens=4)
+        decoder, _, text_format = static_and_eager(model, tokenizer, decoding, compile=True)
+        before = len(graph_calls)
+        decode_with(decoder, text_format, decoding)
+        compilations.append(decoder.compilations)
+        calls.append(len(graph_calls) - before)
+        decoder.close()
+    assert all(count > 0 for count in calls), calls  # every decoder ran the compiled step
+    expected = [1] + [0] * (len(calls) - 1) if settings == "the same" else [1] * len(calls)
+    assert compilations == expected
 
 
 # ----------------------------------------------------------------------------------------------

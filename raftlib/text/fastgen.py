@@ -4,7 +4,8 @@ The eager decoder (`raftlib.text.eager`) uses transformers' dynamic cache, which
 and so cannot be captured as a CUDA graph. Here the cache is a `transformers.StaticCache` allocated once per
 run for the most rows a decode call draws (prompts per batch x K) and the longest prompt of the run plus
 `max_new_tokens`; every call is padded to that one shape (left-padded prompts, dummy rows when a batch has
-fewer), so the decode step (model forward + sampling) compiles once per run, and
+fewer), so the decode step (model forward + sampling) compiles once per run (later decoders of a process with the
+same settings and shape reuse its graph: `_shared_compiled_step`), and
 `torch.compile(mode="reduce-overhead")` captures it as a CUDA graph on a GPU. The model is an argument of the
 compiled step, not a constant in it, so a refreshed policy (another module object of the same architecture,
 e.g. the checkpoint every process reloads after a sharded fine-tune) reuses the compiled graph. The engines
@@ -20,7 +21,9 @@ regenerated after a crash is identical, as with the eager backend. The two backe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,10 +85,16 @@ class StaticDecoder:
         self.prompt_bucket = prompt_bucket
         self.width = self.bucketed_width(prompt_width)
         self.compile = compile
-        self.compilations = 0
-        """Graphs the compiler built for the step (one per run unless the shape had to grow)."""
         self._cache = None
         self._step = None
+        self._shared: _CompiledStep | None = None
+        self._graphs_before = 0
+
+    @property
+    def compilations(self) -> int:
+        """Graphs the compiler built for this decoder's step: one per run unless the shape had to grow, none
+        where an earlier decoder of this process with the same settings and shape built it already."""
+        return self._shared.graphs - self._graphs_before if self._shared is not None else 0
 
     @classmethod
     def for_spec(cls, spec: DecoderSpec) -> StaticDecoder:
@@ -135,30 +144,12 @@ class StaticDecoder:
 
     def _decode_step(self):
         """model forward on one token per row + sampling: fixed shapes, so it compiles to one graph."""
-
-        settings = self.decoding
-
-        def step(model, cache, token, position, attention, row_seeds, step_index):
-            inputs = {"input_ids": token[:, None], "position_ids": position[:, None], "attention_mask": attention}
-            out = model(**inputs, use_cache=True, **{cache_argument(model): cache})
-            return draw_step(out.logits[:, -1, :], settings, hashed_uniform(row_seeds, step_index))
-
         if not self.compile:
-            return step
-        on_gpu = next(self.model.parameters()).is_cuda
-
-        def counting_backend(graph, example_inputs):
-            self.compilations += 1
-            if COMPILE_BACKEND != "inductor":
-                return COMPILE_BACKEND(graph, example_inputs)
-            import torch._inductor
-            from torch._inductor.compile_fx import compile_fx
-
-            # mode="reduce-overhead" as torch.compile spells it: CUDA graphs, on a GPU only
-            patches = torch._inductor.list_mode_options("reduce-overhead") if on_gpu else {}
-            return compile_fx(graph, example_inputs, config_patches=patches)
-
-        return torch.compile(step, backend=counting_backend, dynamic=False)
+            return _step_function(self.decoding)
+        if self._shared is None:
+            self._shared = _shared_compiled_step(self.decoding, next(self.model.parameters()).is_cuda)
+            self._graphs_before = self._shared.graphs
+        return self._shared.function
 
     # -- decoding ---------------------------------------------------------------------------------------------
 
@@ -232,3 +223,59 @@ class StaticDecoder:
             token = drawn.token
             finished |= torch.isin(token, eos)
         return [torch.stack(column, dim=1).cpu() for column in zip(*draws)]  # tokens, logprobs, entropies, margins
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled step, one per sampling settings per process
+# ----------------------------------------------------------------------------------------------
+
+
+def _step_function(settings: Decoding):
+    def step(model, cache, token, position, attention, row_seeds, step_index):
+        inputs = {"input_ids": token[:, None], "position_ids": position[:, None], "attention_mask": attention}
+        out = model(**inputs, use_cache=True, **{cache_argument(model): cache})
+        return draw_step(out.logits[:, -1, :], settings, hashed_uniform(row_seeds, step_index))
+
+    return step
+
+
+@dataclass
+class _CompiledStep:
+    function: Callable
+    graphs: int = 0
+    """Graphs the compiler built for `function` (dynamo calls the backend once per graph)."""
+
+
+_COMPILED_STEPS: dict[tuple[Decoding, bool], _CompiledStep] = {}
+
+
+def _shared_compiled_step(settings: Decoding, on_gpu: bool) -> _CompiledStep:
+    """The compiled decode step every decoder of these settings in this process shares.
+
+    Why shared, and why each with a code object of its own: dynamo keeps its graphs on the function's code
+    object and guards them on the backend object. A backend per decoder (as this file had) made every new
+    decoder a recompilation of the same code, and from the 9th in one process (an evaluation per GRPO
+    callback, the models of a table evaluated in one kernel) dynamo hit `recompile_limit` (8) and ran the
+    step eagerly, with one log line. One backend per settings reuses the graph for every decoder of the same
+    shape; a code object per settings keeps one settings' graphs from counting against another's limit.
+    """
+    key = (settings, on_gpu)
+    if key not in _COMPILED_STEPS:
+        step = _step_function(settings)
+        own_code = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, None, step.__closure__)
+        compiled = _CompiledStep(function=own_code)
+
+        def counting_backend(graph, example_inputs):
+            compiled.graphs += 1
+            if COMPILE_BACKEND != "inductor":
+                return COMPILE_BACKEND(graph, example_inputs)
+            import torch._inductor
+            from torch._inductor.compile_fx import compile_fx
+
+            # mode="reduce-overhead" as torch.compile spells it: CUDA graphs, on a GPU only
+            patches = torch._inductor.list_mode_options("reduce-overhead") if on_gpu else {}
+            return compile_fx(graph, example_inputs, config_patches=patches)
+
+        compiled.function = torch.compile(own_code, backend=counting_backend, dynamic=False)
+        _COMPILED_STEPS[key] = compiled
+    return _COMPILED_STEPS[key]
