@@ -977,3 +977,50 @@ def test_a_lora_method_run_without_peft_names_the_install_command_before_its_chi
     with pytest.raises(ConfigError, match=r"lora_rank = 16 needs the peft package.*pip install 'raftlib\[lora\]'"):
         hh_methods.method_run(tmp_path, settings, plan, hh_methods.MethodRun("grpo", 1e-5, 0))
     assert not list(tmp_path.glob("*.log"))  # no child was started
+
+
+def test_the_sample_viewer_shows_gold_beside_proxy_kept_beside_rejected_for_every_seed(tmp_path):
+    """The viewer a report shows: per seed's run, its first, middle and last iteration; per iteration the first
+    prompts that have a kept sample (a prompt with none is skipped); the kept sample first, then the rejected
+    ones best first, each with the proxy reward it was ranked by and the gold reward it never saw."""
+    import re
+
+    from raftlib.store import write_parquet
+    from raftsuite import report
+
+    runs = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"raft_seed{seed}"
+        for iteration in (1, 2, 3, 4, 5):
+            rows = []
+            for prompt_id in (7, 8, 9):
+                for index, reward in enumerate((0.1, 0.9, 0.5)):
+                    kept = prompt_id != 7 and index == 1  # prompt 7 kept nothing
+                    text = f"s{seed} i{iteration} p{prompt_id} r{reward} <b>"
+                    rows.append(
+                        {
+                            "prompt_id": prompt_id,
+                            "prompt": f"prompt {prompt_id}",
+                            "kept": kept,
+                            "reward": reward,
+                            "completion": text,
+                        }
+                    )
+            write_parquet(run_dir / f"iter_{iteration:04d}" / "samples.parquet", rows)
+        runs.append(run_dir)
+    gold_calls = []
+
+    def gold(prompts, completions):
+        gold_calls.append(len(completions))
+        return [float(len(c)) / 100 for c in completions]
+
+    page = report.sample_viewer(runs, gold=gold, prompts_per_run=2, max_rejected=2)
+    headings = re.findall(r"<h4>([^<]+), iteration (\d+):", page)
+    assert headings == [(f"raft_seed{s}", str(i)) for s in (0, 1) for i in (1, 3, 5)]
+    assert "prompt 7" not in page and page.count("<th class='text'>prompt 8</th>") == 6  # 2 seeds x 3 iterations
+    cells = re.findall(r"<td class='(kept|rejected)'><div class='reward'>[^<]*?proxy ([\d.]+) · gold ([\d.]+)", page)
+    first_row = cells[:3]
+    best_first = [("kept", "0.900"), ("rejected", "0.500"), ("rejected", "0.100")]
+    assert [(kind, proxy) for kind, proxy, _ in first_row] == best_first
+    assert len(cells) == 2 * 3 * 2 * 3 and gold_calls == [3] * 12  # every shown sample has its gold reward
+    assert "&lt;b&gt;" in page and "<b>" not in page  # completions are escaped
