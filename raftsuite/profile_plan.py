@@ -259,7 +259,8 @@ def plan_profile(profile: str) -> list[PlannedStage]:
 def refusals(profile: str) -> list[str]:
     """What the notebooks of a GPU profile would refuse before a worker starts, besides memory: a GRPO baseline
     launched so that its held-out evaluation could not run (`hh_methods.refuse_sharded_grpo`,
-    `reasoning.check_grpo_sharding`), each as "notebook: message"."""
+    `reasoning.check_grpo_sharding`) or whose samples do not split into its micro-batches
+    (`reasoning.grpo_accumulation_steps`), each as "notebook: message"."""
     from raftsuite import hh_methods, reasoning, runner
 
     found = []
@@ -269,7 +270,9 @@ def refusals(profile: str) -> list[str]:
             if name in ("hh_rlhf", "efficiency") and values.get("run_grpo_baseline", True):
                 hh_methods.refuse_sharded_grpo(_hh_settings(values))
             elif name == "reasoning":
-                reasoning.check_grpo_sharding(reasoning.ReasoningSettings.from_parameters(values))
+                settings = reasoning.ReasoningSettings.from_parameters(values)
+                reasoning.check_grpo_sharding(settings)
+                reasoning.grpo_accumulation_steps(settings, settings.num_processes)
         except ValueError as refusal:
             found.append(f"{name}: {refusal}")
     return found

@@ -666,6 +666,21 @@ def check_grpo_sharding(settings: ReasoningSettings) -> None:
         )
 
 
+def grpo_accumulation_steps(settings: ReasoningSettings, processes: int) -> int:
+    """GRPO's gradient accumulation per optimizer step: each process's forward with gradients holds
+    `micro_batch_size` sequences (it held a whole update, samples_per_iteration / updates, at once: 128 sequences
+    of up to 1,024 tokens on the gpu profile), and an iteration's samples make `grpo_updates_per_generation`
+    optimizer steps over all processes."""
+    s = settings
+    per_update, rest = divmod(s.samples_per_iteration, s.grpo_updates_per_generation * processes * s.micro_batch_size)
+    if rest or per_update < 1:
+        raise ValueError(
+            f"GRPO: {s.samples_per_iteration} samples per iteration do not split into grpo_updates_per_generation "
+            f"{s.grpo_updates_per_generation} x {processes} processes x micro_batch_size {s.micro_batch_size}"
+        )
+    return per_update
+
+
 def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     """TRL's GRPO (in a child) at RAFT's sample budget; the held-out evaluation after each generated batch's
     `grpo_updates_per_generation` optimizer steps, by raftlib's evaluation (main process only)."""
@@ -685,13 +700,7 @@ def grpo_curve(job: dict[str, Any]) -> dict[str, Any]:
     settings, files, run = ReasoningSettings(**job["settings"]), ProblemFiles(**job["files"]), MethodRun(**job["run"])
     s, sets = settings, files.sets()
     _threads(settings)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    per_update, rest = divmod(s.samples_per_iteration, s.grpo_updates_per_generation * processes * s.micro_batch_size)
-    if rest or per_update < 1:
-        raise ValueError(
-            f"GRPO: {s.samples_per_iteration} samples per iteration do not split into grpo_updates_per_generation "
-            f"{s.grpo_updates_per_generation} x {processes} processes x micro_batch_size {s.micro_batch_size}"
-        )
+    per_update = grpo_accumulation_steps(settings, int(os.environ.get("WORLD_SIZE", "1")))
     check_grpo_sharding(settings)
     config = grpo_evaluation_config(settings, files, run.seed)
     verify = VERIFIERS[s.verifier]

@@ -366,6 +366,30 @@ def test_runner_check_refuses_a_grpo_baseline_whose_evaluation_could_not_run(mon
     assert found[1].startswith("reasoning: ") and "lora_rank 8 under the FSDP accelerate_config" in found[1]
 
 
+@pytest.mark.parametrize("profile", ["tiny", "gpu", "paper"])
+def test_reasoning_grpo_forwards_micro_batches_and_accumulates_each_update(profile, monkeypatch):
+    """Each GRPO forward with gradients holds micro_batch_size sequences per process (it held a whole update:
+    128 sequences on the gpu profile, 1,024 on the paper's); an iteration's samples are exactly
+    grpo_updates_per_generation optimizer steps. A split that does not divide is refused by `runner check`."""
+    from dataclasses import replace
+
+    from raftsuite import profile_plan, reasoning, runner
+
+    entry = runner.load_profile(profile).get("reasoning", {}) if profile != "tiny" else {}
+    settings = reasoning.ReasoningSettings.from_parameters(runner.notebook_parameters("reasoning") | dict(entry))
+    processes = settings.num_processes
+    steps = reasoning.grpo_accumulation_steps(settings, processes)
+    micro, updates = settings.micro_batch_size, settings.grpo_updates_per_generation
+    assert steps * micro * processes * updates == settings.samples_per_iteration
+    assert micro <= 8 < settings.samples_per_iteration // updates // processes or profile == "tiny"
+    with pytest.raises(ValueError, match=f"micro_batch_size {micro + 1}"):
+        reasoning.grpo_accumulation_steps(replace(settings, micro_batch_size=micro + 1), processes)
+    if profile == "paper":
+        monkeypatch.setattr(runner, "load_profile", lambda name: {"reasoning": entry | {"micro_batch_size": 7}})
+        found = profile_plan.refusals("paper")
+        assert len(found) == 1 and found[0].startswith("reasoning: GRPO: ") and "micro_batch_size 7" in found[0]
+
+
 def test_a_vllm_engine_is_planned_resident_in_every_stage_with_the_pool_raftlib_gives_it():
     # The engine is built once per run and keeps its own weights and KV pool through scoring and the fine-tune.
     from raftlib.estimates import vllm_kv_cache_bytes
