@@ -253,12 +253,19 @@ TABLE_METRICS = [
 
 
 def changes(
-    rows: pd.DataFrame, sweep: str, metric: str, paper: Mapping[float, float], identical: set | None = None
+    rows: pd.DataFrame,
+    sweep: str,
+    metric: str,
+    paper: Mapping[float, float],
+    identical: set | None = None,
+    per_prompt: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Paired changes along a sweep, seed by seed: last minus first, then each adjacent pair when the sweep has more
-    than two settings. Each with its 95 % t-interval over seeds (column `t`), the paper's change between the same
-    two settings and the verdict against the paper's direction; `identical` holds the pairs of settings whose runs
-    kept the very same samples (`kept_overlap` 1.0 for every seed): "identical runs"."""
+    than two settings. Each with its 95 % t-interval over seeds (column `t`, what the verdict reads), the paper's
+    change between the same two settings and the verdict against the paper's direction; `identical` holds the pairs
+    of settings whose runs kept the very same samples (`kept_overlap` 1.0 for every seed): "identical runs". With
+    `per_prompt` (`run_settings`' rows: seed, method = run name, prompt, metrics), beside it the crossed seeds x
+    prompts interval (every seed's final model scores the same held-out prompts)."""
     order = list(dict.fromkeys(rows[sweep]))
     pairs = [(order[0], order[-1])] + (list(itertools.pairwise(order)) if len(order) > 2 else [])
     out = []
@@ -269,6 +276,8 @@ def changes(
         if chosen.empty:
             continue
         interval = stats.trend(chosen, sweep, metric, first, last)
+        runs = {value: chosen.loc[chosen[sweep] == value, "run"].iloc[0] for value in (first, last)}
+        crossed = crossed_difference(per_prompt, runs[last], runs[first], metric)
         same = bool(identical) and (first, last) in identical
         if first in paper and last in paper and paper[first] != paper[last]:
             direction = stats.paper_direction(paper[first], paper[last])
@@ -280,6 +289,7 @@ def changes(
                 "change": f"{sweep} {first:g} → {last:g}",
                 "ours": str(interval),
                 "n_seeds": interval.n,
+                "crossed_interval": "—" if crossed is None else str(crossed),
                 "detectable_at_80pct_power": stats.detectable_effect(interval),
                 "paper_change": paper_change,
                 "verdict": verdict,
@@ -291,6 +301,18 @@ def changes(
     if not out:  # no pair of settings has values (e.g. a metric every run left empty)
         return pd.DataFrame(columns=["ours", "direction", "t"]).rename_axis("change")
     return pd.DataFrame(out).set_index("change")
+
+
+def crossed_difference(per_prompt: pd.DataFrame | None, ours: str, baseline: str, metric: str):
+    """Run `ours` minus run `baseline` over seeds x held-out prompts (`run_settings`' per-prompt rows: every seed's
+    final model scores the same prompts), or None where the rows do not hold both runs or the metric."""
+    if per_prompt is None or metric not in per_prompt:
+        return None
+    rows = per_prompt[per_prompt["method"].isin([ours, baseline])]
+    wide = rows.pivot_table(index=["seed", "prompt"], columns="method", values=metric).reset_index()
+    if wide.empty or not {ours, baseline} <= set(wide):
+        return None
+    return stats.crossed_paired_difference(wide.dropna(subset=[ours, baseline]), ours, baseline)
 
 
 def claims(table: str, changes_table: pd.DataFrame, metric: str, primary: str | None = None) -> list[Claim]:
@@ -469,9 +491,12 @@ def kept_overlaps(rows: pd.DataFrame, sweep: str, work: Path, reference: str | N
     return overlap
 
 
-def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_data: bool) -> pd.DataFrame:
+def control_table(
+    results: pd.DataFrame, controls: Mapping[str, Setting], hh_data: bool, per_prompt: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """RAFT minus its random-selection control per control run and metric (one row per run: a control may serve
-    several sweeps), with the t-interval (column `t`) and its verdict against "ranking helps"."""
+    several sweeps), with the t-interval (column `t`) and its verdict against "ranking helps", and with
+    `per_prompt` the crossed seeds x prompts interval beside it."""
     served: dict[Setting, list[str]] = {}
     for sweep, setting in controls.items():
         served.setdefault(setting, []).append(sweep)
@@ -480,6 +505,7 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
         raft, random = run_name(*setting), run_name(*setting, selection="random")
         for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
             interval = control_difference(results, raft, random, metric)
+            crossed = crossed_difference(per_prompt, raft, random, metric)
             rows.append(
                 {
                     "setting": setting_label(*setting),
@@ -488,6 +514,7 @@ def control_table(results: pd.DataFrame, controls: Mapping[str, Setting], hh_dat
                     "metric": metric,
                     "ours": str(interval),
                     "n_seeds": interval.n,
+                    "crossed_interval": "—" if crossed is None else str(crossed),
                     "detectable_at_80pct_power": stats.detectable_effect(interval),
                     "verdict": stats.verdict(interval, "up"),
                     "t": interval,

@@ -114,6 +114,7 @@ def test_changes_are_paired_by_seed_with_t_intervals_and_verdicts_against_the_pa
     assert list(table.columns) == [
         "ours",
         "n_seeds",
+        "crossed_interval",
         "detectable_at_80pct_power",
         "paper_change",
         "verdict",
@@ -413,3 +414,42 @@ def test_plot_sweeps_draws_the_papers_row_and_ours(sweep):
     fig = ablations.plot_sweeps({"K": _rows({2: [1.0, 1.2], 4: [1.5, 1.6]})}, {"K": "K"}, {"proxy_reward": "proxy"})
     assert not fig.axes[0].axison and fig.axes[1].get_title() == "K: proxy"
     plt.close(fig)
+
+
+def test_changes_and_controls_give_the_crossed_interval_over_seeds_and_prompts():
+    """Beside each seed-level t-interval, the crossed seeds x prompts interval from the per-prompt rows: the same
+    mean (a seed's value is the mean over its prompts) and never narrower; prompts that differ in how much a
+    setting helps widen it, as a new draw of prompts would move the mean."""
+    from raftsuite import stats
+
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.normal(0, 0.5, 16)  # how much K 32 helps, prompt by prompt
+    per_prompt = pd.DataFrame(
+        [
+            {"seed": seed, "method": f"K{k}", "prompt": prompt, "proxy_reward": base + (k == 32) * (0.3 + effect)}
+            for seed in range(5)
+            for prompt, effect in enumerate(prompt_effect)
+            for k, base in ((8, rng.normal(seed / 10, 0.1)), (32, rng.normal(seed / 10, 0.1)))
+        ]
+    )
+    rows = per_prompt.groupby(["method", "seed"], as_index=False)["proxy_reward"].mean()
+    rows = rows.assign(K=rows["method"].str[1:].astype(int), run=rows["method"]).sort_values(["K", "seed"])
+    table = ablations.changes(rows, "K", "proxy_reward", ablations.PAPER["K"], per_prompt=per_prompt)
+    seeds, crossed = table.loc["K 8 → 32", "t"], table.loc["K 8 → 32", "crossed_interval"]
+    expected = stats.crossed_paired_difference(
+        per_prompt.pivot_table(index=["seed", "prompt"], columns="method", values="proxy_reward").reset_index(),
+        "K32",
+        "K8",
+    )
+    assert crossed == str(expected) and expected.mean == pytest.approx(seeds.mean)
+    assert expected.high - expected.low > 1.5 * (seeds.high - seeds.low)  # the prompts' spread counts
+    assert ablations.changes(rows, "K", "proxy_reward", ablations.PAPER["K"]).loc["K 8 → 32", "crossed_interval"] == "—"
+    controls = per_prompt.replace({"method": {"K32": "random_K8_T0.85_beta0", "K8": "K8_T0.85_beta0"}})
+    results = (
+        controls.groupby(["method", "seed"], as_index=False)["proxy_reward"].mean().rename(columns={"method": "run"})
+    )
+    control = ablations.control_table(results, {"K": (8, 0.85, 0.0)}, True, controls)
+    assert control.loc[0, "crossed_interval"] == str(
+        ablations.crossed_difference(controls, "K8_T0.85_beta0", "random_K8_T0.85_beta0", "proxy_reward")
+    )
+    assert control.loc[0, "ours"].startswith(f"{-seeds.mean:.3f}")
