@@ -303,7 +303,7 @@ def changes(
     return pd.DataFrame(out).set_index("change")
 
 
-def crossed_difference(per_prompt: pd.DataFrame | None, ours: str, baseline: str, metric: str):
+def crossed_difference(per_prompt: pd.DataFrame | None, ours: str, baseline: str, metric: str) -> stats.Interval | None:
     """Run `ours` minus run `baseline` over seeds x held-out prompts (`run_settings`' per-prompt rows: every seed's
     final model scores the same prompts), or None where the rows do not hold both runs or the metric."""
     if per_prompt is None or metric not in per_prompt:

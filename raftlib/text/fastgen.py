@@ -257,7 +257,8 @@ def _shared_compiled_step(settings: Decoding, on_gpu: bool) -> _CompiledStep:
     decoder a recompilation of the same code, and from the 9th in one process (an evaluation per GRPO
     callback, the models of a table evaluated in one kernel) dynamo hit `recompile_limit` (8) and ran the
     step eagerly, with one log line. One backend per settings reuses the graph for every decoder of the same
-    shape; a code object per settings keeps one settings' graphs from counting against another's limit.
+    shape; a code object per settings keeps one settings' graphs from counting against another's limit. The
+    graphs (on a GPU with their CUDA-graph memory pool) live as long as the process, one set per settings.
     """
     key = (settings, on_gpu)
     if key not in _COMPILED_STEPS:
