@@ -277,7 +277,7 @@ def changes(
             continue
         interval = stats.trend(chosen, sweep, metric, first, last)
         runs = {value: chosen.loc[chosen[sweep] == value, "run"].iloc[0] for value in (first, last)}
-        crossed = crossed_difference(per_prompt, runs[last], runs[first], metric)
+        crossed = stats.crossed_between(per_prompt, runs[last], runs[first], metric)
         same = bool(identical) and (first, last) in identical
         if first in paper and last in paper and paper[first] != paper[last]:
             direction = stats.paper_direction(paper[first], paper[last])
@@ -301,18 +301,6 @@ def changes(
     if not out:  # no pair of settings has values (e.g. a metric every run left empty)
         return pd.DataFrame(columns=["ours", "direction", "t"]).rename_axis("change")
     return pd.DataFrame(out).set_index("change")
-
-
-def crossed_difference(per_prompt: pd.DataFrame | None, ours: str, baseline: str, metric: str) -> stats.Interval | None:
-    """Run `ours` minus run `baseline` over seeds x held-out prompts (`run_settings`' per-prompt rows: every seed's
-    final model scores the same prompts), or None where the rows do not hold both runs or the metric."""
-    if per_prompt is None or metric not in per_prompt:
-        return None
-    rows = per_prompt[per_prompt["method"].isin([ours, baseline])]
-    wide = rows.pivot_table(index=["seed", "prompt"], columns="method", values=metric).reset_index()
-    if wide.empty or not {ours, baseline} <= set(wide):
-        return None
-    return stats.crossed_paired_difference(wide.dropna(subset=[ours, baseline]), ours, baseline)
 
 
 def claims(table: str, changes_table: pd.DataFrame, metric: str, primary: str | None = None) -> list[Claim]:
@@ -505,7 +493,7 @@ def control_table(
         raft, random = run_name(*setting), run_name(*setting, selection="random")
         for metric in ["proxy_reward"] + ([] if hh_data else ["gold_reward"]):
             interval = control_difference(results, raft, random, metric)
-            crossed = crossed_difference(per_prompt, raft, random, metric)
+            crossed = stats.crossed_between(per_prompt, raft, random, metric)
             rows.append(
                 {
                     "setting": setting_label(*setting),

@@ -41,7 +41,7 @@ def paired_rows(
     for name, baseline in baselines.items():
         for metric in metrics:
             seeds = stats.paired_difference(by_seed.loc[raft][metric], by_seed.loc[baseline][metric])
-            crossed = _crossed(per_prompt, raft, baseline, metric)
+            crossed = stats.crossed_between(per_prompt, raft, baseline, metric)
             rows.append(
                 {
                     "comparison": name,
@@ -54,13 +54,6 @@ def paired_rows(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def _crossed(per_prompt: pd.DataFrame, raft: str, baseline: str, metric: str) -> stats.Interval | None:
-    if per_prompt.empty or metric not in per_prompt or per_prompt[metric].isna().all():
-        return None
-    wide = per_prompt.pivot_table(index=["seed", "prompt"], columns="method", values=metric).reset_index()
-    return stats.crossed_paired_difference(wide, raft, baseline)
 
 
 def table3_claims(paired: pd.DataFrame, directions: pd.DataFrame, hh_data: bool) -> list[Claim]:

@@ -234,6 +234,22 @@ def crossed_paired_difference(
     return Interval(mean, mean - half, mean + half, seeds, "crossed t", float(row_means.std(ddof=1)))
 
 
+def crossed_between(
+    per_prompt: pd.DataFrame | None, ours: str, baseline: str, metric: str, by: str = "method"
+) -> Interval | None:
+    """`crossed_paired_difference` of two rows' labels of a long per-prompt table (columns seed, prompt, `by`,
+    `metric`: the hh and ablations notebooks' per-prompt Parquet), over the (seed, prompt) cells both scored; None
+    where the table lacks either side or the metric."""
+    if per_prompt is None or metric not in per_prompt or per_prompt[metric].isna().all():
+        return None
+    rows = per_prompt[per_prompt[by].isin([ours, baseline])]
+    wide = rows.pivot_table(index=["seed", "prompt"], columns=by, values=metric).reset_index()
+    if not {ours, baseline} <= set(wide):
+        return None
+    both = wide.dropna(subset=[ours, baseline])
+    return crossed_paired_difference(both, ours, baseline) if len(both) else None
+
+
 def percentile_bootstrap_ci(values, confidence: float = CONFIDENCE, random_state: int = RANDOM_STATE) -> Interval:
     """The percentile bootstrap the suite used over seeds before (kept for the coverage test that retires it:
     at 3 seeds it is the seeds' [min, max])."""

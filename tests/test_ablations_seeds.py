@@ -450,6 +450,6 @@ def test_changes_and_controls_give_the_crossed_interval_over_seeds_and_prompts()
     )
     control = ablations.control_table(results, {"K": (8, 0.85, 0.0)}, True, controls)
     assert control.loc[0, "crossed_interval"] == str(
-        ablations.crossed_difference(controls, "K8_T0.85_beta0", "random_K8_T0.85_beta0", "proxy_reward")
+        stats.crossed_between(controls, "K8_T0.85_beta0", "random_K8_T0.85_beta0", "proxy_reward")
     )
     assert control.loc[0, "ours"].startswith(f"{-seeds.mean:.3f}")

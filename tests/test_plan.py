@@ -381,7 +381,8 @@ def test_reasoning_grpo_forwards_micro_batches_and_accumulates_each_update(profi
     steps = reasoning.grpo_accumulation_steps(settings, processes)
     micro, updates = settings.micro_batch_size, settings.grpo_updates_per_generation
     assert steps * micro * processes * updates == settings.samples_per_iteration
-    assert micro <= 8 < settings.samples_per_iteration // updates // processes or profile == "tiny"
+    if profile != "tiny":  # an update there is more sequences than one forward holds
+        assert micro <= 8 < settings.samples_per_iteration // updates // processes
     with pytest.raises(ValueError, match=f"micro_batch_size {micro + 1}"):
         reasoning.grpo_accumulation_steps(replace(settings, micro_batch_size=micro + 1), processes)
     if profile == "paper":
